@@ -1,0 +1,104 @@
+"""Paths that are local folders or ``s3://`` URLs, through ``pyarrow.fs``.
+
+S3 settings come from the usual variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which pyarrow, s3fs and Ray honour alike.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A location cannot be reached or read."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    if is_remote(root):
+        return posixpath.join(root.rstrip("/"), *parts)
+    return str(Path(root, *parts))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or URL."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    try:
+        kwargs = {}
+        if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+            kwargs["endpoint_override"] = os.environ["AWS_ENDPOINT_URL"]
+        if uri.startswith("s3://"):
+            bucket_path = uri[len("s3://") :]
+            fs = pafs.S3FileSystem(
+                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                connect_timeout=5,
+                request_timeout=30,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+                **kwargs,
+            )
+            return fs, bucket_path.rstrip("/")
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    except Exception as e:  # pyarrow raises several types for bad URLs
+        raise StorageError(f"cannot open {uri}: {e}") from e
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise StorageError(f"cannot reach {uri}: {e}") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist") from None
+    except OSError as e:
+        raise StorageError(f"cannot read {uri}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.create_dir(posixpath.dirname(path) if is_remote(uri) else str(Path(path).parent))
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise StorageError(f"cannot write {uri}: {e}") from e
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, with the location named, when ``uri``'s bucket or parent is unreachable."""
+    fs, path = filesystem(uri)
+    probe = path.split("/", 1)[0] if is_remote(uri) else str(Path(path).parent)
+    try:
+        info = fs.get_file_info(probe)
+    except OSError as e:
+        raise StorageError(f"cannot reach {uri}: {e}") from e
+    if info.type == pafs.FileType.NotFound:
+        what = "bucket" if is_remote(uri) else "parent folder"
+        raise StorageError(f"cannot write {uri}: the {what} {probe} does not exist")
+
+
+def delete_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError:
+        pass

@@ -1,0 +1,154 @@
+"""Convert a SCAN "precomp" folder (SPEC section 10) to the project's format, streaming.
+
+Source files per split: ``{split}_ims.npy`` (N, R, F) features, ``{split}_caps.txt`` with the
+captions of image i on lines ``c*i .. c*i + c - 1`` (c = lines / N), and optionally
+``{split}_ids.txt`` (one image id per line) and ``{split}_boxes.npy`` (N, R, 4). The folder's
+``*vocab*.json`` is used when present, else the vocabulary is built from the train captions.
+Features are memory-mapped and written chunk by chunk, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from shan.data.format import DataError, DatasetCard, DatasetWriter
+from shan.vocab import Vocabulary
+
+SPLIT_ORDER = ("train", "dev", "test", "testall")
+
+
+def find_splits(src: Path) -> list[str]:
+    names = sorted(p.name[: -len("_ims.npy")] for p in src.glob("*_ims.npy"))
+    return sorted(names, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
+
+
+def read_captions(path: Path) -> list[str]:
+    """Lines of a caption file exactly as given (a final newline is optional)."""
+    if not path.is_file():
+        raise DataError(f"caption file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [line.rstrip("\r") for line in lines]
+    for i, line in enumerate(lines):
+        if not line.strip():
+            raise DataError(f"{path}, line {i + 1}: empty caption")
+    return lines
+
+
+def open_features(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"feature file {path} does not exist")
+    try:
+        ims = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({e})") from e
+    if ims.ndim != 3:
+        raise DataError(f"{path}: features must be (images, regions, dim), got shape {ims.shape}")
+    if ims.dtype.kind != "f":
+        raise DataError(f"{path}: features must be floating point, got dtype {ims.dtype}")
+    return ims
+
+
+def read_ids(path: Path, n: int) -> np.ndarray:
+    if not path.is_file():
+        return np.arange(n, dtype=np.int64)
+    try:
+        ids = np.array([int(x) for x in path.read_text().split()], dtype=np.int64)
+    except ValueError as e:
+        raise DataError(f"{path}: image ids must be integers ({e})") from e
+    if len(ids) != n:
+        raise DataError(f"{path}: {len(ids)} ids for {n} images")
+    return ids
+
+
+def source_vocab(src: Path, vocab_path: str | None, splits: list[str], min_count: int):
+    if vocab_path is not None:
+        return Vocabulary.load(vocab_path), str(vocab_path)
+    found = sorted(src.glob("*vocab*.json"))
+    if found:
+        return Vocabulary.load(found[0]), found[0].name
+    base = "train" if "train" in splits else splits[0]
+    if base != "train":
+        warnings.warn(f"no train split: building the vocabulary from {base}", stacklevel=2)
+    caps = read_captions(src / f"{base}_caps.txt")
+    return Vocabulary.build(caps, min_count), f"built from {base}_caps.txt (min count {min_count})"
+
+
+def convert_precomp(
+    src: str,
+    dest: str,
+    splits: list[str] | None = None,
+    vocab_path: str | None = None,
+    name: str | None = None,
+    dtype: str = "float16",
+    chunk_rows: int = 256,
+    rows_per_file: int = 2000,
+    max_words: int | None = None,
+    min_count: int = 4,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> DatasetCard:
+    """Convert ``splits`` (default: all found) of the precomp folder ``src`` to ``dest``."""
+    srcp = Path(src)
+    if not srcp.is_dir():
+        raise DataError(f"source folder {src} does not exist")
+    splits = list(splits or find_splits(srcp))
+    if not splits:
+        raise DataError(f"{src} holds no *_ims.npy file")
+    sources = {s: (open_features(srcp / f"{s}_ims.npy"), read_captions(srcp / f"{s}_caps.txt"))
+               for s in splits}  # fmt: skip
+    shapes = {ims.shape[1:] for ims, _ in sources.values()}
+    if len(shapes) != 1:
+        raise DataError(f"{src}: splits have different feature shapes {sorted(shapes)}")
+    regions, feature_dim = shapes.pop()
+    vocab, vocab_source = source_vocab(srcp, vocab_path, splits, min_count)
+    has_boxes = all((srcp / f"{s}_boxes.npy").is_file() for s in splits)
+    card = DatasetCard(
+        name=name or srcp.name,
+        regions=regions,
+        feature_dim=feature_dim,
+        dtype=dtype,
+        has_boxes=has_boxes,
+        source=f"converted from SCAN precomp folder {srcp.name}; vocabulary {vocab_source}",
+    )
+    with DatasetWriter(dest, card, vocab, max_words=max_words, overwrite=overwrite) as out:
+        for split in splits:
+            ims, caps = sources[split]
+            _convert_split(srcp, split, ims, caps, out, chunk_rows, rows_per_file, has_boxes, log)
+    return card
+
+
+def _convert_split(srcp, split, ims, caps, out, chunk_rows, rows_per_file, has_boxes, log):
+    n = ims.shape[0]
+    if n == 0 or len(caps) % n:
+        raise DataError(
+            f"{srcp / f'{split}_caps.txt'}: {len(caps)} captions is not a multiple of the "
+            f"{n} images in {split}_ims.npy"
+        )
+    per = len(caps) // n
+    ids = read_ids(srcp / f"{split}_ids.txt", n)
+    boxes = np.load(srcp / f"{split}_boxes.npy", mmap_mode="r") if has_boxes else None
+    writer = out.split(split, rows_per_file=rows_per_file)
+    where = srcp / f"{split}_ims.npy"
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(n, r0 + chunk_rows)
+        chunk = np.asarray(ims[r0:r1])
+        try:
+            writer.write(
+                ids[r0:r1],
+                chunk,
+                [caps[i * per : (i + 1) * per] for i in range(r0, r1)],
+                boxes=None if boxes is None else np.asarray(boxes[r0:r1]),
+            )
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from e
+    log(f"{split}: {n} images, {len(caps)} captions ({per} per image)")

@@ -1,0 +1,66 @@
+"""GloVe vectors in their text format, aligned to a :class:`~shan.vocab.Vocabulary`.
+
+Each line is ``word v1 v2 ... vD``. Words of the vocabulary that the file lacks get small random
+vectors (normal, std 0.1 times the file's own std), reproducible from ``seed``. A line with the
+wrong number of values, or values that are not finite numbers, raises :class:`GloveError`
+naming the file and line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from shan.vocab import PAD, Vocabulary
+
+
+class GloveError(ValueError):
+    """A GloVe file is missing or malformed."""
+
+
+def load_glove(path: str | Path, vocab: Vocabulary, dim: int, seed: int = 0) -> np.ndarray:
+    """Return a ``(len(vocab), dim)`` float32 matrix; the ``<pad>`` row is zero.
+
+    Only lines of vocabulary words are parsed in full, so a 5 GB file is read at disk speed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GloveError(f"GloVe file {path} does not exist")
+    out = np.zeros((len(vocab), dim), dtype=np.float32)
+    found = np.zeros(len(vocab), dtype=bool)
+    with path.open("r", encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, start=1):
+            word, _, rest = line.rstrip("\n").partition(" ")
+            values = rest.split(" ")
+            if len(values) != dim:
+                raise GloveError(
+                    f"{path}, line {lineno}: expected a word and {dim} values, "
+                    f"got {len(values)} values"
+                )
+            idx = vocab.word2idx.get(word)
+            if idx is None or found[idx]:
+                continue
+            try:
+                vec = np.array([float(v) for v in values], dtype=np.float32)
+            except ValueError:
+                raise GloveError(f"{path}, line {lineno}: a value is not a number") from None
+            if not np.isfinite(vec).all():
+                raise GloveError(f"{path}, line {lineno}: non-finite value")
+            out[idx] = vec
+            found[idx] = True
+    std = float(out[found].std()) if found.any() else 1.0 / math.sqrt(dim)
+    rng = np.random.default_rng(seed)
+    missing = ~found
+    missing[vocab.word2idx[PAD]] = False
+    out[missing] = rng.normal(0.0, 0.1 * std, size=(int(missing.sum()), dim)).astype(np.float32)
+    out[vocab.word2idx[PAD]] = 0.0
+    return out
+
+
+def save_glove(path: str | Path, words: list[str], vectors: np.ndarray) -> None:
+    """Write ``vectors`` (N, D) in GloVe's text format (used by tests and tools)."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for w, v in zip(words, vectors, strict=True):
+            f.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")

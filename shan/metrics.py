@@ -1,0 +1,105 @@
+"""Recall metrics of the SCAN evaluation protocol (SPEC section 9).
+
+``sims`` is (images, captions); ``caption_image[c]`` is the row of caption c's image. Ranks are
+0-based counts of the items scored above the ground truth, ties counted above (pessimistic):
+
+* image-to-text: the number of other images' captions scoring >= the image's best
+  ground-truth caption (its best-ranked ground truth);
+* text-to-image: the number of other images scoring >= the caption's image.
+
+Recalls are percentages; ``medr`` and ``meanr`` are 1-based, as SCAN prints them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KEYS = (
+    "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+    "rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr",
+)  # fmt: skip
+
+
+def _check(sims: np.ndarray, caption_image: np.ndarray) -> None:
+    if sims.ndim != 2 or caption_image.shape != (sims.shape[1],):
+        raise ValueError(
+            f"sims must be (images, captions) and caption_image (captions,); got "
+            f"{sims.shape} and {caption_image.shape}"
+        )
+    if caption_image.min(initial=0) < 0 or caption_image.max(initial=0) >= sims.shape[0]:
+        raise ValueError("caption_image holds a row outside the matrix")
+    counts = np.bincount(caption_image, minlength=sims.shape[0])
+    if (counts == 0).any():
+        raise ValueError(f"image row {int(np.argmin(counts))} has no caption")
+
+
+def i2t_ranks(sims: np.ndarray, caption_image: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """(images,) 0-based rank of each image's best ground-truth caption."""
+    sims = np.asarray(sims, dtype=np.float32)
+    caption_image = np.asarray(caption_image)
+    _check(sims, caption_image)
+    ranks = np.empty(sims.shape[0], dtype=np.int64)
+    for r0 in range(0, sims.shape[0], chunk):
+        block = sims[r0 : r0 + chunk]  # (b, Nc)
+        rows = np.arange(r0, r0 + block.shape[0])
+        gt = caption_image[None, :] == rows[:, None]  # (b, Nc)
+        best = np.where(gt, block, -np.inf).max(axis=1)  # (b,)
+        ranks[r0 : r0 + block.shape[0]] = ((block >= best[:, None]) & ~gt).sum(axis=1)
+    return ranks
+
+
+def t2i_ranks(sims: np.ndarray, caption_image: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """(captions,) 0-based rank of each caption's image."""
+    sims = np.asarray(sims, dtype=np.float32)
+    caption_image = np.asarray(caption_image)
+    _check(sims, caption_image)
+    ranks = np.empty(sims.shape[1], dtype=np.int64)
+    for c0 in range(0, sims.shape[1], chunk):
+        block = sims[:, c0 : c0 + chunk]  # (Ni, b)
+        gt_rows = caption_image[c0 : c0 + block.shape[1]]
+        gt = block[gt_rows, np.arange(block.shape[1])]  # (b,)
+        ranks[c0 : c0 + block.shape[1]] = (block >= gt[None, :]).sum(axis=0) - 1
+    return ranks
+
+
+def recall_metrics(sims: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
+    """R@1/5/10 both ways (percent), rsum, median and mean rank (1-based)."""
+    ri, rt = i2t_ranks(sims, caption_image), t2i_ranks(sims, caption_image)
+    out: dict[str, float] = {}
+    for name, r in (("i2t", ri), ("t2i", rt)):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float((r < k).mean())
+    out["rsum"] = sum(out[f"{n}_r{k}"] for n in ("i2t", "t2i") for k in (1, 5, 10))
+    for name, r in (("i2t", ri), ("t2i", rt)):
+        out[f"{name}_medr"] = float(np.floor(np.median(r)) + 1)
+        out[f"{name}_meanr"] = float(r.mean() + 1)
+    return {k: out[k] for k in KEYS}
+
+
+def fold_metrics(
+    sims: np.ndarray, caption_image: np.ndarray, folds: int = 5, fold_size: int = 1000
+) -> dict[str, float]:
+    """COCO 1K: the mean of :func:`recall_metrics` over ``folds`` blocks of ``fold_size`` images
+    (rows ``f*fold_size .. (f+1)*fold_size`` and their captions)."""
+    caption_image = np.asarray(caption_image)
+    if sims.shape[0] < folds * fold_size:
+        raise ValueError(
+            f"{folds} folds of {fold_size} images need {folds * fold_size} images, "
+            f"the matrix has {sims.shape[0]}"
+        )
+    results = []
+    for f in range(folds):
+        r0, r1 = f * fold_size, (f + 1) * fold_size
+        cols = np.flatnonzero((caption_image >= r0) & (caption_image < r1))
+        results.append(recall_metrics(sims[r0:r1][:, cols], caption_image[cols] - r0))
+    return {k: float(np.mean([r[k] for r in results])) for k in KEYS}
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A Markdown recall table, one row per score (``total``, ``l2l``, ...)."""
+    head = "| score | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | i2t medr | t2i medr |"
+    lines = [head, "|" + "---|" * 10]
+    for name, m in metrics.items():
+        vals = [m[k] for k in KEYS[:7]] + [m["i2t_medr"], m["t2i_medr"]]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,404 @@
+"""SHAN: Step-wise Hierarchical Alignment Network (Ji, Chen, Wang; IJCAI 2021).
+
+One file: the encoders (SPEC section 2), the three alignment steps L2L, G2L and G2G (sections 3
+to 5), the weighted total (section 6), and the exact fast scorer of section 8, which scores a
+block of images against a block of captions at once. Shapes use
+
+    Ni images, k regions, Nc captions, n words, d joint size, d_a pooling width, F features.
+
+The literal pair-by-pair transcription of the formulas lives in :mod:`shan.reference`; tests
+hold the two equal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from shan.config import ModelConfig
+
+STEPS = ("l2l", "g2l", "g2g")
+EPS = 1e-8
+
+
+def l2norm(x: Tensor, dim: int = -1) -> Tensor:
+    """Unit vectors along ``dim`` (a zero vector stays zero)."""
+    return x / (x.norm(dim=dim, keepdim=True) + EPS)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Softmax over ``dim`` with entries where ``mask`` is False excluded (weight 0).
+
+    ``mask`` broadcasts against ``logits``; every slice along ``dim`` must keep one entry.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax in at least float32
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Mean of ``x`` over the entries of ``dim`` where ``mask`` is True."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+@dataclass
+class EncodedImages:
+    """Encoded regions and what the fast scorer precomputes once per image.
+
+    v:    (Ni, k, d) region embeddings, unit length
+    mask: (Ni, k)    True for real regions
+    vp:   (Ni, k, d) L2L projection W~v v (unit length when ``affinity`` is cosine)
+    vg:   (Ni, k, 2d) [v ; U2 v]: values the text side attends to, and their gate term
+    pv:   (Ni, k, d) image gate term P v + b_g
+    """
+
+    v: Tensor
+    mask: Tensor
+    vp: Tensor
+    vg: Tensor
+    pv: Tensor
+
+    def __len__(self) -> int:
+        return self.v.shape[0]
+
+    def __getitem__(self, idx: slice | Tensor) -> EncodedImages:
+        return EncodedImages(*(t[idx] for t in (self.v, self.mask, self.vp, self.vg, self.pv)))
+
+
+@dataclass
+class EncodedCaptions:
+    """Encoded words and what the fast scorer precomputes once per caption.
+
+    t:    (Nc, n, d)  word embeddings, unit length
+    mask: (Nc, n)     True for real words
+    tp:   (Nc, n, d)  L2L projection W~t t
+    tq:   (Nc, n, 2d) [t ; Q t]: values the image side attends to, and their gate term
+    u1t:  (Nc, n, d)  text gate term U1 t + c_g
+    """
+
+    t: Tensor
+    mask: Tensor
+    tp: Tensor
+    tq: Tensor
+    u1t: Tensor
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+    def __getitem__(self, idx: slice | Tensor) -> EncodedCaptions:
+        return EncodedCaptions(*(x[idx] for x in (self.t, self.mask, self.tp, self.tq, self.u1t)))
+
+    def trimmed(self) -> EncodedCaptions:
+        """The same captions with padding beyond the longest one cut off."""
+        n = int(self.mask.sum(1).max())
+        return EncodedCaptions(*(x[:, :n] for x in (self.t, self.mask, self.tp, self.tq, self.u1t)))
+
+
+class AttentionPool(nn.Module):
+    """Self-attention pooling: ``a = softmax(w^T tanh(W_a x + b_a))``, returns ``sum a x``."""
+
+    def __init__(self, d: int, d_a: int):
+        super().__init__()
+        self.proj = nn.Linear(d, d_a)
+        self.w = nn.Linear(d_a, 1, bias=False)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x: (..., m, d), mask: broadcastable to (..., m) -> (..., d)."""
+        logits = self.w(torch.tanh(self.proj(x))).squeeze(-1)  # (..., m)
+        a = masked_softmax(logits, mask, dim=-1).to(x.dtype)  # (..., m)
+        return (a.unsqueeze(-2) @ x).squeeze(-2)  # (..., d)
+
+
+class SHAN(nn.Module):
+    """Image and caption encoders plus the step-wise scorer.
+
+    ``forward`` scores a training batch (every image against every caption) and returns the
+    dict of :meth:`score`. ``glove`` is an optional ``(vocab_size, word_dim)`` matrix.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, glove: Tensor | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.d
+        # Encoders (SPEC 2)
+        self.img_fc = nn.Linear(cfg.feature_dim, d)
+        self.word_emb = nn.Embedding(vocab_size, cfg.word_dim, padding_idx=0)
+        self.glove_emb = nn.Embedding(vocab_size, cfg.word_dim, padding_idx=0)
+        if glove is not None:
+            if tuple(glove.shape) != (vocab_size, cfg.word_dim):
+                raise ValueError(
+                    f"GloVe matrix has shape {tuple(glove.shape)}, "
+                    f"expected ({vocab_size}, {cfg.word_dim})"
+                )
+            self.glove_emb.weight.data.copy_(torch.as_tensor(glove))
+            self.glove_emb.weight.requires_grad_(not cfg.freeze_glove)
+        elif cfg.glove_path is None:
+            warnings.warn(
+                "no GloVe vectors given: the GloVe half of the word embedding is learned",
+                stacklevel=2,
+            )
+        self.gru = nn.GRU(2 * cfg.word_dim, d, batch_first=True, bidirectional=True)
+        # L2L projections (SPEC 3)
+        self.proj_v = nn.Linear(d, d, bias=False)  # W~v
+        self.proj_t = nn.Linear(d, d, bias=False)  # W~t
+        # G2L gates and pooling (SPEC 4): gate_v.weight = [P | Q], gate_t.weight = [U1 | U2]
+        self.gate_v = nn.Linear(2 * d, d)
+        self.gate_t = nn.Linear(2 * d, d)
+        self.pool_v = AttentionPool(d, cfg.d_a)
+        self.pool_t = AttentionPool(d, cfg.d_a)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        r = (6.0 / (self.img_fc.in_features + self.img_fc.out_features)) ** 0.5
+        nn.init.uniform_(self.img_fc.weight, -r, r)  # Xavier, as SCAN
+        nn.init.zeros_(self.img_fc.bias)
+        nn.init.uniform_(self.word_emb.weight, -0.1, 0.1)
+        if self.glove_emb.weight.requires_grad:
+            nn.init.uniform_(self.glove_emb.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.word_emb.weight[0].zero_()
+
+    # -- encoders ------------------------------------------------------------------------------
+    def encode_images(self, features: Tensor, mask: Tensor | None = None) -> EncodedImages:
+        """features: (Ni, k, F); mask: (Ni, k) bool, or (Ni,) region counts, or None (all)."""
+        if features.dim() != 3 or features.shape[-1] != self.cfg.feature_dim:
+            raise ValueError(
+                f"features must be (Ni, k, {self.cfg.feature_dim}), got {tuple(features.shape)}"
+            )
+        ni, k, _ = features.shape
+        mask = region_mask(mask, ni, k, features.device)
+        v = l2norm(self.img_fc(features))  # (Ni, k, d)
+        return self._image_terms(v, mask)
+
+    def _image_terms(self, v: Tensor, mask: Tensor) -> EncodedImages:
+        d = self.cfg.d
+        vp = self.proj_v(v)  # (Ni, k, d)
+        if self.cfg.affinity == "cosine":
+            vp = l2norm(vp)
+        w_p, w_q = self.gate_v.weight[:, :d], self.gate_v.weight[:, d:]  # P, Q: (d, d)
+        w_u1, w_u2 = self.gate_t.weight[:, :d], self.gate_t.weight[:, d:]  # U1, U2: (d, d)
+        del w_q, w_u1
+        pv = F.linear(v, w_p, self.gate_v.bias)  # (Ni, k, d)
+        vg = torch.cat([v, F.linear(v, w_u2)], dim=-1)  # (Ni, k, 2d)
+        return EncodedImages(v=v, mask=mask, vp=vp, vg=vg, pv=pv)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> EncodedCaptions:
+        """tokens: (Nc, n) int ids, padded with 0; lengths: (Nc,) real lengths (>= 1)."""
+        nc, n = tokens.shape
+        lengths = lengths.to(torch.long)
+        if lengths.shape != (nc,) or lengths.min() < 1 or lengths.max() > n:
+            raise ValueError(
+                f"caption lengths must be (Nc,) = ({nc},) values in 1..{n}, got shape "
+                f"{tuple(lengths.shape)} with range {lengths.min().item()}..{lengths.max().item()}"
+            )
+        emb = torch.cat([self.glove_emb(tokens), self.word_emb(tokens)], dim=-1)  # (Nc, n, 2w)
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=n)  # (Nc, n, 2d)
+        out = out.view(nc, n, 2, self.cfg.d).mean(dim=2)  # (Nc, n, d): mean of both directions
+        mask = torch.arange(n, device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
+        t = l2norm(out) * mask.unsqueeze(-1)  # (Nc, n, d), zero on padding
+        return self._caption_terms(t, mask)
+
+    def _caption_terms(self, t: Tensor, mask: Tensor) -> EncodedCaptions:
+        d = self.cfg.d
+        tp = self.proj_t(t)  # (Nc, n, d)
+        if self.cfg.affinity == "cosine":
+            tp = l2norm(tp)
+        w_q = self.gate_v.weight[:, d:]  # Q: (d, d)
+        w_u1 = self.gate_t.weight[:, :d]  # U1: (d, d)
+        tq = torch.cat([t, F.linear(t, w_q)], dim=-1)  # (Nc, n, 2d)
+        u1t = F.linear(t, w_u1, self.gate_t.bias)  # (Nc, n, d)
+        return EncodedCaptions(t=t, mask=mask, tp=tp, tq=tq, u1t=u1t)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score(
+        self,
+        images: EncodedImages,
+        captions: EncodedCaptions,
+        block: int | tuple[int, int] | None = None,
+        checkpoint: bool = False,
+    ) -> dict[str, Tensor]:
+        """Score every image against every caption, ``block`` x ``block`` pairs at a time.
+
+        Returns ``{"total", "l2l", "g2l", "g2g"}``, each (Ni, Nc). Memory holds one block's
+        intermediates, about ``bi * bc * (k + n) * d`` floats times a small constant.
+        The default block is 8 on CPU (cache-sized) and 64 on GPU.
+        ``checkpoint`` recomputes each block in the backward pass instead of keeping it.
+        """
+        block = block or default_block(images.v.device)
+        bi, bc = (block, block) if isinstance(block, int) else block
+        # Captions sorted by length, so that each column block carries little padding.
+        order = torch.argsort(captions.mask.sum(1), stable=True)
+        rows = []
+        for i0 in range(0, len(images), bi):
+            cols = []
+            for c0 in range(0, len(captions), bc):
+                im, cap = images[i0 : i0 + bi], captions[order[c0 : c0 + bc]].trimmed()
+                if checkpoint and torch.is_grad_enabled():
+                    out = torch.utils.checkpoint.checkpoint(
+                        self._score_block_tensor, *_flat(im, cap), use_reentrant=False
+                    )
+                else:
+                    out = self._score_block_tensor(*_flat(im, cap))
+                cols.append(out)  # (3, bi, bc)
+            rows.append(torch.cat(cols, dim=2))
+        steps = torch.cat(rows, dim=1)[:, :, torch.argsort(order)]  # (3, Ni, Nc), input order
+        return self._with_total(steps)
+
+    def _with_total(self, steps: Tensor) -> dict[str, Tensor]:
+        c = self.cfg
+        total = c.w_l2l * steps[0] + c.w_g2l * steps[1] + c.w_g2g * steps[2]
+        return {"total": total, "l2l": steps[0], "g2l": steps[1], "g2g": steps[2]}
+
+    def _score_block_tensor(self, *tensors: Tensor) -> Tensor:
+        im, cap = _unflat(tensors)
+        s = self.score_block(im, cap)
+        return torch.stack([s["l2l"], s["g2l"], s["g2g"]])  # (3, bi, bc)
+
+    def score_block(self, im: EncodedImages, cap: EncodedCaptions) -> dict[str, Tensor]:
+        """The fast path of SPEC section 8 for one block: returns l2l, g2l, g2g, each (Bi, Bc).
+
+        Image-side per-pair tensors are laid out (Bc, Bi, k, .) and text-side ones
+        (Bi, Bc, n, .), the layouts the batched products produce, so nothing is transposed.
+        """
+        c = self.cfg
+        bi, k, d = im.v.shape
+        bc, n, _ = cap.t.shape
+        v_flat, t_flat = im.v.reshape(bi * k, d), cap.t.reshape(bc * n, d)
+
+        # Step 1, L2L. Affinities and cosines of every region with every word of every pair.
+        aff = im.vp.reshape(bi * k, d) @ cap.tp.reshape(bc * n, d).T  # (Bi*k, Bc*n)
+        sim = v_flat @ t_flat.T  # (Bi*k, Bc*n): v_i . t_j
+        logits = c.lambda_l2l * aff
+        alpha = masked_softmax(logits.view(bi * k, bc, n), cap.mask[None], dim=-1)  # over words
+        beta = masked_softmax(logits.view(bi, k, bc * n), im.mask[:, :, None], dim=1)  # regions
+        alpha, beta = alpha.to(v_flat.dtype), beta.to(v_flat.dtype)
+        a_c = alpha.transpose(0, 1)  # (Bc, Bi*k, n)
+        b_i = beta.transpose(1, 2)  # (Bi, Bc*n, k)
+        # Attended captions per region, and their gate term: alpha @ [t ; Q t].
+        tq_star = (a_c @ cap.tq).view(bc, bi, k, 2 * d)  # (Bc, Bi, k, 2d)
+        t_star, qt_star = tq_star[..., :d], tq_star[..., d:]
+        # Attended images per word, and their gate term: beta^T @ [v ; U2 v].
+        vg_star = (b_i @ im.vg).view(bi, bc, n, 2 * d)  # (Bi, Bc, n, 2d)
+        v_star, u2v_star = vg_star[..., :d], vg_star[..., d:]
+        # R_v = cos(v_i, t*_i) without touching t*: v_i . t*_i = sum_j alpha_ij (v_i . t_j) and
+        # |t*_i|^2 = alpha_i G alpha_i^T with the caption's Gram matrix G = T T^T.
+        vt = (alpha * sim.view(bi * k, bc, n)).sum(-1)  # (Bi*k, Bc)
+        gram_t = cap.t @ cap.t.transpose(1, 2)  # (Bc, n, n)
+        tt = ((a_c @ gram_t) * a_c).sum(-1).T  # (Bi*k, Bc): |t*_i|^2
+        r_v = vt / (im.v.norm(dim=-1).reshape(bi * k, 1) * tt.clamp_min(0).sqrt() + EPS)
+        r_v = r_v.view(bi, k, bc).transpose(1, 2)  # (Bi, Bc, k)
+        tv = (beta * sim.view(bi, k, bc * n)).sum(1)  # (Bi, Bc*n): t_j . v*_j
+        gram_v = im.v @ im.v.transpose(1, 2)  # (Bi, k, k)
+        vv = ((gram_v @ beta) * beta).sum(1)  # (Bi, Bc*n): |v*_j|^2
+        r_t = tv / (cap.t.norm(dim=-1).reshape(1, bc * n) * vv.clamp_min(0).sqrt() + EPS)
+        r_t = r_t.view(bi, bc, n)  # (Bi, Bc, n)
+        m_v, m_t = im.mask[:, None, :], cap.mask[None, :, :]  # (Bi, 1, k), (1, Bc, n)
+        mu_v, mu_t = self._direction_weights(c.mu)
+        s_l2l = mu_v * masked_mean(r_v, m_v, -1) + mu_t * masked_mean(r_t, m_t, -1)  # (Bi, Bc)
+
+        # Step 2, G2L. Gated fusion (the gates' linear parts were precomputed), then pooling.
+        vc = _gated_fusion(im.v[None], t_star, qt_star, im.pv[None])  # (Bc, Bi, k, d)
+        tc = _gated_fusion(cap.t[None], v_star, u2v_star, cap.u1t[None])  # (Bi, Bc, n, d)
+        v_c = self.pool_v(vc, im.mask[None]).transpose(0, 1)  # (Bi, Bc, d)
+        t_c = self.pool_t(tc, m_t)  # (Bi, Bc, d)
+        # Global-to-local attention: the pooled image over the words, the pooled caption over
+        # the regions.
+        cos_vt = torch.einsum("icd,cnd->icn", l2norm(v_c), cap.t)  # (Bi, Bc, n)
+        w_t = masked_softmax(c.lambda_g2l * cos_vt, m_t, dim=-1).to(v_c.dtype)
+        t_star_c = torch.einsum("icn,cnd->icd", w_t, cap.t)  # (Bi, Bc, d)
+        cos_tv = torch.einsum("icd,ikd->ick", l2norm(t_c), im.v)  # (Bi, Bc, k)
+        w_v = masked_softmax(c.lambda_g2l * cos_tv, m_v, dim=-1).to(t_c.dtype)
+        v_star_c = torch.einsum("ick,ikd->icd", w_v, im.v)  # (Bi, Bc, d)
+        g_v, g_t = self._direction_weights(0.5)
+        s_g2l = g_v * _cos(v_c, t_star_c) + g_t * _cos(t_c, v_star_c)  # (Bi, Bc)
+
+        # Step 3, G2G.
+        s_g2g = _cos(v_c + t_star_c, t_c + v_star_c)  # (Bi, Bc)
+        return {"l2l": s_l2l, "g2l": s_g2l, "g2g": s_g2g}
+
+    def _direction_weights(self, w_image: float) -> tuple[float, float]:
+        """(image-side, text-side) weights: the paper's I2T and T2I keep one side only."""
+        if self.cfg.direction == "i2t":
+            return 1.0, 0.0
+        if self.cfg.direction == "t2i":
+            return 0.0, 1.0
+        return w_image, 1.0 - w_image
+
+    def forward(
+        self,
+        features: Tensor,
+        region_mask: Tensor | None,
+        tokens: Tensor,
+        lengths: Tensor,
+        block: int | tuple[int, int] | None = None,
+        checkpoint: bool = False,
+    ) -> dict[str, Tensor]:
+        """A training batch: B images (one per caption) against the B captions -> (B, B) each."""
+        images = self.encode_images(features, region_mask)
+        captions = self.encode_captions(tokens, lengths)
+        return self.score(images, captions, block=block, checkpoint=checkpoint)
+
+
+def _gated_fusion(own: Tensor, attended: Tensor, gate_attended: Tensor, gate_own: Tensor):
+    """``g * own + (1 - g) * attended`` with ``g = sigmoid(gate_own + gate_attended)``.
+
+    Without autograd the attended tensors (fresh per block) are overwritten, saving two
+    allocations and memory passes per block.
+    """
+    if torch.is_grad_enabled():
+        return torch.lerp(attended, own, torch.sigmoid(gate_attended + gate_own))
+    return attended.lerp_(own, gate_attended.add_(gate_own).sigmoid_())
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity along the last dimension (broadcasting)."""
+    num = (a * b).sum(-1)
+    return num / (a.norm(dim=-1) * b.norm(dim=-1) + EPS)
+
+
+def _flat(im: EncodedImages, cap: EncodedCaptions) -> tuple[Tensor, ...]:
+    return (im.v, im.mask, im.vp, im.vg, im.pv, cap.t, cap.mask, cap.tp, cap.tq, cap.u1t)
+
+
+def _unflat(t: tuple[Tensor, ...]) -> tuple[EncodedImages, EncodedCaptions]:
+    return EncodedImages(*t[:5]), EncodedCaptions(*t[5:])
+
+
+def default_block(device: torch.device) -> int:
+    """Pairs per block side: small on CPU so a block's tensors stay in cache."""
+    return 64 if device.type == "cuda" else 8
+
+
+def region_mask(mask: Tensor | None, ni: int, k: int, device: torch.device) -> Tensor:
+    """Normalise a region mask given as None, (Ni,) counts or (Ni, k) bools to (Ni, k) bools."""
+    if mask is None:
+        return torch.ones(ni, k, dtype=torch.bool, device=device)
+    mask = mask.to(device)
+    if mask.dim() == 1:
+        if mask.shape[0] != ni:
+            raise ValueError(f"region counts have shape {tuple(mask.shape)}, expected ({ni},)")
+        return torch.arange(k, device=device)[None, :] < mask[:, None]
+    if tuple(mask.shape) != (ni, k):
+        raise ValueError(f"region mask has shape {tuple(mask.shape)}, expected ({ni}, {k})")
+    return mask.bool()
+
+
+def build_model(cfg: ModelConfig, vocab, glove: Tensor | None = None) -> SHAN:
+    """A SHAN for ``vocab`` (a Vocabulary or a size); loads ``cfg.glove_path`` when set."""
+    size = vocab if isinstance(vocab, int) else len(vocab)
+    if glove is None and cfg.glove_path is not None:
+        from shan.glove import load_glove
+
+        if isinstance(vocab, int):
+            raise ValueError("loading GloVe vectors needs the Vocabulary, not only its size")
+        glove = torch.from_numpy(load_glove(cfg.glove_path, vocab, cfg.word_dim))
+    return SHAN(cfg, size, glove=glove)

@@ -1,0 +1,245 @@
+"""Start and stop, on 127.0.0.1, the pieces the jobs talk to: a Ray head (token auth on, with
+its dashboard and job server), an MLflow tracking server, and an S3 endpoint (moto's server).
+
+Used by ``cluster/local.sh`` and by the integration tests::
+
+    python -m shan.services up [--state DIR]     # prints the variables to export
+    python -m shan.services down [--state DIR]
+
+State (logs, the Ray token, the MLflow store, ``env.sh``, pids) lives in ``DIR``
+(default ``.local/``). Every process is started by this module and stopped by ``down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+S3_KEY, S3_SECRET = "shan-local-key", "shan-local-secret"  # moto accepts any credentials
+BUCKET = "shan"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log=None) -> None:
+    """Poll ``url`` until it answers 2xx; fail early if ``proc`` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log).read_text()[-2000:] if log else ""
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if 200 <= r.status < 300:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class LocalServices:
+    """Addresses, variables and pids of a running local stack."""
+
+    state: str
+    env: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def save(self) -> None:
+        Path(self.state, "services.json").write_text(json.dumps(asdict(self), indent=2))
+        lines = [f"export {k}={v}" for k, v in self.env.items()]
+        Path(self.state, "env.sh").write_text("\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, state: str) -> LocalServices | None:
+        p = Path(state, "services.json")
+        return cls(**json.loads(p.read_text())) if p.is_file() else None
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+
+
+def start_s3(state: Path) -> tuple[dict[str, str], int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
+    proc = _spawn(cmd, state / "s3.log", {})
+    url = f"http://{HOST}:{port}"
+    wait_http(f"{url}/moto-api/", 60, proc, state / "s3.log")
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": url,
+    }
+    _create_bucket(url, BUCKET)
+    return env, proc.pid
+
+
+def _create_bucket(url: str, bucket: str) -> None:
+    req = urllib.request.Request(f"{url}/{bucket}", method="PUT")
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+
+
+def start_mlflow(state: Path, s3_env: dict[str, str] | None) -> tuple[dict[str, str], int]:
+    port = free_port()
+    root = state.absolute()
+    artifacts = f"s3://{BUCKET}/mlflow-artifacts" if s3_env else str(root / "mlartifacts")
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", artifacts,
+        "--host", HOST, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(s3_env or {})}
+    proc = _spawn(cmd, state / "mlflow.log", env)
+    url = f"http://{HOST}:{port}"
+    wait_http(f"{url}/health", 120, proc, state / "mlflow.log")
+    return {"MLFLOW_TRACKING_URI": url}, proc.pid
+
+
+def ray_env(state: Path) -> dict[str, str]:
+    token = state / "ray_auth_token"
+    if not token.is_file():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.absolute())}
+
+
+def start_ray(state: Path, num_cpus: int | None) -> dict[str, str]:
+    env = ray_env(state)
+    port, dash = free_port(), free_port()
+    cmd = [
+        shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
+        "--node-ip-address", HOST, "--port", str(port),
+        "--dashboard-host", HOST, "--dashboard-port", str(dash),
+        "--disable-usage-stats", "--num-gpus", "0",
+    ]  # fmt: skip
+    if num_cpus:
+        cmd += ["--num-cpus", str(num_cpus)]
+    with (state / "ray.log").open("ab") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, **env}, timeout=180)  # fmt: skip
+    env["RAY_ADDRESS"] = f"{HOST}:{port}"
+    env["RAY_DASHBOARD_ADDRESS"] = f"http://{HOST}:{dash}"
+    return env
+
+
+def up(state: str = ".local", ray: bool = True, mlflow: bool = True, s3: bool = True,
+       num_cpus: int | None = None) -> LocalServices:  # fmt: skip
+    """Start the chosen services; returns their variables (also written to ``state/env.sh``)."""
+    st = Path(state)
+    st.mkdir(parents=True, exist_ok=True)
+    existing = LocalServices.load(state)
+    if existing and any(_alive(p) for p in existing.pids.values()):
+        raise RuntimeError(f"services from {state} are still running; run 'down' first")
+    svc = LocalServices(state=str(st.absolute()))
+    try:
+        s3_env = None
+        if s3:
+            s3_env, svc.pids["s3"] = start_s3(st)
+            svc.env.update(s3_env)
+        if mlflow:
+            env, svc.pids["mlflow"] = start_mlflow(st, s3_env)
+            svc.env.update(env)
+        if ray:
+            svc.env.update(start_ray(st, num_cpus))
+            svc.pids["ray"] = -1  # stopped with `ray stop`
+    except BaseException:
+        svc.save()
+        down(state)
+        raise
+    svc.save()
+    return svc
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def down(state: str = ".local") -> None:
+    """Stop everything ``up`` started from ``state``."""
+    svc = LocalServices.load(state)
+    if svc is None:
+        return
+    if "ray" in svc.pids:
+        ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
+                       env={**os.environ, **{k: v for k, v in svc.env.items()
+                                             if k.startswith("RAY_AUTH")}})  # fmt: skip
+    for name, pid in svc.pids.items():
+        if name != "ray" and _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p) for n, p in svc.pids.items() if n != "ray"):
+        time.sleep(0.2)
+    for name, pid in svc.pids.items():
+        if name != "ray" and _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    Path(state, "services.json").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("command", choices=["up", "down", "env"])
+    p.add_argument("--state", default=".local", help="folder for logs, token, stores")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers")
+    p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-s3", action="store_true")
+    args = p.parse_args(argv)
+    if args.command == "down":
+        down(args.state)
+        print(f"stopped the services of {args.state}")
+        return
+    if args.command == "up":
+        svc = up(args.state, not args.no_ray, not args.no_mlflow, not args.no_s3, args.num_cpus)
+    else:
+        svc = LocalServices.load(args.state)
+        if svc is None:
+            sys.exit(f"no services recorded in {args.state}")
+    for k, v in svc.env.items():
+        print(f"export {k}={v}")
+    print(f"# or: source {Path(svc.state, 'env.sh')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Tokenizer and vocabulary in SCAN's ``*_precomp_vocab.json`` format.
+
+The json holds ``{"word2idx": {word: id}, "idx2word": {"id": word}, "idx": size}``. Ids 0 to 3
+are ``<pad>``, ``<start>``, ``<end>``, ``<unk>``. Captions are lower-cased and split like
+NLTK's ``word_tokenize`` for English captions (words, punctuation, clitics such as ``'s`` and
+``n't``), then wrapped in ``<start>`` ... ``<end>`` as SCAN does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+_CLITICS = re.compile(r"(?i)\b(can)(not)\b|(\w)(n't)\b|(\w)('s|'re|'ve|'ll|'d|'m)\b")
+_OPEN_QUOTE = re.compile(r'(^|[\s(\[{<])"')
+_TOKEN = re.compile(
+    r"``|''|n't|'s|'re|'ve|'ll|'d|'m|\.\.\.|[\w]+(?:[-'][\w]+)*|[^\w\s]", re.UNICODE
+)
+
+
+class VocabError(ValueError):
+    """A vocabulary file is malformed."""
+
+
+def tokenize(text: str) -> list[str]:
+    r"""Lower-case ``text`` and split it into words, clitics and punctuation.
+
+    >>> tokenize('A dog\'s "ball" isn\'t red.')
+    ['a', 'dog', "'s", '``', 'ball', "''", 'is', "n't", 'red', '.']
+    """
+    text = text.lower().strip()
+    text = _CLITICS.sub(_split_clitic, text)
+    text = _OPEN_QUOTE.sub(r"\1 `` ", text).replace('"', " '' ")  # NLTK's quote tokens
+    return _TOKEN.findall(text)
+
+
+def _split_clitic(m: re.Match) -> str:
+    if m.group(1):
+        return f"{m.group(1)} {m.group(2)}"
+    if m.group(3):
+        return f"{m.group(3)} {m.group(4)}"
+    return f"{m.group(5)} {m.group(6)}"
+
+
+class Vocabulary:
+    """Word <-> id mapping; unknown words map to ``<unk>``."""
+
+    def __init__(self, words: Iterable[str]):
+        self.idx2word: list[str] = []
+        self.word2idx: dict[str, int] = {}
+        for w in SPECIALS:
+            self._add(w)
+        for w in words:
+            self._add(w)
+
+    def _add(self, word: str) -> None:
+        if word not in self.word2idx:
+            self.word2idx[word] = len(self.idx2word)
+            self.idx2word.append(word)
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+    def __call__(self, word: str) -> int:
+        return self.word2idx.get(word, self.word2idx[UNK])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.idx2word == other.idx2word
+
+    def encode(self, caption: str, max_words: int | None = None) -> list[int]:
+        """Token ids of ``caption``: ``<start>``, the words (at most ``max_words``), ``<end>``."""
+        words = tokenize(caption)
+        if max_words is not None:
+            words = words[:max_words]
+        return [self.word2idx[START], *(self(w) for w in words), self.word2idx[END]]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.idx2word[i] for i in ids]
+
+    # -- SCAN json format -------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "word2idx": dict(self.word2idx),
+            "idx2word": {str(i): w for i, w in enumerate(self.idx2word)},
+            "idx": len(self.idx2word),
+        }
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "vocab json") -> Vocabulary:
+        """Read SCAN's format; any inconsistency raises :class:`VocabError` naming ``source``."""
+        if not isinstance(data, dict) or "word2idx" not in data:
+            raise VocabError(f"{source}: expected an object with 'word2idx' (SCAN vocab format)")
+        w2i = data["word2idx"]
+        if not isinstance(w2i, dict) or not w2i:
+            raise VocabError(f"{source}: 'word2idx' must be a non-empty object")
+        by_id: dict[int, str] = {}
+        for word, idx in w2i.items():
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                raise VocabError(f"{source}: word2idx[{word!r}] = {idx!r} is not an id")
+            if idx in by_id:
+                raise VocabError(f"{source}: id {idx} is given to {by_id[idx]!r} and {word!r}")
+            by_id[idx] = word
+        if sorted(by_id) != list(range(len(by_id))):
+            raise VocabError(f"{source}: ids must be 0..{len(by_id) - 1} without gaps")
+        for i, special in enumerate(SPECIALS):
+            if by_id.get(i) != special:
+                raise VocabError(f"{source}: id {i} must be {special!r}, got {by_id.get(i)!r}")
+        _check_idx2word(data, by_id, source)
+        vocab = cls([])
+        vocab.idx2word = [by_id[i] for i in range(len(by_id))]
+        vocab.word2idx = {w: i for i, w in enumerate(vocab.idx2word)}
+        return vocab
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VocabError(f"vocab file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise VocabError(f"vocab file {path} is not valid json: {e}") from e
+        return cls.from_json(data, source=str(path))
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 4) -> Vocabulary:
+        """Words seen at least ``min_count`` times, most frequent first (SCAN's threshold)."""
+        counts = Counter(w for c in captions for w in tokenize(c))
+        kept = [w for w, n in counts.most_common() if n >= min_count and w not in SPECIALS]
+        return cls(kept)
+
+
+def _check_idx2word(data: dict, by_id: dict[int, str], source: str) -> None:
+    if "idx" in data and data["idx"] != len(by_id):
+        raise VocabError(f"{source}: 'idx' is {data['idx']!r} but word2idx has {len(by_id)} words")
+    i2w = data.get("idx2word")
+    if i2w is None:
+        return
+    if not isinstance(i2w, dict):
+        raise VocabError(f"{source}: 'idx2word' must be an object")
+    for key, word in i2w.items():
+        try:
+            idx = int(key)
+        except ValueError:
+            raise VocabError(f"{source}: idx2word key {key!r} is not an integer") from None
+        if by_id.get(idx) != word:
+            raise VocabError(f"{source}: idx2word[{key}] = {word!r} disagrees with word2idx")

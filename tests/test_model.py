@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from shan.reference import score_literal
+from tests.helpers import random_batch, tiny_model
+
+KEYS = ("total", "l2l", "g2l", "g2g")
+
+
+def encode(model, features, counts, tokens, lengths):
+    return model.encode_images(features, counts), model.encode_captions(tokens, lengths)
+
+
+@pytest.mark.parametrize("affinity", ["cosine", "dot"])
+@pytest.mark.parametrize("direction", ["full", "i2t", "t2i"])
+def test_fast_equals_literal(affinity, direction):
+    model = tiny_model(affinity=affinity, direction=direction).float()
+    batch = random_batch()
+    batch = (batch[0].float(), *batch[1:])
+    with torch.no_grad():
+        im, cap = encode(model, *batch)
+        fast = model.score(im, cap, block=2)
+        lit = score_literal(model, im, cap)
+    for key in KEYS:
+        assert fast[key].shape == (3, 4)
+        assert (fast[key] - lit[key]).abs().max().item() <= 1e-4, key
+    # the steps are not trivially equal to each other
+    assert (fast["l2l"] - fast["g2g"]).abs().max() > 1e-3
+
+
+def test_padding_words_and_masked_regions_change_nothing():
+    model = tiny_model()
+    features, counts, tokens, lengths = random_batch()
+    with torch.no_grad():
+        base = model.score(*encode(model, features, counts, tokens, lengths))
+        # more padding, filled with junk: extra regions beyond the counts, extra words
+        features2 = torch.cat([features, 50 * torch.randn(3, 4, 12, dtype=features.dtype)], 1)
+        tokens2 = torch.cat([tokens, torch.randint(1, 30, (4, 6))], 1)
+        # junk in the existing padding too
+        for i, c in enumerate(counts):
+            features2[i, c:] = torch.randn_like(features2[i, c:]) * 10
+        for j, n in enumerate(lengths):
+            tokens2[j, n:] = torch.randint(1, 30, (tokens2.shape[1] - n,))
+        padded = model.score(*encode(model, features2, counts, tokens2, lengths))
+    for key in KEYS:
+        torch.testing.assert_close(padded[key], base[key], rtol=0, atol=1e-10)
+
+
+def test_boolean_mask_equals_counts():
+    model = tiny_model()
+    features, counts, tokens, lengths = random_batch()
+    mask = torch.arange(5)[None, :] < counts[:, None]
+    with torch.no_grad():
+        a = model.score(*encode(model, features, counts, tokens, lengths))
+        b = model.score(*encode(model, features, mask, tokens, lengths))
+    torch.testing.assert_close(a["total"], b["total"])
+
+
+def test_permuting_regions_changes_nothing():
+    model = tiny_model()
+    features, _, tokens, lengths = random_batch()
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = model.score(*encode(model, features, None, tokens, lengths))
+        b = model.score(*encode(model, features[:, perm], None, tokens, lengths))
+    for key in KEYS:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-10)
+
+
+def test_sub_block_equals_full_matrix_entries():
+    model = tiny_model()
+    features, counts, tokens, lengths = random_batch(ni=5, nc=6)
+    with torch.no_grad():
+        im, cap = encode(model, *random_batch(ni=5, nc=6))
+        full = model.score(im, cap, block=(2, 4))
+        part = model.score(im[1:4], cap[2:5], block=7)
+    for key in KEYS:
+        torch.testing.assert_close(part[key], full[key][1:4, 2:5], rtol=0, atol=1e-12)
+
+
+def test_every_parameter_gets_finite_nonzero_gradient():
+    from shan.loss import triplet_loss
+
+    model = tiny_model(seed=4).float()
+    model.train()
+    features, counts, tokens, lengths = random_batch(ni=4, nc=4)
+    out = model(features.float(), counts, tokens, lengths, block=2)
+    loss = triplet_loss(out["total"], torch.arange(4), margin=10.0, negatives="all")
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    from shan.loss import triplet_loss
+
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(seed=5)
+        model.train()
+        features, counts, tokens, lengths = random_batch(ni=4, nc=4)
+        out = model(features, counts, tokens, lengths, block=2, checkpoint=ckpt)
+        triplet_loss(out["total"], torch.arange(4), margin=10.0, negatives="all").backward()
+        grads.append(model.gate_v.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_inputs_are_named():
+    model = tiny_model()
+    features, counts, tokens, lengths = random_batch()
+    with pytest.raises(ValueError, match="region counts"):
+        model.encode_images(features, counts[:2])
+    with pytest.raises(ValueError, match="lengths"):
+        model.encode_captions(tokens, torch.zeros(4, dtype=torch.long))
