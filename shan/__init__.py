@@ -11,11 +11,33 @@ Public API::
     sims = model.score(images, captions)             # {"total", "l2l", "g2l", "g2g"}: (Ni, Nc)
 """
 
-from shan.config import Config, ConfigError, ModelConfig, load_config
-from shan.loss import TripletLoss, triplet_loss
-from shan.metrics import fold_metrics, recall_metrics
-from shan.model import SHAN, STEPS, EncodedCaptions, EncodedImages, build_model
-from shan.vocab import Vocabulary, tokenize
+import importlib
+
+_EXPORTS = {
+    "Config": "shan.config",
+    "ConfigError": "shan.config",
+    "ModelConfig": "shan.config",
+    "load_config": "shan.config",
+    "TripletLoss": "shan.loss",
+    "triplet_loss": "shan.loss",
+    "fold_metrics": "shan.metrics",
+    "recall_metrics": "shan.metrics",
+    "SHAN": "shan.model",
+    "STEPS": "shan.model",
+    "EncodedCaptions": "shan.model",
+    "EncodedImages": "shan.model",
+    "build_model": "shan.model",
+    "Vocabulary": "shan.vocab",
+    "tokenize": "shan.vocab",
+}
+
+
+def __getattr__(name: str):
+    """Import on first use, so that data tools do not load torch."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'shan' has no attribute {name!r}")
+
 
 __all__ = [
     "SHAN",

@@ -147,7 +147,9 @@ def check_rows(
             raise DataError(f"{where}: row {first_row + r} (image id {iid}) has no caption")
         for j, c in enumerate(caps):
             if c is None or not c.strip():
-                raise DataError(f"{where}: row {first_row + r} (image id {iid}): caption {j} is empty")
+                raise DataError(
+                    f"{where}: row {first_row + r} (image id {iid}): caption {j} is empty"
+                )
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -196,7 +198,8 @@ class SplitWriter:
                 f"{self.split}: features of shape {features.shape}, expected "
                 f"(rows, {card.regions}, {card.feature_dim})"
             )
-        feats = features.astype(DTYPES[card.dtype], copy=False)
+        with np.errstate(over="ignore"):
+            feats = features.astype(DTYPES[card.dtype], copy=False)
         image_ids = np.asarray(image_ids, dtype=np.int64)
         if num_regions is None:
             num_regions = np.full(len(feats), card.regions, dtype=np.int32)

@@ -9,6 +9,7 @@ Features are memory-mapped and written chunk by chunk, so memory stays bounded.
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,16 @@ from shan.data.format import DataError, DatasetCard, DatasetWriter
 from shan.vocab import Vocabulary
 
 SPLIT_ORDER = ("train", "dev", "test", "testall")
+
+
+def _bounded_memory_pool() -> None:
+    """Prefer jemalloc, which returns freed chunk buffers to the system promptly."""
+    import pyarrow as pa
+
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except (NotImplementedError, pa.ArrowNotImplementedError):
+        pass
 
 
 def find_splits(src: Path) -> list[str]:
@@ -56,6 +67,14 @@ def open_features(path: Path) -> np.ndarray:
     if ims.dtype.kind != "f":
         raise DataError(f"{path}: features must be floating point, got dtype {ims.dtype}")
     return ims
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array that were read, so that resident memory stays
+    bounded by one chunk whatever the file's size (they are re-read from disk if needed)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def read_ids(path: Path, n: int) -> np.ndarray:
@@ -98,6 +117,7 @@ def convert_precomp(
     log: Callable[[str], None] = print,
 ) -> DatasetCard:
     """Convert ``splits`` (default: all found) of the precomp folder ``src`` to ``dest``."""
+    _bounded_memory_pool()
     srcp = Path(src)
     if not srcp.is_dir():
         raise DataError(f"source folder {src} does not exist")
@@ -151,4 +171,5 @@ def _convert_split(srcp, split, ims, caps, out, chunk_rows, rows_per_file, has_b
             )
         except DataError as e:
             raise DataError(f"{where}: {e}") from e
+        release_pages(ims)
     log(f"{split}: {n} images, {len(caps)} captions ({per} per image)")

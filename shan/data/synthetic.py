@@ -18,7 +18,22 @@ from shan.data.format import DatasetCard, DatasetWriter
 from shan.vocab import Vocabulary
 
 ATTRIBUTES = ("red", "blue", "green", "yellow", "black", "white", "striped", "wooden")
-SYLLABLES = ("ka", "lo", "mi", "ru", "te", "po", "san", "dor", "vel", "ni", "zu", "bek", "fa", "gim")
+SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ru",
+    "te",
+    "po",
+    "san",
+    "dor",
+    "vel",
+    "ni",
+    "zu",
+    "bek",
+    "fa",
+    "gim",
+)
 TEMPLATES = (
     "a {0} next to a {1} .",
     "there is a {0} and a {1} in this picture .",
@@ -52,18 +67,21 @@ class SyntheticWorld:
         fillers = {w for t in TEMPLATES for w in t.split() if "{" not in w}
         return Vocabulary(sorted(fillers) + list(ATTRIBUTES) + self.nouns)
 
-    def sample(self, n: int, regions: int, captions: int, rng: np.random.Generator):
-        """n images -> features (n, regions, F), boxes (n, regions, 4), captions (n lists)."""
-        feats = rng.normal(0, 0.5, (n, regions, self.feature_dim)).astype(np.float32)
+    def sample(self, seeds: list, regions: int, captions: int):
+        """One image per seed -> features (n, regions, F), boxes (n, regions, 4), captions."""
+        n = len(seeds)
+        feats = np.empty((n, regions, self.feature_dim), dtype=np.float32)
         boxes = np.empty((n, regions, 4), dtype=np.float32)
         all_caps = []
-        for i in range(n):
+        for i, seed in enumerate(seeds):
+            rng = np.random.default_rng(seed)
+            feats[i] = rng.normal(0, 0.5, (regions, self.feature_dim))
             objs = rng.choice(len(self.nouns), size=rng.integers(2, 6), replace=False)
             attrs = rng.integers(0, len(ATTRIBUTES), size=len(objs))
             slots = rng.permutation(regions)
             r = 0
             for o, a in zip(objs, attrs):
-                for _ in range(rng.integers(1, 4)):
+                for _ in range(min(rng.integers(1, 4), regions - r)):
                     feats[i, slots[r]] += self.prototypes[o] + self.shifts[a]
                     r += 1
             # clutter: regions of unnamed concepts
@@ -116,11 +134,11 @@ def generate_synthetic(
     with DatasetWriter(dest, card, world.vocabulary(), overwrite=overwrite) as out:
         next_id = 0
         for s_idx, (split, n) in enumerate(images.items()):
-            rng = np.random.default_rng([seed, s_idx])
             writer = out.split(split, rows_per_file=rows_per_file)
             for r0 in range(0, n, chunk_rows):
                 m = min(chunk_rows, n - r0)
-                feats, boxes, caps = world.sample(m, regions, captions_per_image, rng)
+                seeds = [[seed, s_idx, r] for r in range(r0, r0 + m)]
+                feats, boxes, caps = world.sample(seeds, regions, captions_per_image)
                 ids = np.arange(next_id, next_id + m)
                 writer.write(ids, feats, caps, boxes=boxes)
                 next_id += m

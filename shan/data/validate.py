@@ -120,5 +120,7 @@ def format_summary(summary: dict) -> str:
             f"{r['min']:>6}/{r['mean']:.1f}/{r['max']:<4}"
             f"{t['min']:>8} / {t['mean']:.1f} / {t['median']:.0f} / {t['max']:<4}"
         )
-    lines.append("(regions: min/mean/max; tokens with <start> and <end>: min / mean / median / max)")
+    lines.append(
+        "(regions: min/mean/max; tokens with <start> and <end>: min / mean / median / max)"
+    )
     return "\n".join(lines)

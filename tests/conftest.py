@@ -1,0 +1,63 @@
+"""Shared fixtures. Integration fixtures start real services on 127.0.0.1 through
+``shan.services`` (the same code as ``cluster/local.sh``), once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """A Ray head (token auth), an MLflow server and an S3 endpoint; their variables are set."""
+    from shan import services as svc_mod
+
+    state = tmp_path_factory.mktemp("services")
+    svc = svc_mod.up(str(state), num_cpus=2)
+    saved = dict(os.environ)
+    os.environ.update(svc.env)
+    try:
+        yield svc
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()
+        finally:
+            svc_mod.down(str(state))
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def ray_client(services):
+    """This process connected to the session's Ray head."""
+    import ray
+
+    ray.init(address=services.env["RAY_ADDRESS"], log_to_driver=False)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def s3_root(services):
+    return "s3://shan/tests"
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory):
+    """A small local synthetic data set (train 240, dev 40, test 60 images)."""
+    from shan.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate_synthetic(
+        str(root), images={"train": 240, "dev": 40, "test": 60}, regions=6, feature_dim=16,
+        concepts=30, rows_per_file=100, chunk_rows=50, log=lambda s: None,
+    )  # fmt: skip
+    return str(root)
