@@ -32,7 +32,7 @@ def caption_source() -> list[str]:
     if path.is_file():
         return path.read_text().split("\n")[:5000]
     rng = np.random.default_rng(0)
-    words = ["a", "man", "woman", "dog", "runs", "on", "the", "grass", "with", "red", "ball", "in", "park", "sits", "near"]
+    words = "a man woman dog runs on the grass with red ball in park sits near".split()
     return [" ".join(rng.choice(words, size=rng.integers(6, 16))) + " ." for _ in range(5000)]
 
 
