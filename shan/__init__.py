@@ -29,6 +29,7 @@ _EXPORTS = {
     "build_model": "shan.model",
     "Vocabulary": "shan.vocab",
     "tokenize": "shan.vocab",
+    "pad_tokens": "shan.data.reader",
 }
 
 
@@ -52,6 +53,7 @@ __all__ = [
     "build_model",
     "fold_metrics",
     "load_config",
+    "pad_tokens",
     "recall_metrics",
     "tokenize",
     "triplet_loss",

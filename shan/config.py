@@ -117,6 +117,7 @@ class TrackingConfig:
     storage_path: str | None = None  # Ray Train storage (local dir or s3://); None: ./runs
     log_every: int = 20  # steps between train/loss points
     keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
 
 
 @dataclass

@@ -12,11 +12,17 @@ from shan.glove import GloveError
 from shan.vocab import VocabError
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit the data."""
+
+
 class JobError(RuntimeError):
     """A job cannot go on (unreachable service, non-finite loss, ...); the message says why."""
 
 
-USER_ERRORS = (ConfigError, DataError, StorageError, GloveError, VocabError, JobError)
+USER_ERRORS = (
+    ConfigError, DataError, StorageError, GloveError, VocabError, CheckpointError, JobError,
+)  # fmt: skip
 
 
 def run_job(main: Callable[[], int | None]) -> None:

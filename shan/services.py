@@ -143,9 +143,11 @@ def start_ray(state: Path, num_cpus: int | None) -> dict[str, str]:
     ]  # fmt: skip
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
+    # Jobs submitted to this head run `python` from this interpreter's environment.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with (state / "ray.log").open("ab") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, **env}, timeout=180)  # fmt: skip
+                       env={**os.environ, **env, "PATH": path}, timeout=180)  # fmt: skip
     env["RAY_ADDRESS"] = f"{HOST}:{port}"
     env["RAY_DASHBOARD_ADDRESS"] = f"http://{HOST}:{dash}"
     return env

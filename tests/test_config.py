@@ -44,7 +44,11 @@ def test_unknown_key_in_file(tmp_path):
         load_config("no-such-config")
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+TEST_CONFIGS = CONFIG_DIR.parents[1] / "tests" / "configs"
+ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(TEST_CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.stem)
 def test_every_config_file_loads(path):
     c = load_config(str(path))
     assert config_from_dict(c.to_dict()) == c

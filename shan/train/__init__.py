@@ -1,0 +1,1 @@
+"""Training on Ray Train: the per-worker loop, the driver, resources and MLflow tracking."""

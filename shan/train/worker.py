@@ -1,0 +1,246 @@
+"""The loop each Ray Train worker runs: DDP training of SHAN with the triplet loss, validation
+sharded over the workers after each epoch, and a checkpoint reported through Ray Train."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shan.checkpoint import MODEL_FILE, save_checkpoint
+from shan.config import Config, config_from_dict
+from shan.data.reader import ExampleStream, read_split
+from shan.errors import JobError
+from shan.evaluation import autocast, flat_metrics, score_matrix, split_metrics
+from shan.loss import TripletLoss
+from shan.model import SHAN
+from shan.train.tracking import MetricLogger
+from shan.vocab import Vocabulary
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best_rsum: float = -math.inf
+
+
+@dataclass
+class Worker:
+    """What one worker holds for the whole run."""
+
+    cfg: Config
+    vocab: Vocabulary
+    model: torch.nn.Module  # DDP-wrapped when there are several workers
+    core: SHAN
+    optimizer: torch.optim.Optimizer
+    loss_fn: TripletLoss
+    device: torch.device
+    rank: int
+    world: int
+    logger: MetricLogger | None
+    progress: Progress
+
+
+def lr_at(cfg: Config, epoch: int, step: int) -> float:
+    """Step decay at ``lr_decay_epoch``, after an optional linear warm-up."""
+    o = cfg.optim
+    lr = o.lr * (o.lr_decay if epoch >= o.lr_decay_epoch else 1.0)
+    if o.warmup_steps and step < o.warmup_steps:
+        lr *= (step + 1) / o.warmup_steps
+    return lr
+
+
+def build_worker(loop_cfg: dict) -> Worker:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(loop_cfg["config"])
+    vocab = Vocabulary.from_json(loop_cfg["vocab"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(loop_cfg["torch_threads"])
+    torch.manual_seed(cfg.seed)
+    glove = loop_cfg.get("glove")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        core = SHAN(cfg.model, len(vocab), glove=None if glove is None else torch.tensor(glove))
+    model = ray.train.torch.prepare_model(core) if world > 1 else core.to(device)
+    params = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    logger = MetricLogger(loop_cfg["mlflow_uri"], loop_cfg["mlflow_run_id"]) if rank == 0 else None
+    w = Worker(cfg, vocab, model, core, optimizer, TripletLoss(cfg.loss), device, rank, world,
+               logger, Progress())  # fmt: skip
+    restore(w)
+    return w
+
+
+def restore(w: Worker) -> None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        payload = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+    w.core.load_state_dict(payload["model"])
+    w.optimizer.load_state_dict(payload["optimizer"])
+    w.progress = Progress(payload["epoch"], payload["step"], payload.get("best_rsum", -math.inf))
+    if w.rank == 0:
+        print(f"resumed from the checkpoint of epoch {w.progress.epoch}, step {w.progress.step}")
+
+
+def all_ranks_have(w: Worker, have: bool) -> bool:
+    """True while every rank still has a batch (DDP needs equal step counts)."""
+    if w.world == 1:
+        return have
+    flag = torch.tensor([1 if have else 0], device=w.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def maybe_inject_failure(w: Worker) -> None:
+    """Test hook: SIGKILL the last rank at ``debug.kill_worker_at_step``, once per marker file."""
+    d = w.cfg.debug
+    if d.kill_worker_at_step != w.progress.step or w.rank != w.world - 1 or not d.kill_marker:
+        return
+    marker = Path(d.kill_marker)
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {w.rank} at step {w.progress.step}\n")
+    print(f"debug: killing rank {w.rank} (pid {os.getpid()}) at step {w.progress.step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_step(w: Worker, batch) -> float:
+    b = batch.to(w.device)
+    sc = w.cfg.scaling
+    with autocast(w.device, sc.bf16):
+        scores = w.model(b.features, b.num_regions, b.tokens, b.lengths,
+                         block=sc.score_block, checkpoint=sc.checkpoint_blocks)  # fmt: skip
+        loss = w.loss_fn(scores, b.image_ids)
+    if w.cfg.debug.nan_at_step == w.progress.step:
+        loss = loss * float("nan")
+    if not torch.isfinite(loss):
+        raise JobError(
+            f"non-finite loss ({loss.item()}) at epoch {w.progress.epoch + 1}, "
+            f"step {w.progress.step}: lower optim.lr or check the data"
+        )
+    w.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(w.core.parameters(), w.cfg.optim.grad_clip)
+    w.optimizer.step()
+    return loss.item()
+
+
+def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
+    """One pass over this worker's share; returns mean loss, examples/s and data-wait share."""
+    cfg, epoch = w.cfg, w.progress.epoch
+    rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
+    stream = ExampleStream(cfg.optim.batch_size, cfg.data.shuffle_buffer, cfg.data.max_words,
+                           seed=[cfg.seed, epoch, w.rank])  # fmt: skip
+    batches = stream(rows)
+    w.model.train()
+    losses, examples, wait, t_start = [], 0, 0.0, time.perf_counter()
+    t_log, ex_log = t_start, 0
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t0
+        if not all_ranks_have(w, batch is not None):
+            break
+        lr = lr_at(cfg, epoch, w.progress.step)
+        for group in w.optimizer.param_groups:
+            group["lr"] = lr
+        maybe_inject_failure(w)
+        losses.append(train_step(w, batch))
+        examples += len(batch)
+        w.progress.step += 1
+        if w.rank == 0 and len(losses) % cfg.tracking.log_every == 0:
+            now = time.perf_counter()
+            rate = (examples - ex_log) / (now - t_log)
+            t_log, ex_log = now, examples
+            recent = float(np.mean(losses[-cfg.tracking.log_every :]))
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {len(losses)}/~{steps_hint} "
+                  f"loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker", flush=True)  # fmt: skip
+            w.logger.log({"train/loss": recent, "train/lr": lr,
+                          "train/examples_per_s": rate}, step=w.progress.step)  # fmt: skip
+    for _ in batches:  # drain what is left, so that the next epoch starts clean
+        pass
+    if not losses:
+        raise JobError("this worker got no training batch: the train split is smaller than "
+                       "workers x batch size")  # fmt: skip
+    seconds = time.perf_counter() - t_start
+    return {"train/epoch_loss": float(np.mean(losses)), "train/epoch_examples_per_s": examples / seconds,
+            "train/data_wait": wait / seconds}  # fmt: skip
+
+
+class Validator:
+    """The dev split, scored after each epoch; rows are shared out among the workers."""
+
+    def __init__(self, w: Worker, root: str):
+        data = read_split(root, w.cfg.data.val_split)
+        if w.cfg.data.val_max_images:
+            data = data.head(w.cfg.data.val_max_images)
+        self.data = data
+        n = len(data.image_ids)
+        bounds = np.linspace(0, n, w.world + 1).astype(int)
+        self.rows = slice(bounds[w.rank], bounds[w.rank + 1])
+
+    def __call__(self, w: Worker) -> dict[str, float]:
+        d = self.data
+        sims = score_matrix(w.core, d.features[self.rows], d.num_regions[self.rows], d.tokens,
+                            w.device, block=w.cfg.scaling.score_block,
+                            bf16=w.cfg.scaling.bf16)  # fmt: skip
+        if w.world > 1:
+            parts: list = [None] * w.world
+            dist.all_gather_object(parts, sims)
+            sims = {k: np.concatenate([p[k] for p in parts]) for k in sims}
+        return flat_metrics(split_metrics(sims, d.caption_image))
+
+
+def report(w: Worker, metrics: dict[str, float]) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if w.rank == 0:
+            save_checkpoint(d, w.core, w.cfg, w.vocab, optimizer=w.optimizer.state_dict(),
+                            epoch=w.progress.epoch, step=w.progress.step,
+                            best_rsum=w.progress.best_rsum, metrics=metrics)  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    """Entry point given to ``TorchTrainer``."""
+    import ray.train
+
+    w = build_worker(loop_cfg)
+    validator = Validator(w, loop_cfg["data_root"])
+    shard = ray.train.get_dataset_shard("train")
+    steps_hint = loop_cfg["train_captions"] // (w.cfg.optim.batch_size * w.world)
+    while w.progress.epoch < w.cfg.optim.epochs:
+        stats = train_epoch(w, shard, steps_hint)
+        val = validator(w)
+        w.progress.epoch += 1
+        w.progress.best_rsum = max(w.progress.best_rsum, val["val/rsum"])
+        metrics = {"epoch": w.progress.epoch, "step": w.progress.step, **stats, **val}
+        if w.rank == 0:
+            w.logger.log({k: v for k, v in metrics.items() if "/" in k}, step=w.progress.epoch)
+            print(f"epoch {w.progress.epoch}/{w.cfg.optim.epochs}: loss "
+                  f"{stats['train/epoch_loss']:.4f}, dev rsum {val['val/rsum']:.1f} "
+                  f"(R@1 i2t {val['val/i2t_r1']:.1f}, t2i {val['val/t2i_r1']:.1f}), "
+                  f"{stats['train/epoch_examples_per_s']:.0f} examples/s per worker, data wait "
+                  f"{100 * stats['train/data_wait']:.0f}%", flush=True)  # fmt: skip
+        report(w, metrics)

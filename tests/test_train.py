@@ -1,0 +1,159 @@
+"""The training job end to end: a real Ray head (2 workers), a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shan.services import free_port
+from shan.train import scaling
+from shan.train.tracking import RUN_TAG
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+
+
+def train(*args: str, env: dict | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def mlflow_runs(name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    exp = c.get_experiment_by_name("shan-tests")
+    return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{name}'")
+
+
+def check(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+# -- unit: resources ------------------------------------------------------------------------------
+def test_small_cpu_machines_get_fractional_cpus():
+    from shan.config import ScalingConfig
+
+    r = scaling.resolve(ScalingConfig(num_workers=2), {"CPU": 2.0})
+    assert (r.num_workers, r.cpus_per_worker, r.use_gpu) == (2, 0.5, False)
+    r = scaling.resolve(ScalingConfig(), {"CPU": 2.0})
+    assert r.num_workers == 1 and r.cpus_per_worker == 1.0
+    r = scaling.resolve(ScalingConfig(), {"CPU": 64.0, "GPU": 8.0})
+    assert (r.num_workers, r.use_gpu, r.gpus_per_worker) == (8, True, 1.0)
+    with pytest.raises(ValueError, match="exceed"):
+        scaling.resolve(ScalingConfig(num_workers=4, cpus_per_worker=1.0), {"CPU": 2.0})
+
+
+# -- integration ----------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_path):
+    name = "tiny-basic"
+    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
+              f"tracking.storage_path={tmp_path}")  # fmt: skip
+    check(r)
+    assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d"] == "16" and run.data.params["optim.epochs"] == "2"
+    assert len(c.get_metric_history(run.info.run_id, "train/loss")) >= 4
+    val = c.get_metric_history(run.info.run_id, "val/rsum")
+    assert sorted(m.step for m in val) == [1, 2]
+    assert "val/g2g/i2t_r1" in run.data.metrics
+    files = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.pt", "checkpoint/config.yaml", "checkpoint/vocab.json"} <= files
+    top = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"recall.md", "config.yaml", "vocab.json"} <= top
+
+
+@pytest.mark.integration
+def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_small, tmp_path):
+    name = "tiny-kill"
+    marker = tmp_path / "killed"
+    # 240 images x 5 captions / (2 workers x 16) = 37 steps per epoch: step 45 is in epoch 2
+    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
+              f"tracking.storage_path={tmp_path}", "debug.kill_worker_at_step=45",
+              f"debug.kill_marker={marker}")  # fmt: skip
+    check(r)
+    assert marker.is_file(), "the worker was never killed"
+    out = r.stdout + r.stderr
+    assert "killing rank 1" in out
+    assert "resumed from the checkpoint of epoch 1" in out
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "val/rsum")) == [1, 2]
+
+
+@pytest.mark.integration
+def test_rerun_by_name_continues_and_fresh_runs_do_not(services, synthetic_small, tmp_path):
+    name = "tiny-continue"
+    common = ("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
+              "scaling.num_workers=1")  # fmt: skip
+    check(train(*common, "--name", name, "optim.epochs=1"))
+    r = train(*common, "--name", name, "optim.epochs=2")
+    check(r)
+    assert "resumed from the checkpoint of epoch 1" in r.stdout + r.stderr
+    _, runs = mlflow_runs(name)
+    assert len(runs) == 1
+    fresh = train(*common, "optim.epochs=1")
+    check(fresh)
+    assert "resumed" not in fresh.stdout + fresh.stderr
+
+
+@pytest.mark.integration
+def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    r = subprocess.run(
+        [ray_bin, "job", "submit", "--address", services.env["RAY_DASHBOARD_ADDRESS"],
+         "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
+         "tests/configs/tiny.yaml", "--data", synthetic_small, "--name", "tiny-submitted",
+         "scaling.num_workers=1", "optim.epochs=1", f"tracking.storage_path={tmp_path}"],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    _, runs = mlflow_runs("tiny-submitted")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # without the token the head refuses the client
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    denied = subprocess.run(
+        [ray_bin, "job", "list", "--address", services.env["RAY_DASHBOARD_ADDRESS"]],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert denied.returncode != 0
+
+
+@pytest.mark.integration
+def test_non_finite_loss_fails_the_run(services, synthetic_small, tmp_path):
+    name = "tiny-nan"
+    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
+              f"tracking.storage_path={tmp_path}", "debug.nan_at_step=3",
+              "tracking.max_failures=0")  # fmt: skip
+    assert r.returncode == 2
+    assert "non-finite loss" in r.stderr.strip().splitlines()[-1]
+    _, runs = mlflow_runs(name)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "RAY_ADDRESS": ""}
+    cases = [
+        (("--config", TINY, "model.colour=red"), "unknown config key model.colour"),
+        (("--config", TINY, "--data", str(tmp_path / "nowhere")), "does not exist"),
+        (("--config", TINY, "--data", synthetic_small), "is unreachable"),
+        (("--config", TINY, "--data", synthetic_small, "model.feature_dim=32"), "feature_dim=16"),
+    ]
+    for args, message in cases:
+        r = train(*args, env=env, timeout=120)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, (args, last)
