@@ -57,18 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "precomp":
         convert_precomp(
-            args.src, args.out, splits=args.splits, vocab_path=args.vocab, name=args.name,
-            dtype=args.dtype, chunk_rows=args.chunk_rows, rows_per_file=args.rows_per_file,
-            min_count=args.min_count, overwrite=args.overwrite,
-        )  # fmt: skip
+            args.src,
+            args.out,
+            splits=args.splits,
+            vocab_path=args.vocab,
+            name=args.name,
+            dtype=args.dtype,
+            chunk_rows=args.chunk_rows,
+            rows_per_file=args.rows_per_file,
+            min_count=args.min_count,
+            overwrite=args.overwrite,
+        )
         print(f"wrote {args.out}")
     elif args.command == "synthetic":
         sizes = {"train": args.train, "dev": args.dev, "test": args.test}
         generate_synthetic(
-            args.out, images={k: n for k, n in sizes.items() if n > 0}, regions=args.regions,
-            feature_dim=args.feature_dim, concepts=args.concepts,
-            captions_per_image=args.captions_per_image, seed=args.seed, overwrite=args.overwrite,
-        )  # fmt: skip
+            args.out,
+            images={k: n for k, n in sizes.items() if n > 0},
+            regions=args.regions,
+            feature_dim=args.feature_dim,
+            concepts=args.concepts,
+            captions_per_image=args.captions_per_image,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
         print(f"wrote {args.out}")
     else:
         summary = validate(args.path)

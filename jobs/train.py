@@ -37,8 +37,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     overrides = list(args.overrides)
-    for flag, key in (("workers", "scaling.num_workers"), ("cpus_per_worker",
-                      "scaling.cpus_per_worker"), ("name", "tracking.run_name")):  # fmt: skip
+    for flag, key in (
+        ("workers", "scaling.num_workers"),
+        ("cpus_per_worker", "scaling.cpus_per_worker"),
+        ("name", "tracking.run_name"),
+    ):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.gpus_per_worker is not None:

@@ -112,11 +112,21 @@ def start_mlflow(state: Path, s3_env: dict[str, str] | None) -> tuple[dict[str, 
     root = state.absolute()
     artifacts = f"s3://{BUCKET}/mlflow-artifacts" if s3_env else str(root / "mlartifacts")
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", artifacts,
-        "--host", HOST, "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(s3_env or {})}
     proc = _spawn(cmd, state / "mlflow.log", env)
     url = f"http://{HOST}:{port}"
@@ -136,25 +146,46 @@ def start_ray(state: Path, num_cpus: int | None) -> dict[str, str]:
     env = ray_env(state)
     port, dash = free_port(), free_port()
     cmd = [
-        shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
-        "--node-ip-address", HOST, "--port", str(port),
-        "--dashboard-host", HOST, "--dashboard-port", str(dash),
-        "--disable-usage-stats", "--num-gpus", "0",
-    ]  # fmt: skip
+        shutil.which("ray") or str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        HOST,
+        "--port",
+        str(port),
+        "--dashboard-host",
+        HOST,
+        "--dashboard-port",
+        str(dash),
+        "--disable-usage-stats",
+        "--num-gpus",
+        "0",
+    ]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
     # Jobs submitted to this head run `python` from this interpreter's environment.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with (state / "ray.log").open("ab") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, **env, "PATH": path}, timeout=180)  # fmt: skip
+        subprocess.run(
+            cmd,
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PATH": path},
+            timeout=180,
+        )
     env["RAY_ADDRESS"] = f"{HOST}:{port}"
     env["RAY_DASHBOARD_ADDRESS"] = f"http://{HOST}:{dash}"
     return env
 
 
-def up(state: str = ".local", ray: bool = True, mlflow: bool = True, s3: bool = True,
-       num_cpus: int | None = None) -> LocalServices:  # fmt: skip
+def up(
+    state: str = ".local",
+    ray: bool = True,
+    mlflow: bool = True,
+    s3: bool = True,
+    num_cpus: int | None = None,
+) -> LocalServices:
     """Start the chosen services; returns their variables (also written to ``state/env.sh``)."""
     st = Path(state)
     st.mkdir(parents=True, exist_ok=True)
@@ -198,9 +229,12 @@ def down(state: str = ".local") -> None:
         return
     if "ray" in svc.pids:
         ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
-                       env={**os.environ, **{k: v for k, v in svc.env.items()
-                                             if k.startswith("RAY_AUTH")}})  # fmt: skip
+        subprocess.run(
+            [ray_bin, "stop", "--force"],
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, **{k: v for k, v in svc.env.items() if k.startswith("RAY_AUTH")}},
+        )
     for name, pid in svc.pids.items():
         if name != "ray" and _alive(pid):
             try:

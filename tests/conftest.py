@@ -57,7 +57,13 @@ def synthetic_small(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("data") / "synthetic"
     generate_synthetic(
-        str(root), images={"train": 240, "dev": 40, "test": 60}, regions=6, feature_dim=16,
-        concepts=30, rows_per_file=100, chunk_rows=50, log=lambda s: None,
-    )  # fmt: skip
+        str(root),
+        images={"train": 240, "dev": 40, "test": 60},
+        regions=6,
+        feature_dim=16,
+        concepts=30,
+        rows_per_file=100,
+        chunk_rows=50,
+        log=lambda s: None,
+    )
     return str(root)

@@ -20,9 +20,12 @@ TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 def train(*args: str, env: dict | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def mlflow_runs(name: str):
@@ -55,8 +58,15 @@ def test_small_cpu_machines_get_fractional_cpus():
 @pytest.mark.integration
 def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_path):
     name = "tiny-basic"
-    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
-              f"tracking.storage_path={tmp_path}")  # fmt: skip
+    r = train(
+        "--config",
+        TINY,
+        "--data",
+        synthetic_small,
+        "--name",
+        name,
+        f"tracking.storage_path={tmp_path}",
+    )
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
     c, runs = mlflow_runs(name)
@@ -79,9 +89,17 @@ def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_sm
     name = "tiny-kill"
     marker = tmp_path / "killed"
     # 240 images x 5 captions / (2 workers x 16) = 37 steps per epoch: step 45 is in epoch 2
-    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
-              f"tracking.storage_path={tmp_path}", "debug.kill_worker_at_step=45",
-              f"debug.kill_marker={marker}")  # fmt: skip
+    r = train(
+        "--config",
+        TINY,
+        "--data",
+        synthetic_small,
+        "--name",
+        name,
+        f"tracking.storage_path={tmp_path}",
+        "debug.kill_worker_at_step=45",
+        f"debug.kill_marker={marker}",
+    )
     check(r)
     assert marker.is_file(), "the worker was never killed"
     out = r.stdout + r.stderr
@@ -95,8 +113,14 @@ def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_sm
 @pytest.mark.integration
 def test_rerun_by_name_continues_and_fresh_runs_do_not(services, synthetic_small, tmp_path):
     name = "tiny-continue"
-    common = ("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
-              "scaling.num_workers=1")  # fmt: skip
+    common = (
+        "--config",
+        TINY,
+        "--data",
+        synthetic_small,
+        f"tracking.storage_path={tmp_path}",
+        "scaling.num_workers=1",
+    )
     check(train(*common, "--name", name, "optim.epochs=1"))
     r = train(*common, "--name", name, "optim.epochs=2")
     check(r)
@@ -112,12 +136,32 @@ def test_rerun_by_name_continues_and_fresh_runs_do_not(services, synthetic_small
 def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     r = subprocess.run(
-        [ray_bin, "job", "submit", "--address", services.env["RAY_DASHBOARD_ADDRESS"],
-         "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
-         "tests/configs/tiny.yaml", "--data", synthetic_small, "--name", "tiny-submitted",
-         "scaling.num_workers=1", "optim.epochs=1", f"tracking.storage_path={tmp_path}"],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
-    )  # fmt: skip
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            services.env["RAY_DASHBOARD_ADDRESS"],
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/train.py",
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--data",
+            synthetic_small,
+            "--name",
+            "tiny-submitted",
+            "scaling.num_workers=1",
+            "optim.epochs=1",
+            f"tracking.storage_path={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
     _, runs = mlflow_runs("tiny-submitted")
@@ -127,17 +171,28 @@ def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"
     denied = subprocess.run(
         [ray_bin, "job", "list", "--address", services.env["RAY_DASHBOARD_ADDRESS"]],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert denied.returncode != 0
 
 
 @pytest.mark.integration
 def test_non_finite_loss_fails_the_run(services, synthetic_small, tmp_path):
     name = "tiny-nan"
-    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
-              f"tracking.storage_path={tmp_path}", "debug.nan_at_step=3",
-              "tracking.max_failures=0")  # fmt: skip
+    r = train(
+        "--config",
+        TINY,
+        "--data",
+        synthetic_small,
+        "--name",
+        name,
+        f"tracking.storage_path={tmp_path}",
+        "debug.nan_at_step=3",
+        "tracking.max_failures=0",
+    )
     assert r.returncode == 2
     assert "non-finite loss" in r.stderr.strip().splitlines()[-1]
     _, runs = mlflow_runs(name)

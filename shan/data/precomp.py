@@ -124,8 +124,10 @@ def convert_precomp(
     splits = list(splits or find_splits(srcp))
     if not splits:
         raise DataError(f"{src} holds no *_ims.npy file")
-    sources = {s: (open_features(srcp / f"{s}_ims.npy"), read_captions(srcp / f"{s}_caps.txt"))
-               for s in splits}  # fmt: skip
+    sources = {
+        s: (open_features(srcp / f"{s}_ims.npy"), read_captions(srcp / f"{s}_caps.txt"))
+        for s in splits
+    }
     shapes = {ims.shape[1:] for ims, _ in sources.values()}
     if len(shapes) != 1:
         raise DataError(f"{src}: splits have different feature shapes {sorted(shapes)}")

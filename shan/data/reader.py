@@ -142,8 +142,14 @@ class ExampleStream:
     in a shuffle buffer of ``buffer`` examples from which batches are drawn at random.
     """
 
-    def __init__(self, batch_size: int, buffer: int = 2048, max_words: int | None = None,
-                 seed: int = 0, drop_last: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        batch_size: int,
+        buffer: int = 2048,
+        max_words: int | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
         self.batch_size, self.buffer, self.max_words = batch_size, buffer, max_words
         self.rng = np.random.default_rng(seed)
         self.drop_last = drop_last

@@ -83,8 +83,9 @@ def worker_error(e: Exception) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
 
 
-def run_training(cfg: Config, data: str | None = None, register: str | None = None,
-                 log=print) -> TrainingResult:  # fmt: skip
+def run_training(
+    cfg: Config, data: str | None = None, register: str | None = None, log=print
+) -> TrainingResult:
     """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set)."""
     root = data or cfg.data.path or ensure_demo_data(log)
     cfg.data.path = root
@@ -98,15 +99,21 @@ def run_training(cfg: Config, data: str | None = None, register: str | None = No
     tracking.check_reachable(uri)
     run_name = cfg.tracking.run_name or new_run_name(cfg)
     cfg.tracking.run_name = run_name
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name, cfg.flat(),
-                                {"shan.data": root, "shan.config": cfg.name})  # fmt: skip
+    run_id = tracking.start_run(
+        uri,
+        cfg.tracking.experiment,
+        run_name,
+        cfg.flat(),
+        {"shan.data": root, "shan.config": cfg.name},
+    )
     log(f"MLflow: run {run_id} ({run_name}) at {uri}")
     try:
         result = _fit(cfg, root, card, vocab, glove, uri, run_id, log)
         out = _log_outcome(cfg, uri, run_id, run_name, vocab, result, register, log)
     except BaseException as e:
-        tracking.end_run(uri, run_id, "FAILED" if not isinstance(e, KeyboardInterrupt)
-                         else "KILLED")  # fmt: skip
+        tracking.end_run(
+            uri, run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
+        )
         if isinstance(e, JobError | KeyboardInterrupt):
             raise
         raise JobError(f"training failed: {worker_error(e)}") from e
@@ -146,7 +153,7 @@ def _fit(cfg, root, card, vocab, glove, uri, run_id, log):
         train_loop_config=loop_cfg,
         scaling_config=RayScaling(
             num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=resources
-        ),  # fmt: skip
+        ),
         run_config=RunConfig(
             name=cfg.tracking.run_name,
             storage_path=storage,

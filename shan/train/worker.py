@@ -79,8 +79,19 @@ def build_worker(loop_cfg: dict) -> Worker:
     params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     logger = MetricLogger(loop_cfg["mlflow_uri"], loop_cfg["mlflow_run_id"]) if rank == 0 else None
-    w = Worker(cfg, vocab, model, core, optimizer, TripletLoss(cfg.loss), device, rank, world,
-               logger, Progress())  # fmt: skip
+    w = Worker(
+        cfg,
+        vocab,
+        model,
+        core,
+        optimizer,
+        TripletLoss(cfg.loss),
+        device,
+        rank,
+        world,
+        logger,
+        Progress(),
+    )
     restore(w)
     return w
 
@@ -126,8 +137,14 @@ def train_step(w: Worker, batch) -> float:
     b = batch.to(w.device)
     sc = w.cfg.scaling
     with autocast(w.device, sc.bf16):
-        scores = w.model(b.features, b.num_regions, b.tokens, b.lengths,
-                         block=sc.score_block, checkpoint=sc.checkpoint_blocks)  # fmt: skip
+        scores = w.model(
+            b.features,
+            b.num_regions,
+            b.tokens,
+            b.lengths,
+            block=sc.score_block,
+            checkpoint=sc.checkpoint_blocks,
+        )
         loss = w.loss_fn(scores, b.image_ids)
     if w.cfg.debug.nan_at_step == w.progress.step:
         loss = loss * float("nan")
@@ -147,8 +164,12 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
     """One pass over this worker's share; returns mean loss, examples/s and data-wait share."""
     cfg, epoch = w.cfg, w.progress.epoch
     rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
-    stream = ExampleStream(cfg.optim.batch_size, cfg.data.shuffle_buffer, cfg.data.max_words,
-                           seed=[cfg.seed, epoch, w.rank])  # fmt: skip
+    stream = ExampleStream(
+        cfg.optim.batch_size,
+        cfg.data.shuffle_buffer,
+        cfg.data.max_words,
+        seed=[cfg.seed, epoch, w.rank],
+    )
     batches = stream(rows)
     w.model.train()
     losses, examples, wait, t_start = [], 0, 0.0, time.perf_counter()
@@ -171,18 +192,28 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
             rate = (examples - ex_log) / (now - t_log)
             t_log, ex_log = now, examples
             recent = float(np.mean(losses[-cfg.tracking.log_every :]))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {len(losses)}/~{steps_hint} "
-                  f"loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker", flush=True)  # fmt: skip
-            w.logger.log({"train/loss": recent, "train/lr": lr,
-                          "train/examples_per_s": rate}, step=w.progress.step)  # fmt: skip
+            print(
+                f"epoch {epoch + 1}/{cfg.optim.epochs} step {len(losses)}/~{steps_hint} "
+                f"loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker",
+                flush=True,
+            )
+            w.logger.log(
+                {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate},
+                step=w.progress.step,
+            )
     for _ in batches:  # drain what is left, so that the next epoch starts clean
         pass
     if not losses:
-        raise JobError("this worker got no training batch: the train split is smaller than "
-                       "workers x batch size")  # fmt: skip
+        raise JobError(
+            "this worker got no training batch: the train split is smaller than "
+            "workers x batch size"
+        )
     seconds = time.perf_counter() - t_start
-    return {"train/epoch_loss": float(np.mean(losses)), "train/epoch_examples_per_s": examples / seconds,
-            "train/data_wait": wait / seconds}  # fmt: skip
+    return {
+        "train/epoch_loss": float(np.mean(losses)),
+        "train/epoch_examples_per_s": examples / seconds,
+        "train/data_wait": wait / seconds,
+    }
 
 
 class Validator:
@@ -199,9 +230,15 @@ class Validator:
 
     def __call__(self, w: Worker) -> dict[str, float]:
         d = self.data
-        sims = score_matrix(w.core, d.features[self.rows], d.num_regions[self.rows], d.tokens,
-                            w.device, block=w.cfg.scaling.score_block,
-                            bf16=w.cfg.scaling.bf16)  # fmt: skip
+        sims = score_matrix(
+            w.core,
+            d.features[self.rows],
+            d.num_regions[self.rows],
+            d.tokens,
+            w.device,
+            block=w.cfg.scaling.score_block,
+            bf16=w.cfg.scaling.bf16,
+        )
         if w.world > 1:
             parts: list = [None] * w.world
             dist.all_gather_object(parts, sims)
@@ -215,9 +252,17 @@ def report(w: Worker, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if w.rank == 0:
-            save_checkpoint(d, w.core, w.cfg, w.vocab, optimizer=w.optimizer.state_dict(),
-                            epoch=w.progress.epoch, step=w.progress.step,
-                            best_rsum=w.progress.best_rsum, metrics=metrics)  # fmt: skip
+            save_checkpoint(
+                d,
+                w.core,
+                w.cfg,
+                w.vocab,
+                optimizer=w.optimizer.state_dict(),
+                epoch=w.progress.epoch,
+                step=w.progress.step,
+                best_rsum=w.progress.best_rsum,
+                metrics=metrics,
+            )
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -238,9 +283,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         metrics = {"epoch": w.progress.epoch, "step": w.progress.step, **stats, **val}
         if w.rank == 0:
             w.logger.log({k: v for k, v in metrics.items() if "/" in k}, step=w.progress.epoch)
-            print(f"epoch {w.progress.epoch}/{w.cfg.optim.epochs}: loss "
-                  f"{stats['train/epoch_loss']:.4f}, dev rsum {val['val/rsum']:.1f} "
-                  f"(R@1 i2t {val['val/i2t_r1']:.1f}, t2i {val['val/t2i_r1']:.1f}), "
-                  f"{stats['train/epoch_examples_per_s']:.0f} examples/s per worker, data wait "
-                  f"{100 * stats['train/data_wait']:.0f}%", flush=True)  # fmt: skip
+            print(
+                f"epoch {w.progress.epoch}/{w.cfg.optim.epochs}: loss "
+                f"{stats['train/epoch_loss']:.4f}, dev rsum {val['val/rsum']:.1f} "
+                f"(R@1 i2t {val['val/i2t_r1']:.1f}, t2i {val['val/t2i_r1']:.1f}), "
+                f"{stats['train/epoch_examples_per_s']:.0f} examples/s per worker, data wait "
+                f"{100 * stats['train/data_wait']:.0f}%",
+                flush=True,
+            )
         report(w, metrics)
