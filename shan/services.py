@@ -142,7 +142,8 @@ def ray_env(state: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.absolute())}
 
 
-def start_ray(state: Path, num_cpus: int | None) -> dict[str, str]:
+def start_ray(state: Path, num_cpus: int | None, node_env: dict[str, str]) -> dict[str, str]:
+    """A head whose processes (and so submitted jobs) see ``node_env`` (S3, MLflow)."""
     env = ray_env(state)
     port, dash = free_port(), free_port()
     cmd = [
@@ -171,7 +172,7 @@ def start_ray(state: Path, num_cpus: int | None) -> dict[str, str]:
             check=True,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "PATH": path},
+            env={**os.environ, **node_env, **env, "PATH": path},
             timeout=180,
         )
     env["RAY_ADDRESS"] = f"{HOST}:{port}"
@@ -202,7 +203,7 @@ def up(
             env, svc.pids["mlflow"] = start_mlflow(st, s3_env)
             svc.env.update(env)
         if ray:
-            svc.env.update(start_ray(st, num_cpus))
+            svc.env.update(start_ray(st, num_cpus, dict(svc.env)))
             svc.pids["ray"] = -1  # stopped with `ray stop`
     except BaseException:
         svc.save()

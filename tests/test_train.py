@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
             services.env["RAY_DASHBOARD_ADDRESS"],
             "--working-dir",
             str(ROOT),
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}}),
             "--",
             "python",
             "jobs/train.py",
