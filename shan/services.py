@@ -159,8 +159,6 @@ def start_ray(state: Path, num_cpus: int | None, node_env: dict[str, str]) -> di
         "--dashboard-port",
         str(dash),
         "--disable-usage-stats",
-        "--num-gpus",
-        "0",
     ]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
