@@ -54,8 +54,14 @@ def main() -> None:
     def step(i: int) -> float:
         toks, lens = pad_tokens(random_tokens(lengths[i * b : (i + 1) * b], vocab_size, seed=i))
         with autocast(device, cfg.scaling.bf16):
-            scores = model(feats, counts, toks.to(device), lens.to(device),
-                           block=cfg.scaling.score_block, checkpoint=cfg.scaling.checkpoint_blocks)
+            scores = model(
+                feats,
+                counts,
+                toks.to(device),
+                lens.to(device),
+                block=cfg.scaling.score_block,
+                checkpoint=cfg.scaling.checkpoint_blocks,
+            )
             loss = loss_fn(scores, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,12 +78,16 @@ def main() -> None:
         loss = step(i)
     seconds = elapsed()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name}; config {cfg.name}: batch {b}, d {cfg.model.d}, d_a {cfg.model.d_a}, "
-          f"36 regions, caption lengths {source}, bf16 {cfg.scaling.bf16 and device.type == 'cuda'}"
-          f", score block {cfg.scaling.score_block or 'default'}, "
-          f"checkpointed blocks {cfg.scaling.checkpoint_blocks}")
-    print(f"training: {b * args.steps / seconds:.1f} examples/s ({args.steps} steps, "
-          f"{1000 * seconds / args.steps:.0f} ms/step), last loss {loss:.3f}")
+    print(
+        f"device {name}; config {cfg.name}: batch {b}, d {cfg.model.d}, d_a {cfg.model.d_a}, "
+        f"36 regions, caption lengths {source}, bf16 {cfg.scaling.bf16 and device.type == 'cuda'}"
+        f", score block {cfg.scaling.score_block or 'default'}, "
+        f"checkpointed blocks {cfg.scaling.checkpoint_blocks}"
+    )
+    print(
+        f"training: {b * args.steps / seconds:.1f} examples/s ({args.steps} steps, "
+        f"{1000 * seconds / args.steps:.0f} ms/step), last loss {loss:.3f}"
+    )
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

@@ -175,9 +175,9 @@ class SHAN(nn.Module):
         ni, k, _ = features.shape
         mask = region_mask(mask, ni, k, features.device)
         v = l2norm(self.img_fc(features))  # (Ni, k, d)
-        return self._image_terms(v, mask)
+        return self.image_terms(v, mask)
 
-    def _image_terms(self, v: Tensor, mask: Tensor) -> EncodedImages:
+    def image_terms(self, v: Tensor, mask: Tensor) -> EncodedImages:
         d = self.cfg.d
         vp = self.proj_v(v)  # (Ni, k, d)
         if self.cfg.affinity == "cosine":
@@ -205,9 +205,9 @@ class SHAN(nn.Module):
         out = out.view(nc, n, 2, self.cfg.d).mean(dim=2)  # (Nc, n, d): mean of both directions
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
         t = l2norm(out) * mask.unsqueeze(-1)  # (Nc, n, d), zero on padding
-        return self._caption_terms(t, mask)
+        return self.caption_terms(t, mask)
 
-    def _caption_terms(self, t: Tensor, mask: Tensor) -> EncodedCaptions:
+    def caption_terms(self, t: Tensor, mask: Tensor) -> EncodedCaptions:
         d = self.cfg.d
         tp = self.proj_t(t)  # (Nc, n, d)
         if self.cfg.affinity == "cosine":

@@ -1,0 +1,2 @@
+"""The evaluation job: model references, the tiled distributed similarity matrix, outputs,
+and scheduled promotion of registered models."""

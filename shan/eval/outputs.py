@@ -1,0 +1,178 @@
+"""What an evaluation writes: matrices, index, metrics, a recall table, a recall-at-K plot and
+attention pictures. ``metrics.json`` is written last, so its presence means complete."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shan.data import fs
+from shan.metrics import i2t_ranks, t2i_ranks
+from shan.model import SHAN
+from shan.vocab import Vocabulary
+
+SCORES = ("total", "l2l", "g2l", "g2g")
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a.astype(np.float32, copy=False))
+    return buf.getvalue()
+
+
+def recall_curves(sims: dict[str, np.ndarray], caption_image: np.ndarray, kmax: int = 50):
+    """{score: (i2t R@1..kmax, t2i R@1..kmax)} in percent."""
+    ks = np.arange(1, kmax + 1)
+    out = {}
+    for name, m in sims.items():
+        ri, rt = i2t_ranks(m, caption_image), t2i_ranks(m, caption_image)
+        out[name] = ([100 * (ri < k).mean() for k in ks], [100 * (rt < k).mean() for k in ks])
+    return out
+
+
+def plot_recall(curves: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    ks = np.arange(1, len(next(iter(curves.values()))[0]) + 1)
+    for ax, d, label in ((axes[0], 0, "image to text"), (axes[1], 1, "text to image")):
+        for name, c in curves.items():
+            ax.plot(ks, c[d], label=name, linewidth=2.2 if name == "total" else 1.2)
+        ax.set_xlabel("K")
+        ax.set_title(f"{label}: R@K")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recall (%)")
+    axes[1].legend()
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def word_region_attention(model: SHAN, features: np.ndarray, count: int, tokens: list[int]):
+    """beta of SPEC 3 for one pair: (real words, (regions, words) weights, each column sums
+    to 1): which regions each word attends to."""
+    model.eval()
+    f = torch.from_numpy(np.array(features[:count], dtype=np.float32))[None]
+    t = torch.tensor(tokens)[None]
+    im = model.encode_images(f)
+    cap = model.encode_captions(t, torch.tensor([len(tokens)]))
+    a = im.vp[0] @ cap.tp[0].T  # (k, n)
+    beta = torch.softmax(model.cfg.lambda_l2l * a, dim=0)
+    return beta.numpy()
+
+
+def plot_attention(words: list[str], beta: np.ndarray, boxes: np.ndarray | None, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    keep = [j for j, w in enumerate(words) if w not in ("<start>", "<end>")][:8]
+    if boxes is None:
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(keep), 5))
+        ax.imshow(beta[:, keep], aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(keep)), [words[j] for j in keep], rotation=45)
+        ax.set_ylabel("region")
+    else:
+        fig, axes = plt.subplots(1, len(keep), figsize=(2.6 * len(keep), 2.8), squeeze=False)
+        w, h = float(boxes[:, 2].max()), float(boxes[:, 3].max())
+        for ax, j in zip(axes[0], keep):
+            weights = beta[:, j] / max(beta[:, j].max(), 1e-9)
+            for (x1, y1, x2, y2), a in zip(boxes, weights):
+                ax.add_patch(
+                    Rectangle(
+                        (x1, y1),
+                        x2 - x1,
+                        y2 - y1,
+                        fill=True,
+                        alpha=0.7 * a,
+                        color="tab:red",
+                        linewidth=0,
+                    )
+                )
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, alpha=0.15))
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(words[j])
+    fig.suptitle(title, fontsize=9, y=1.06)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def attention_pictures(
+    model: SHAN,
+    vocab: Vocabulary,
+    data,
+    rows: np.ndarray,
+    sims: np.ndarray,
+    cap_rows: np.ndarray,
+    n: int = 3,
+) -> dict[str, bytes]:
+    """For the first ``n`` images ranked right (their best caption is a ground truth), which
+    regions each word of that caption attends to."""
+    out = {}
+    for i in range(min(len(rows), 50)):
+        gts = np.flatnonzero(cap_rows == i)
+        best = int(gts[np.argmax(sims[i, gts])])
+        if sims[i].argmax() not in gts:
+            continue
+        row = rows[i]
+        toks = data.tokens[best]
+        beta = word_region_attention(model, data.features[row], int(data.num_regions[row]), toks)
+        boxes = None if data.boxes is None else data.boxes[row][: int(data.num_regions[row])]
+        title = f"image {int(data.image_ids[row])}: {data.captions[best]}"
+        out[f"attention_{len(out)}.png"] = plot_attention(vocab.decode(toks), beta, boxes, title)
+        if len(out) == n:
+            break
+    return out
+
+
+def write_outputs(
+    out: str, sims: dict, index: dict, metrics: dict, extra: dict[str, bytes], recall_md: str
+) -> list[str]:
+    """Write every output, ``metrics.json`` last; returns the file names."""
+    names = []
+    existing = fs.join(out, "metrics.json")
+    if fs.exists(existing):
+        fs.delete_tree(existing)  # a rerun is incomplete until it is done
+    for k in SCORES:
+        fs.write_bytes(fs.join(out, f"sims_{k}.npy"), npy_bytes(sims[k]))
+        names.append(f"sims_{k}.npy")
+    files = {
+        "index.json": json.dumps(index).encode(),
+        "recall.md": recall_md.encode(),
+        **extra,
+    }
+    for name, data in files.items():
+        fs.write_bytes(fs.join(out, name), data)
+        names.append(name)
+    fs.write_bytes(existing, json.dumps(metrics, indent=2).encode())
+    return [*names, "metrics.json"]
+
+
+def local_copy(out: str, names: list[str], max_bytes: int) -> tuple[str, list[str]]:
+    """Files of ``out`` under ``max_bytes`` each, in a local folder (to log to MLflow)."""
+    d = tempfile.mkdtemp(prefix="shan-eval-")
+    kept = []
+    for name in names:
+        data = fs.read_bytes(fs.join(out, name))
+        if len(data) <= max_bytes:
+            Path(d, name).write_bytes(data)
+            kept.append(name)
+    return d, kept

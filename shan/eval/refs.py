@@ -1,0 +1,101 @@
+"""Model references: a checkpoint folder, an ``s3://`` URL, an MLflow run id, or a registered
+model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), resolved to a local folder."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from shan.checkpoint import MODEL_FILE
+from shan.data import fs
+from shan.errors import CheckpointError
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class ModelRef:
+    ref: str
+    path: str  # local checkpoint folder
+    train_run_id: str | None = None
+    model_name: str | None = None
+    version: str | None = None
+    tags: dict = field(default_factory=dict)
+
+
+def resolve(ref: str, uri: str | None = None) -> ModelRef:
+    """Download what ``ref`` names (if remote) and return its local checkpoint folder."""
+    if ref.startswith("models:/"):
+        return _registered(ref, uri)
+    if ref.startswith("s3://"):
+        return ModelRef(ref, _download_s3(ref))
+    if RUN_ID.match(ref) and not Path(ref).exists():
+        return ModelRef(ref, _download_run(ref, uri), train_run_id=ref)
+    if not Path(ref, MODEL_FILE).is_file():
+        raise CheckpointError(f"model {ref}: no checkpoint there (expected {ref}/{MODEL_FILE})")
+    return ModelRef(ref, str(Path(ref).absolute()))
+
+
+def _download_s3(url: str) -> str:
+    filesystem, root = fs.filesystem(url)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"model {url}: cannot list it ({e})") from e
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    if not files:
+        raise CheckpointError(f"model {url}: no checkpoint there")
+    dest = Path(tempfile.mkdtemp(prefix="shan-model-"))
+    for info in files:
+        target = dest / Path(info.path).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with filesystem.open_input_stream(info.path) as src:
+            target.write_bytes(src.read())
+    return str(dest)
+
+
+def _download_run(run_id: str, uri: str | None) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoint", tracking_uri=uri
+        )
+    except (MlflowException, OSError) as e:
+        raise CheckpointError(f"model {run_id}: no checkpoint in that MLflow run ({e})") from e
+
+
+def parse_registered(ref: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, ALIAS, None); ``models:/NAME/3`` -> (NAME, None, "3")."""
+    body = ref[len("models:/") :]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, alias, None
+    name, _, version = body.rpartition("/")
+    if not name or not version.isdigit():
+        raise CheckpointError(f"model {ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, None, version
+
+
+def _registered(ref: str, uri: str | None) -> ModelRef:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias, version = parse_registered(ref)
+    c = MlflowClient(tracking_uri=uri)
+    try:
+        mv = (
+            c.get_model_version_by_alias(name, alias)
+            if alias
+            else c.get_model_version(name, version)
+        )
+        path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=uri)
+    except (MlflowException, OSError) as e:
+        raise CheckpointError(f"model {ref}: not found in the registry ({e})") from e
+    return ModelRef(ref, path, mv.run_id, name, str(mv.version), dict(mv.tags or {}))
