@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from shan.checkpoint import MODEL_FILE, load_checkpoint, load_model
+from shan.data import fs
 from shan.data.format import load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import CheckpointError, JobError
@@ -138,7 +139,7 @@ def _matrices(models, data, split, out, opts, log) -> dict[str, np.ndarray]:
                 order,
                 fp,
             )
-            store = tiles.TileStore(f"{out.rstrip('/')}/tiles/model-{i}", plan)
+            store = tiles.TileStore(fs.join(out, "tiles", f"model-{i}"), plan)
             sims = tiles.compute(
                 pool,
                 plan,

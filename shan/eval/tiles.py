@@ -64,10 +64,11 @@ def fingerprint(*parts: bytes | str) -> str:
 
 
 class TileStore:
-    """``OUT/tiles/plan.json`` and one ``.npz`` per finished tile."""
+    """``ROOT/plan.json`` and one ``.npz`` per finished tile."""
 
-    def __init__(self, out: str, plan: Plan):
-        self.root, self.plan = fs.join(out, "tiles"), plan
+    def __init__(self, root: str, plan: Plan):
+        self.root, self.plan = root, plan
+        out = root
         plan_file = fs.join(self.root, "plan.json")
         if fs.exists(plan_file):
             old = json.loads(fs.read_bytes(plan_file))
@@ -192,6 +193,7 @@ class Pool:
     """Actors and their resources."""
 
     actors: list
+    refs: list  # the checkpoints in the object store, kept alive for actor restarts
     per_actor: int = 2  # tiles in flight per actor
 
 
@@ -211,7 +213,7 @@ def start_pool(
     )
     refs = [ray.put(files) for files in checkpoints]
     actors = [cls.remote(refs, threads, bf16, block) for _ in range(n)]
-    return Pool(actors)
+    return Pool(actors, refs)
 
 
 def compute(
