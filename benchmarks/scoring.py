@@ -11,6 +11,7 @@ next to a float32 matrix-multiply GFLOP/s measured in the same run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,20 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shan.config import ModelConfig
-from shan.model import SHAN
-from shan.reference import score_literal
-from shan.vocab import tokenize
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CAPS = Path(__file__).resolve().parents[2] / "shared/data/scan_precomp/f30k_test_caps.txt"
+from common import caption_lengths, sync  # noqa: E402
 
-
-def caption_lengths(n: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """Token counts (with <start> and <end>) drawn from real captions when they are at hand."""
-    if CAPS.is_file():
-        real = [len(tokenize(line)) + 2 for line in CAPS.read_text().splitlines() if line.strip()]
-        return rng.choice(real, size=n), f"drawn from {CAPS.name}"
-    return np.clip(rng.normal(14.5, 5.0, size=n).round(), 5, 80).astype(int), "normal(14.5, 5)"
+from shan.config import ModelConfig  # noqa: E402
+from shan.model import SHAN  # noqa: E402
+from shan.reference import score_literal  # noqa: E402
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, reps: int = 10) -> float:
@@ -44,11 +39,6 @@ def matmul_gflops(device: torch.device, size: int = 2048, reps: int = 10) -> flo
         a @ b
     sync(device)
     return 2 * size**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, reps: int = 1) -> tuple[float, object]:
@@ -75,12 +65,11 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     cfg = ModelConfig(d=args.d, d_a=args.d_a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SHAN(cfg, vocab_size=1000).to(device).eval()
-    lengths, source = caption_lengths(args.captions, rng)
+    lengths, source = caption_lengths(args.captions)
     n = int(lengths.max())
     k = args.regions
     features = torch.randn(args.images, k, cfg.feature_dim, device=device)
