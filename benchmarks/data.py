@@ -39,8 +39,9 @@ def caption_source() -> list[str]:
 def write_precomp(folder: Path, n: int, split: str = "train", chunk: int = 250) -> int:
     """Features written chunk by chunk through a memory map; returns their size in bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    ims = np.lib.format.open_memmap(folder / f"{split}_ims.npy", mode="w+", dtype=np.float32,
-                                    shape=(n, 36, 2048))  # fmt: skip
+    ims = np.lib.format.open_memmap(
+        folder / f"{split}_ims.npy", mode="w+", dtype=np.float32, shape=(n, 36, 2048)
+    )
     rng = np.random.default_rng(0)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -60,10 +61,18 @@ def convert_in_child(src: Path, dest: Path, extra: list[str]) -> tuple[float, fl
     """
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs/prepare_data.py"), "precomp", str(src), "--out",
-         str(dest), "--overwrite", *extra],
+        [
+            sys.executable,
+            str(ROOT / "jobs/prepare_data.py"),
+            "precomp",
+            str(src),
+            "--out",
+            str(dest),
+            "--overwrite",
+            *extra,
+        ],
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     peak_kb = 0
     while proc.poll() is None:
         try:
@@ -149,8 +158,15 @@ def main() -> None:
         print(f"reader: {rate:.0f} examples/s for one consumer (batch 128, 36 x 2048 float16)")
         if SHARED.is_dir():
             check_real_captions(work)
-        print(json.dumps({"converter_mb_s": nbytes / 1e6 / seconds, "peak_mb": peak,
-                          "reader_examples_s": rate}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "converter_mb_s": nbytes / 1e6 / seconds,
+                    "peak_mb": peak,
+                    "reader_examples_s": rate,
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

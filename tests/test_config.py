@@ -7,8 +7,11 @@ def test_defaults_follow_the_spec():
     c = Config()
     assert (c.model.d, c.model.d_a, c.model.lambda_l2l, c.model.mu) == (1024, 256, 9.0, 0.5)
     assert (c.loss.margin, c.optim.lr, c.optim.grad_clip, c.optim.batch_size) == (
-        0.2, 2e-4, 2.0, 128,
-    )  # fmt: skip
+        0.2,
+        2e-4,
+        2.0,
+        128,
+    )
 
 
 def test_overrides_are_typed_and_nested():

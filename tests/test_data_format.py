@@ -178,10 +178,17 @@ def test_cli_errors_exit_non_zero_with_one_line(tmp_path):
     src = make_precomp(tmp_path / "src")
     (src / "dev_caps.txt").unlink()
     r = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/prepare_data.py"), "precomp", str(src), "--out",
-         str(tmp_path / "out")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "jobs/prepare_data.py"),
+            "precomp",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: caption file")
     assert "Traceback" not in r.stderr
@@ -207,14 +214,20 @@ def test_example_stream_gives_each_caption_once():
     rows = []
     for b in range(3):
         n = 4
-        rows.append({
-            "image_id": np.arange(b * n, b * n + n),
-            "features": rng.normal(size=(n, 3, 2)).astype(np.float16),
-            "num_regions": np.full(n, 3),
-            "tokens": np.array(
-                [[np.array([1, 10 + i, 2]), np.array([1, 10 + i, 20 + i, 2])] for i in
-                 range(b * n, b * n + n)], dtype=object),
-        })  # fmt: skip
+        rows.append(
+            {
+                "image_id": np.arange(b * n, b * n + n),
+                "features": rng.normal(size=(n, 3, 2)).astype(np.float16),
+                "num_regions": np.full(n, 3),
+                "tokens": np.array(
+                    [
+                        [np.array([1, 10 + i, 2]), np.array([1, 10 + i, 20 + i, 2])]
+                        for i in range(b * n, b * n + n)
+                    ],
+                    dtype=object,
+                ),
+            }
+        )
     feats = np.concatenate([r["features"] for r in rows])
     stream = ExampleStream(batch_size=5, buffer=6, seed=1, drop_last=False)
     seen = []

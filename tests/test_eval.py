@@ -41,10 +41,17 @@ def make_checkpoint(root: str, folder: Path, steps: int, seed: int = 0) -> Path:
         model = SHAN(cfg.model, len(vocab))
     if steps:
         data = read_split(root, "train")
-        rows = [{"features": data.features, "num_regions": data.num_regions,
-                 "image_id": data.image_ids,
-                 "tokens": [[data.tokens[j] for j in np.flatnonzero(data.caption_image == i)]
-                            for i in range(len(data.image_ids))]}]  # fmt: skip
+        rows = [
+            {
+                "features": data.features,
+                "num_regions": data.num_regions,
+                "image_id": data.image_ids,
+                "tokens": [
+                    [data.tokens[j] for j in np.flatnonzero(data.caption_image == i)]
+                    for i in range(len(data.image_ids))
+                ],
+            }
+        ]
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         loss_fn, done = TripletLoss(cfg.loss), 0
         while done < steps:
@@ -121,14 +128,22 @@ def test_killing_an_actor_mid_run_gives_the_same_matrix(
 
     def kill_one(n_done: int) -> None:
         if n_done == 2 and not killed:
-            actors = [a for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
-                      if a.class_name == "TileScorer"]  # fmt: skip
+            actors = [
+                a
+                for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
+                if a.class_name == "TileScorer"
+            ]
             os.kill(actors[0].pid, signal.SIGKILL)
             killed.append(actors[0].pid)
 
     hit = tmp_path / "hit"
-    evaluate([str(checkpoints["good"])], synthetic_small, str(hit), opts(on_tile=kill_one),
-             log=lambda s: None)  # fmt: skip
+    evaluate(
+        [str(checkpoints["good"])],
+        synthetic_small,
+        str(hit),
+        opts(on_tile=kill_one),
+        log=lambda s: None,
+    )
     assert killed
     a, b = load_out(clean), load_out(hit)
     for k in SCORES:
@@ -138,11 +153,28 @@ def test_killing_an_actor_mid_run_gives_the_same_matrix(
 @pytest.mark.integration
 def test_killed_job_rerun_skips_finished_tiles(services, synthetic_small, checkpoints, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", str(checkpoints["good"]),
-           "--data", synthetic_small, "--out", str(out), "--tile-images", "16",
-           "--tile-captions", "64", "--actors", "2", "--cpus-per-actor", "0.5", "--no-mlflow"]  # fmt: skip
-    first = subprocess.run([*cmd, "--exit-after-tiles", "5"], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs/evaluate.py"),
+        "--model",
+        str(checkpoints["good"]),
+        "--data",
+        synthetic_small,
+        "--out",
+        str(out),
+        "--tile-images",
+        "16",
+        "--tile-captions",
+        "64",
+        "--actors",
+        "2",
+        "--cpus-per-actor",
+        "0.5",
+        "--no-mlflow",
+    ]
+    first = subprocess.run(
+        [*cmd, "--exit-after-tiles", "5"], capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 137, first.stderr[-2000:]
     assert not (out / "metrics.json").exists()
     assert len(list((out / "tiles" / "model-0").glob("tile-*.npz"))) >= 5
@@ -163,8 +195,9 @@ def test_ensemble_of_one_model_twice_equals_the_model(
     good = str(checkpoints["good"])
     evaluate([good], synthetic_small, str(tmp_path / "one"), opts(), log=lambda s: None)
     evaluate([good, good], synthetic_small, str(tmp_path / "two"), opts(), log=lambda s: None)
-    np.testing.assert_allclose(load_out(tmp_path / "one")["total"],
-                               load_out(tmp_path / "two")["total"], atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        load_out(tmp_path / "one")["total"], load_out(tmp_path / "two")["total"], atol=1e-6
+    )
 
 
 def test_bad_inputs_are_clear_errors_without_metrics(synthetic_small, checkpoints, tmp_path):
@@ -181,26 +214,49 @@ def test_bad_inputs_are_clear_errors_without_metrics(synthetic_small, checkpoint
     with pytest.raises(JobError, match="protocol coco-5k needs 5000 images"):
         evaluate([good], synthetic_small, str(out), opts(protocol="coco-5k"))
     other = tmp_path / "other"
-    generate_synthetic(str(other), images={"test": 10}, regions=6, feature_dim=16, concepts=40,
-                       seed=5, log=lambda s: None)  # fmt: skip
+    generate_synthetic(
+        str(other),
+        images={"test": 10},
+        regions=6,
+        feature_dim=16,
+        concepts=40,
+        seed=5,
+        log=lambda s: None,
+    )
     with pytest.raises(CheckpointError, match="vocabulary"):
         evaluate([good], str(other), str(out), opts())
     wide = tmp_path / "wide"
-    generate_synthetic(str(wide), images={"test": 10}, regions=6, feature_dim=24, concepts=30,
-                       log=lambda s: None)  # fmt: skip
+    generate_synthetic(
+        str(wide), images={"test": 10}, regions=6, feature_dim=24, concepts=30, log=lambda s: None
+    )
     with pytest.raises(CheckpointError, match="16-d features"):
         evaluate([good], str(wide), str(out), opts())
     assert not (out / "metrics.json").exists()
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", good, "--data",
-                        synthetic_small, "--protocol", "coco-2k", "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/evaluate.py"),
+            "--model",
+            good,
+            "--data",
+            synthetic_small,
+            "--protocol",
+            "coco-2k",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown")
     assert not (out / "metrics.json").exists()
 
 
 @pytest.mark.integration
-def test_scheduled_promotion_against_mlflow(services, ray_client, synthetic_small, checkpoints,
-                                            tmp_path):  # fmt: skip
+def test_scheduled_promotion_against_mlflow(
+    services, ray_client, synthetic_small, checkpoints, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from shan.train.driver import register_checkpoint
@@ -244,6 +300,8 @@ def test_scheduled_promotion_against_mlflow(services, ray_client, synthetic_smal
     again = promote(cand, "champion", run_eval, "dev", "plain", log=lambda s: None)
     assert again["decision"] == "skipped" and len(calls) == n_calls
     # the decision is recorded on the evaluation run
-    runs = c.search_runs([c.get_experiment_by_name("shan-eval").experiment_id],
-                         filter_string="tags.`shan.promotion` = 'kept'")  # fmt: skip
+    runs = c.search_runs(
+        [c.get_experiment_by_name("shan-eval").experiment_id],
+        filter_string="tags.`shan.promotion` = 'kept'",
+    )
     assert runs and runs[0].data.tags["shan.model_name"] == name
