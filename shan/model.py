@@ -355,6 +355,7 @@ def _gated_fusion(own: Tensor, attended: Tensor, gate_attended: Tensor, gate_own
     Without autograd the attended tensors (fresh per block) are overwritten, saving two
     allocations and memory passes per block.
     """
+    own = own.to(attended.dtype)  # under autocast the unit vectors stay float32
     if torch.is_grad_enabled():
         return torch.lerp(attended, own, torch.sigmoid(gate_attended + gate_own))
     return attended.lerp_(own, gate_attended.add_(gate_own).sigmoid_())
