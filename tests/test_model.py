@@ -114,3 +114,19 @@ def test_bad_inputs_are_named():
         model.encode_images(features, counts[:2])
     with pytest.raises(ValueError, match="lengths"):
         model.encode_captions(tokens, torch.zeros(4, dtype=torch.long))
+
+
+def test_bf16_autocast_scores_are_finite_and_close():
+    model = tiny_model().float()
+    features, counts, tokens, lengths = random_batch()
+    with torch.no_grad():
+        ref = model.score(*encode(model, features.float(), counts, tokens, lengths))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.score(*encode(model, features.float(), counts, tokens, lengths))
+    for key in KEYS:
+        assert torch.isfinite(low[key]).all()
+        assert (low[key].float() - ref[key]).abs().max() < 0.05
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(features.float(), counts, tokens, lengths)
+    out["total"].float().sum().backward()
