@@ -13,6 +13,7 @@ State (logs, the Ray token, the MLflow store, ``env.sh``, pids) lives in ``DIR``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -221,19 +222,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stop_ray(address: str) -> None:
+    """Stop this head's processes only (``ray stop`` would stop every Ray on the machine):
+    those whose command line names its GCS address or port; their workers follow them."""
+    import psutil
+
+    port = address.rsplit(":", 1)[-1]
+    marks = (address, f"--gcs_server_port={port}", f"--gcs-address={address}")
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if port and any(m in cmd for m in marks) and p.pid != os.getpid():
+            procs.append(p)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 def down(state: str = ".local") -> None:
     """Stop everything ``up`` started from ``state``."""
     svc = LocalServices.load(state)
     if svc is None:
         return
     if "ray" in svc.pids:
-        ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-        subprocess.run(
-            [ray_bin, "stop", "--force"],
-            capture_output=True,
-            timeout=120,
-            env={**os.environ, **{k: v for k, v in svc.env.items() if k.startswith("RAY_AUTH")}},
-        )
+        _stop_ray(svc.env.get("RAY_ADDRESS", ""))
     for name, pid in svc.pids.items():
         if name != "ray" and _alive(pid):
             try:

@@ -109,6 +109,7 @@ def restore(w: Worker) -> None:
     w.progress = Progress(payload["epoch"], payload["step"], payload.get("best_rsum", -math.inf))
     if w.rank == 0:
         print(f"resumed from the checkpoint of epoch {w.progress.epoch}, step {w.progress.step}")
+        w.logger.log({"train/resumed_at_epoch": w.progress.epoch}, step=w.progress.step)
 
 
 def all_ranks_have(w: Worker, have: bool) -> bool:
