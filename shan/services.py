@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -160,6 +161,12 @@ def start_ray(state: Path, num_cpus: int | None, node_env: dict[str, str]) -> di
         "--dashboard-port",
         str(dash),
         "--disable-usage-stats",
+        # free ports instead of Ray's fixed defaults, so that a second stack (or one still
+        # shutting down) never leaves this head without its job agent
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
     ]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
@@ -228,11 +235,16 @@ def _stop_ray(address: str) -> None:
     import psutil
 
     port = address.rsplit(":", 1)[-1]
-    marks = (address, f"--gcs_server_port={port}", f"--gcs-address={address}")
+    if not port.isdigit():
+        return
+    # Ray may name the node by its own IP rather than 127.0.0.1: match the GCS port
+    mark = re.compile(
+        rf"(--gcs[-_]address=\S*:{port}\b|--gcs_server_port={port}\b|--address=\S*:{port}\b)"
+    )
     procs = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if port and any(m in cmd for m in marks) and p.pid != os.getpid():
+        if mark.search(cmd) and p.pid != os.getpid():
             procs.append(p)
     for p in procs:
         with contextlib.suppress(psutil.Error):

@@ -101,9 +101,15 @@ def test_ray_up_config_passes_rays_validation():
 
 
 # -- the local stack, end to end ------------------------------------------------------------------
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the settings of other stacks (the test session's)."""
+    drop = ("RAY_", "MLFLOW_", "AWS_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)} | extra
+
+
 def run(cmd: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                       env={**os.environ, **env})  # fmt: skip
+                       env={**clean_env(), **env})  # fmt: skip
     assert r.returncode == 0, f"{cmd[:4]}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -159,16 +165,21 @@ def test_local_stack_train_from_s3_evaluate_promote_and_tear_down(tmp_path):
         from shan.data import fs
 
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-        assert fs.exists("s3://shan/e2e/eval/metrics.json")
+        assert fs.exists("s3://shan/e2e/eval/v1/metrics.json")  # --promote: one folder a version
         assert fs.exists("s3://shan/e2e/runs/e2e")  # Ray Train checkpoints went to S3
         _no_secrets_in_mlflow(c, env, tmp_path)
     finally:
         subprocess.run([local, "down", "--state", str(state)], timeout=180,
-                       env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+                       env=clean_env(PYTHON=sys.executable))  # fmt: skip
     time.sleep(2)
     gcs = env.get("RAY_ADDRESS", "unset")
-    left = [p.pid for p in psutil.process_iter(["cmdline"])
-            if gcs in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    port = gcs.rsplit(":", 1)[-1]
+    left = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if f"-address={env.get('RAY_ADDRESS')}" in " ".join(p.info["cmdline"] or [])
+        or re.search(rf"--gcs[-_]address=\S*:{port}\b", " ".join(p.info["cmdline"] or []))
+    ]
     assert not left, f"processes of the local stack are still running: {left}"
     for name in ("s3", "mlflow"):
         assert not psutil.pid_exists(services["pids"][name])
