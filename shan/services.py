@@ -137,6 +137,11 @@ def start_mlflow(state: Path, s3_env: dict[str, str] | None) -> tuple[dict[str, 
 
 
 def ray_env(state: Path) -> dict[str, str]:
+    """Token authentication, with the token of ``RAY_AUTH_TOKEN_PATH`` when that file exists
+    (so that a process that already uses it can talk to this head), else a new one."""
+    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if given and Path(given).is_file():
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": given}
     token = state / "ray_auth_token"
     if not token.is_file():
         token.write_text(secrets.token_hex(32))

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Ray reads its authentication settings once per process, at first use: set them before any
+# test imports Ray, with a token file of this session that the session's head will use too.
+_TOKEN_DIR = tempfile.mkdtemp(prefix="shan-tests-")
+_TOKEN = Path(_TOKEN_DIR, "ray_auth_token")
+_TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,8 @@ def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_
 def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_small, tmp_path):
     name = "tiny-kill"
     marker = tmp_path / "killed"
-    # 240 images x 5 captions / (2 workers x 16) = 37 steps per epoch: step 45 is in epoch 2
+    # 240 images x 5 captions / (2 workers x 16) = 37 steps per epoch: step 70 is late in
+    # epoch 2, well after epoch 1's checkpoint was reported
     r = train(
         "--config",
         TINY,
@@ -98,7 +99,7 @@ def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_sm
         "--name",
         name,
         f"tracking.storage_path={tmp_path}",
-        "debug.kill_worker_at_step=45",
+        "debug.kill_worker_at_step=70",
         f"debug.kill_marker={marker}",
     )
     check(r)
