@@ -92,7 +92,7 @@ def reader_throughput(root: Path, batch_size: int = 128) -> float:
 
     from shan.data.reader import ExampleStream, open_split
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ds = open_split(str(root), "train")
         stream = ExampleStream(batch_size=batch_size, buffer=1024, seed=0)

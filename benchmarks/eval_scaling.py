@@ -69,7 +69,7 @@ def main() -> None:
     import ray
 
     cpus = 2
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="shan-bench-ckpt-"))
     try:
         cfg, vocab = Config(), Vocabulary([f"w{i}" for i in range(8476)])

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -260,6 +261,16 @@ def _stop_ray(address: str) -> None:
             p.kill()
 
 
+def _forget_cluster(address: str) -> None:
+    """Remove Ray's record of this head (what `ray stop` would), so that a later
+    ``ray.init()`` does not try to join a cluster that is gone."""
+    port = address.rsplit(":", 1)[-1]
+    record = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    with contextlib.suppress(OSError):
+        if port and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
+
+
 def down(state: str = ".local") -> None:
     """Stop everything ``up`` started from ``state``."""
     svc = LocalServices.load(state)
@@ -267,6 +278,7 @@ def down(state: str = ".local") -> None:
         return
     if "ray" in svc.pids:
         _stop_ray(svc.env.get("RAY_ADDRESS", ""))
+        _forget_cluster(svc.env.get("RAY_ADDRESS", ""))
     for name, pid in svc.pids.items():
         if name != "ray" and _alive(pid):
             try:

@@ -219,3 +219,27 @@ def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):
         assert r.returncode == 2, (args, r.stderr[-2000:])
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, (args, last)
+
+
+@pytest.mark.integration
+def test_a_stale_cluster_record_does_not_capture_a_local_run(tmp_path):
+    """`ray start` leaves /tmp/ray/ray_current_cluster behind; a job without RAY_ADDRESS must
+    still start its own local instance instead of waiting for that cluster forever."""
+    import tempfile
+
+    record = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    saved = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    code = ("from shan.train.driver import init_ray; r = init_ray(lambda s: None); "
+            "print('CPUS', r.cluster_resources()['CPU']); r.shutdown()")  # fmt: skip
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT, env=env)  # fmt: skip
+    finally:
+        if saved is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(saved)
+    assert r.returncode == 0 and "CPUS" in r.stdout, r.stderr[-2000:]

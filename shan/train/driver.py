@@ -70,7 +70,8 @@ def init_ray(log=print):
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         log(f"Ray: connecting to {address}" if address else "Ray: starting a local instance")
-        ray.init(address=address or None, log_to_driver=True)
+        # "local": always a new instance, never a stale cluster that `ray start` left recorded
+        ray.init(address=address or "local", log_to_driver=True)
     return ray
 
 
