@@ -44,3 +44,8 @@ def timer(device: torch.device):
         return time.perf_counter() - t0
 
     return elapsed
+
+
+def hms(seconds: float) -> str:
+    """Minutes, or hours past one hour."""
+    return f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"

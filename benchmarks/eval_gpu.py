@@ -21,15 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import caption_lengths, random_tokens, timer  # noqa: E402
+from common import caption_lengths, hms, random_tokens, timer  # noqa: E402
 
 from shan.config import ModelConfig  # noqa: E402
 from shan.evaluation import score_matrix  # noqa: E402
 from shan.model import SHAN  # noqa: E402
-
-
-def hms(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"
 
 
 def main() -> None:

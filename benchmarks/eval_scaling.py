@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import caption_lengths, random_tokens  # noqa: E402
+from common import caption_lengths, hms, random_tokens  # noqa: E402
 
 from shan.checkpoint import save_checkpoint  # noqa: E402
 from shan.config import Config  # noqa: E402
@@ -53,10 +53,6 @@ def measure(ckpt: Path, feats, counts, tokens, n_actors: int, cpus: int, tile: t
         for a in pool.actors:
             ray.kill(a)
         shutil.rmtree(out, ignore_errors=True)
-
-
-def hms(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -63,13 +62,3 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: weights do not match its config ({e})") from e
     return model.to(device).eval(), cfg, vocab, payload
-
-
-def summary(folder: str | Path) -> dict:
-    payload, cfg, vocab = load_checkpoint(folder)
-    keys = ("epoch", "step", "metrics")
-    return {"config": cfg.name, "vocab": len(vocab), **{k: payload.get(k) for k in keys}}
-
-
-def dumps_metrics(metrics: dict) -> str:
-    return json.dumps(metrics, indent=2, sort_keys=True)

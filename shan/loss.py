@@ -7,7 +7,6 @@ same image id are positives of each other, never negatives.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from shan.config import LossConfig
@@ -57,8 +56,3 @@ class TripletLoss:
             for step in ("l2l", "g2l", "g2g"):
                 loss = loss + triplet_loss(scores[step], image_ids, c.margin, c.negatives)
         return loss
-
-
-def in_batch_image_ids(n: int, device: torch.device | None = None) -> Tensor:
-    """Image ids for a batch whose examples all have different images: 0..n-1."""
-    return torch.arange(n, device=device)

@@ -271,6 +271,14 @@ def _forget_cluster(address: str) -> None:
             record.unlink()
 
 
+def _signal_groups(pids: list[int], sig: int) -> None:
+    """Send ``sig`` to the process group of each live pid (each server runs in its own)."""
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, sig)
+
+
 def down(state: str = ".local") -> None:
     """Stop everything ``up`` started from ``state``."""
     svc = LocalServices.load(state)
@@ -279,21 +287,12 @@ def down(state: str = ".local") -> None:
     if "ray" in svc.pids:
         _stop_ray(svc.env.get("RAY_ADDRESS", ""))
         _forget_cluster(svc.env.get("RAY_ADDRESS", ""))
-    for name, pid in svc.pids.items():
-        if name != "ray" and _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except OSError:
-                pass
+    others = [pid for name, pid in svc.pids.items() if name != "ray"]
+    _signal_groups(others, signal.SIGTERM)
     deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(p) for n, p in svc.pids.items() if n != "ray"):
+    while time.time() < deadline and any(_alive(p) for p in others):
         time.sleep(0.2)
-    for name, pid in svc.pids.items():
-        if name != "ray" and _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    _signal_groups(others, signal.SIGKILL)
     Path(state, "services.json").unlink(missing_ok=True)
 
 
