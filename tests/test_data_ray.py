@@ -12,6 +12,8 @@ from shan.data.validate import validate
 from tests.test_data_format import make_precomp, quiet
 
 pytestmark = pytest.mark.integration
+SMALL = dict(images={"train": 40, "dev": 10}, regions=5, feature_dim=8, concepts=10,
+             rows_per_file=15, log=quiet)  # fmt: skip
 
 
 def stream_all(root, split, batch_size=7):
@@ -41,27 +43,11 @@ def test_precomp_to_ray_data_every_caption_once(tmp_path, ray_client):
 
 def test_s3_round_trip(s3_root, ray_client, tmp_path):
     root = f"{s3_root}/synthetic"
-    generate_synthetic(
-        root,
-        images={"train": 40, "dev": 10},
-        regions=5,
-        feature_dim=8,
-        concepts=10,
-        rows_per_file=15,
-        log=quiet,
-    )
+    generate_synthetic(root, **SMALL)
     summary = validate(root)
     assert summary["splits"]["train"]["images"] == 40
     local = tmp_path / "local"
-    generate_synthetic(
-        str(local),
-        images={"train": 40, "dev": 10},
-        regions=5,
-        feature_dim=8,
-        concepts=10,
-        rows_per_file=15,
-        log=quiet,
-    )
+    generate_synthetic(str(local), **SMALL)
     a, b = read_split(root, "dev"), read_split(str(local), "dev")
     assert a.captions == b.captions
     np.testing.assert_array_equal(a.features, b.features)

@@ -29,6 +29,12 @@ def train(*args: str, env: dict | None = None, timeout: int = 420) -> subprocess
     )
 
 
+def run_tiny(name: str, data: str, storage, *extra: str) -> subprocess.CompletedProcess:
+    """The tiny config on ``data`` as run ``name``, Ray Train storage under ``storage``."""
+    return train("--config", TINY, "--data", data, "--name", name,
+                 f"tracking.storage_path={storage}", *extra)  # fmt: skip
+
+
 def mlflow_runs(name: str):
     from mlflow.tracking import MlflowClient
 
@@ -59,14 +65,10 @@ def test_small_cpu_machines_get_fractional_cpus():
 @pytest.mark.integration
 def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_path):
     name = "tiny-basic"
-    r = train(
-        "--config",
-        TINY,
-        "--data",
-        synthetic_small,
-        "--name",
+    r = run_tiny(
         name,
-        f"tracking.storage_path={tmp_path}",
+        synthetic_small,
+        tmp_path,
     )
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
@@ -91,14 +93,10 @@ def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_sm
     marker = tmp_path / "killed"
     # 240 images x 5 captions / (2 workers x 16) = 37 steps per epoch: step 70 is late in
     # epoch 2, well after epoch 1's checkpoint was reported
-    r = train(
-        "--config",
-        TINY,
-        "--data",
-        synthetic_small,
-        "--name",
+    r = run_tiny(
         name,
-        f"tracking.storage_path={tmp_path}",
+        synthetic_small,
+        tmp_path,
         "debug.kill_worker_at_step=70",
         f"debug.kill_marker={marker}",
     )
@@ -189,14 +187,10 @@ def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
 @pytest.mark.integration
 def test_non_finite_loss_fails_the_run(services, synthetic_small, tmp_path):
     name = "tiny-nan"
-    r = train(
-        "--config",
-        TINY,
-        "--data",
-        synthetic_small,
-        "--name",
+    r = run_tiny(
         name,
-        f"tracking.storage_path={tmp_path}",
+        synthetic_small,
+        tmp_path,
         "debug.nan_at_step=3",
         "tracking.max_failures=0",
     )
