@@ -33,6 +33,22 @@ HOST = "127.0.0.1"
 S3_KEY, S3_SECRET = "shan-local-key", "shan-local-secret"  # moto accepts any credentials
 BUCKET = "shan"
 
+# Ray replaces a node IP of 127.0.0.1 with the machine's routable address and then binds its
+# GCS, raylet, object manager and agents to that address or to every interface. Its switch for
+# single-node clusters (the default on macOS and Windows) keeps 127.0.0.1 as the node IP and
+# binds everything to it; no other node can join such a head, which a one-machine stack never
+# needs. It must be in the environment before a process imports Ray.
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def keep_ray_on_loopback() -> None:
+    """Make a Ray instance that this process starts later listen on 127.0.0.1 only.
+
+    No effect on a process that has already imported Ray (its instance then listens where Ray's
+    defaults say) or that connects to an existing cluster."""
+    for k, v in RAY_LOOPBACK.items():
+        os.environ.setdefault(k, v)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -139,15 +155,17 @@ def start_mlflow(state: Path, s3_env: dict[str, str] | None) -> tuple[dict[str, 
 
 def ray_env(state: Path) -> dict[str, str]:
     """Token authentication, with the token of ``RAY_AUTH_TOKEN_PATH`` when that file exists
-    (so that a process that already uses it can talk to this head), else a new one."""
+    (so that a process that already uses it can talk to this head), else a new one; and Ray on
+    127.0.0.1 only (``RAY_LOOPBACK``, exported too, so that a driver started from the shell
+    takes the node's 127.0.0.1 address as its own)."""
     given = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if given and Path(given).is_file():
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": given}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": given, **RAY_LOOPBACK}
     token = state / "ray_auth_token"
     if not token.is_file():
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.absolute())}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.absolute()), **RAY_LOOPBACK}
 
 
 def start_ray(state: Path, num_cpus: int | None, node_env: dict[str, str]) -> dict[str, str]:

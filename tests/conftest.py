@@ -22,6 +22,10 @@ _TOKEN = Path(_TOKEN_DIR, "ray_auth_token")
 _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
+# and Ray on 127.0.0.1 only, as the local stack and local runs have it (shan.services)
+from shan.services import keep_ray_on_loopback  # noqa: E402
+
+keep_ray_on_loopback()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ the `ray up` config passes Ray's validation, and the local stack runs the whole 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -120,14 +121,44 @@ def read_env(state: Path) -> dict[str, str]:
     return dict(pairs)
 
 
-def listening(pids: set[int]) -> list[str]:
+def stack_pids(services: dict, env: dict) -> set[int]:
+    """Every live process of a local stack: S3, MLflow, the Ray head's processes (found by its
+    GCS port), and all their descendants (Ray's workers and agents, the servers' workers)."""
     import psutil
 
-    out = []
+    port = env["RAY_ADDRESS"].rsplit(":", 1)[-1]
+    mark = re.compile(rf"(--gcs[-_]address=\S*:{port}\b|--gcs_server_port={port}\b)")
+    roots = {services["pids"]["s3"], services["pids"]["mlflow"]}
+    roots |= {p.pid for p in psutil.process_iter(["cmdline"])
+              if mark.search(" ".join(p.info["cmdline"] or []))}  # fmt: skip
+    pids = set(roots)
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):
+            pids |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    return pids
+
+
+def listening(pids: set[int]) -> dict[str, list[str]]:
+    """Listening sockets of ``pids``: address -> ["process:port", ...]."""
+    import psutil
+
+    out: dict[str, list[str]] = {}
     for c in psutil.net_connections(kind="inet"):
         if c.status == psutil.CONN_LISTEN and c.pid in pids:
-            out.append(c.laddr.ip)
+            with contextlib.suppress(psutil.Error):
+                name = psutil.Process(c.pid).name()
+                out.setdefault(c.laddr.ip, []).append(f"{name}:{c.laddr.port}")
     return out
+
+
+def assert_loopback_only(pids: set[int]) -> None:
+    addrs = listening(pids)
+    assert addrs, "no listening socket found: the check looks at the wrong processes"
+    beyond = {a: who for a, who in addrs.items() if a not in LOOPBACK}
+    assert not beyond, f"listening beyond 127.0.0.1: {beyond}"
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 
 @pytest.mark.integration
@@ -141,11 +172,10 @@ def test_local_stack_train_from_s3_evaluate_promote_and_tear_down(tmp_path):
     env = read_env(state)
     services = json.loads((state / "services.json").read_text())
     try:
-        # only loopback for the servers this stack runs: S3, MLflow, and Ray's dashboard
-        own = {services["pids"]["s3"], services["pids"]["mlflow"]}
-        own |= {c.pid for p in own for c in psutil.Process(p).children(recursive=True)}
-        addrs = listening(own)
-        assert addrs and set(addrs) <= {"127.0.0.1"}, addrs
+        # S3, MLflow, and every Ray process (GCS, raylet, dashboard, agents, workers)
+        before = stack_pids(services, env)
+        assert len(before) >= 6, before
+        assert_loopback_only(before)
         assert env["RAY_DASHBOARD_ADDRESS"].startswith("http://127.0.0.1:")
         data = "s3://shan/e2e/data"
         run([sys.executable, "jobs/prepare_data.py", "synthetic", "--out", data, "--train", "160",
@@ -168,6 +198,7 @@ def test_local_stack_train_from_s3_evaluate_promote_and_tear_down(tmp_path):
         assert fs.exists("s3://shan/e2e/eval/v1/metrics.json")  # --promote: one folder a version
         assert fs.exists("s3://shan/e2e/runs/e2e")  # Ray Train checkpoints went to S3
         _no_secrets_in_mlflow(c, env, tmp_path)
+        assert_loopback_only(stack_pids(services, env))  # and the workers the jobs started
     finally:
         subprocess.run([local, "down", "--state", str(state)], timeout=180,
                        env=clean_env(PYTHON=sys.executable))  # fmt: skip

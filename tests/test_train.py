@@ -216,18 +216,23 @@ def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):
 
 
 @pytest.mark.integration
-def test_a_stale_cluster_record_does_not_capture_a_local_run(tmp_path):
+def test_a_local_run_starts_its_own_instance_on_loopback(tmp_path):
     """`ray start` leaves /tmp/ray/ray_current_cluster behind; a job without RAY_ADDRESS must
-    still start its own local instance instead of waiting for that cluster forever."""
+    still start its own local instance instead of waiting for that cluster forever, and that
+    instance listens on 127.0.0.1 only (no setting of the caller's needed for that)."""
     import tempfile
 
     record = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
     saved = record.read_text() if record.exists() else None
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    code = ("from shan.train.driver import init_ray; r = init_ray(lambda s: None); "
-            "print('CPUS', r.cluster_resources()['CPU']); r.shutdown()")  # fmt: skip
+    drop = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    code = ("import psutil; from shan.train.driver import init_ray; r = init_ray(lambda s: None); "
+            "print('CPUS', r.cluster_resources()['CPU']); "
+            "own = {p.pid for p in psutil.Process().children(recursive=True)}; "
+            "print('LISTEN', sorted({c.laddr.ip for c in psutil.net_connections('inet') "
+            "if c.status == 'LISTEN' and c.pid in own})); r.shutdown()")  # fmt: skip
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=120, cwd=ROOT, env=env)  # fmt: skip
@@ -237,3 +242,5 @@ def test_a_stale_cluster_record_does_not_capture_a_local_run(tmp_path):
         else:
             record.write_text(saved)
     assert r.returncode == 0 and "CPUS" in r.stdout, r.stderr[-2000:]
+    listen = eval(r.stdout.split("LISTEN", 1)[1].strip().splitlines()[0])
+    assert listen and set(listen) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listen

@@ -64,7 +64,12 @@ def check_data(cfg: Config, root: str):
 
 
 def init_ray(log=print):
-    """Connect to ``RAY_ADDRESS`` (a cluster, or a submitted job) or start a local instance."""
+    """Connect to ``RAY_ADDRESS`` (a cluster, or a submitted job) or start a local instance
+    that listens on 127.0.0.1 only."""
+    if not os.environ.get("RAY_ADDRESS"):
+        from shan.services import keep_ray_on_loopback
+
+        keep_ray_on_loopback()
     import ray
 
     if not ray.is_initialized():
