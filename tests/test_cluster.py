@@ -92,6 +92,72 @@ def test_cronjob_never_runs_two_at_once_and_reads_secrets():
     assert "secretKeyRef" in token["valueFrom"]
 
 
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of cluster/Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (CLUSTER / "Dockerfile").read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+
+
+def test_image_matches_the_manifests_and_the_pins():
+    """The image the manifests run holds the pinned Ray, the project where they look for it,
+    and installs with files and extras that exist."""
+    assert (CLUSTER / "Dockerfile").read_text().startswith("#")
+    steps = dockerfile()
+    assert steps[0][0] == "FROM"
+    ray_pin = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert steps[0][1].startswith(f"rayproject/ray:{ray_pin}-"), steps[0]
+    (cluster,) = documents(CLUSTER / "k8s" / "raycluster.yaml")
+    assert cluster["spec"]["rayVersion"] == ray_pin
+    workdir = next(a for i, a in steps if i == "WORKDIR")
+    usage = (CLUSTER / "Dockerfile").read_text().split("-t ", 1)[1].split()[0]
+    containers = [c for path in CLUSTER.rglob("k8s/*.yaml") for doc in documents(path)
+                  for c in _containers(doc)]  # fmt: skip
+    assert containers and all(c["image"] == usage for c in containers)
+    assert all(c.get("workingDir", workdir) == workdir for c in containers)
+    for src in [w for i, a in steps if i == "COPY" for w in a.split()[:-1] if "--" not in w]:
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+    install = next(a for i, a in steps if i == "RUN" and "pip install" in a)
+    optional = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1]
+    for name in re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(","):
+        assert re.search(rf"^{name} = \[", optional.split("\n[")[0], re.M), f"no extra [{name}]"
+    assert "-c constraints.txt" in install
+
+
+def _containers(node):
+    """Every container spec (a dict with an image) anywhere in a manifest."""
+    if isinstance(node, dict):
+        if "image" in node and "name" in node:
+            yield node
+        for v in node.values():
+            yield from _containers(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _containers(v)
+
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY|_URI$|_URL$")
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.rglob("k8s/*.yaml")), ids=lambda p: p.name)
+def test_manifests_take_secrets_and_addresses_from_kubernetes_secrets(path):
+    """No token, key, password or service address is written in a manifest: each such variable
+    comes from a Secret (secretKeyRef, or envFrom a secretRef); every container that talks to
+    Ray has the token that way."""
+    for doc in documents(path):
+        for c in _containers(doc):
+            env = c.get("env", [])
+            literal = [e["name"] for e in env if "value" in e and SECRET_NAME.search(e["name"])]
+            assert not literal, f"{path.name}/{c['name']}: written in the file: {literal}"
+            from_secret = {e["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+            if "RAY_AUTH_MODE" in {e["name"] for e in env}:
+                assert "RAY_AUTH_TOKEN" in from_secret, f"{path.name}/{c['name']}"
+            for ref in c.get("envFrom", []):
+                assert "secretRef" in ref, f"{path.name}/{c['name']}: envFrom {ref}"
+    text = path.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}|[0-9a-f]{40,}", text), f"{path.name}: a key?"
+
+
 def test_ray_up_config_passes_rays_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
