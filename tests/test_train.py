@@ -72,6 +72,10 @@ def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_
     )
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
+    out = (r.stdout + r.stderr).splitlines()
+    for epoch in (1, 2):  # each worker line reaches the driver once
+        said = [ln for ln in out if f"epoch {epoch}/2: loss" in ln]
+        assert len(said) == 1, said
     c, runs = mlflow_runs(name)
     assert len(runs) == 1
     run = runs[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 import warnings
@@ -25,6 +26,13 @@ from shan.loss import TripletLoss
 from shan.model import SHAN
 from shan.train.tracking import MetricLogger
 from shan.vocab import Vocabulary
+
+
+def say(line: str) -> None:
+    """One line to the driver's output. Ray Train replaces ``print`` in its workers with a
+    version that both prints and logs, so each printed line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 @dataclass
@@ -108,7 +116,7 @@ def restore(w: Worker) -> None:
     w.optimizer.load_state_dict(payload["optimizer"])
     w.progress = Progress(payload["epoch"], payload["step"], payload.get("best_rsum", -math.inf))
     if w.rank == 0:
-        print(f"resumed from the checkpoint of epoch {w.progress.epoch}, step {w.progress.step}")
+        say(f"resumed from the checkpoint of epoch {w.progress.epoch}, step {w.progress.step}")
         w.logger.log({"train/resumed_at_epoch": w.progress.epoch}, step=w.progress.step)
 
 
@@ -130,7 +138,7 @@ def maybe_inject_failure(w: Worker) -> None:
     if marker.exists():
         return
     marker.write_text(f"killed rank {w.rank} at step {w.progress.step}\n")
-    print(f"debug: killing rank {w.rank} (pid {os.getpid()}) at step {w.progress.step}", flush=True)
+    say(f"debug: killing rank {w.rank} (pid {os.getpid()}) at step {w.progress.step}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -193,10 +201,9 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
             rate = (examples - ex_log) / (now - t_log)
             t_log, ex_log = now, examples
             recent = float(np.mean(losses[-cfg.tracking.log_every :]))
-            print(
+            say(
                 f"epoch {epoch + 1}/{cfg.optim.epochs} step {len(losses)}/~{steps_hint} "
-                f"loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker",
-                flush=True,
+                f"loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker"
             )
             w.logger.log(
                 {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate},
@@ -284,12 +291,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         metrics = {"epoch": w.progress.epoch, "step": w.progress.step, **stats, **val}
         if w.rank == 0:
             w.logger.log({k: v for k, v in metrics.items() if "/" in k}, step=w.progress.epoch)
-            print(
+            say(
                 f"epoch {w.progress.epoch}/{w.cfg.optim.epochs}: loss "
                 f"{stats['train/epoch_loss']:.4f}, dev rsum {val['val/rsum']:.1f} "
                 f"(R@1 i2t {val['val/i2t_r1']:.1f}, t2i {val['val/t2i_r1']:.1f}), "
                 f"{stats['train/epoch_examples_per_s']:.0f} examples/s per worker, data wait "
-                f"{100 * stats['train/data_wait']:.0f}%",
-                flush=True,
+                f"{100 * stats['train/data_wait']:.0f}%"
             )
         report(w, metrics)
