@@ -30,8 +30,9 @@ def save_checkpoint(
     return folder
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
-    """(payload of model.pt, config, vocabulary); CheckpointError names what is wrong."""
+def load_description(folder: str | Path) -> tuple[Config, Vocabulary]:
+    """(config, vocabulary) of a checkpoint, without loading its weights; CheckpointError names
+    what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist")
@@ -42,7 +43,13 @@ def load_checkpoint(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
         cfg = config_from_dict(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     except (ConfigError, yaml.YAMLError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from e
-    vocab = Vocabulary.load(folder / VOCAB_FILE)
+    return cfg, Vocabulary.load(folder / VOCAB_FILE)
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
+    """(payload of model.pt, config, vocabulary); CheckpointError names what is wrong."""
+    folder = Path(folder)
+    cfg, vocab = load_description(folder)
     try:
         payload = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file

@@ -158,14 +158,14 @@ def ray_env(state: Path) -> dict[str, str]:
     (so that a process that already uses it can talk to this head), else a new one; and Ray on
     127.0.0.1 only (``RAY_LOOPBACK``, exported too, so that a driver started from the shell
     takes the node's 127.0.0.1 address as its own)."""
-    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if given and Path(given).is_file():
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": given, **RAY_LOOPBACK}
-    token = state / "ray_auth_token"
-    if not token.is_file():
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.absolute()), **RAY_LOOPBACK}
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not (token and Path(token).is_file()):
+        new = state / "ray_auth_token"
+        if not new.is_file():
+            new.write_text(secrets.token_hex(32))
+            new.chmod(0o600)
+        token = str(new.absolute())
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token, **RAY_LOOPBACK}
 
 
 def start_ray(state: Path, num_cpus: int | None, node_env: dict[str, str]) -> dict[str, str]:
@@ -253,23 +253,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stop_ray(address: str) -> None:
-    """Stop this head's processes only (``ray stop`` would stop every Ray on the machine):
-    those whose command line names its GCS address or port; their workers follow them."""
+def ray_processes(address: str) -> list:
+    """The processes of the head at ``address`` (psutil): those whose command line names its GCS
+    port (Ray may name the node by another IP than 127.0.0.1); not their workers."""
     import psutil
 
     port = address.rsplit(":", 1)[-1]
     if not port.isdigit():
-        return
-    # Ray may name the node by its own IP rather than 127.0.0.1: match the GCS port
+        return []
     mark = re.compile(
         rf"(--gcs[-_]address=\S*:{port}\b|--gcs_server_port={port}\b|--address=\S*:{port}\b)"
     )
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if mark.search(cmd) and p.pid != os.getpid():
-            procs.append(p)
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if mark.search(" ".join(p.info["cmdline"] or [])) and p.pid != os.getpid()
+    ]
+
+
+def _stop_ray(address: str) -> None:
+    """Stop this head's processes only (``ray stop`` would stop every Ray on the machine);
+    their workers follow them."""
+    import psutil
+
+    procs = ray_processes(address)
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()

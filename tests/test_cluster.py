@@ -192,11 +192,10 @@ def stack_pids(services: dict, env: dict) -> set[int]:
     GCS port), and all their descendants (Ray's workers and agents, the servers' workers)."""
     import psutil
 
-    port = env["RAY_ADDRESS"].rsplit(":", 1)[-1]
-    mark = re.compile(rf"(--gcs[-_]address=\S*:{port}\b|--gcs_server_port={port}\b)")
+    from shan.services import ray_processes
+
     roots = {services["pids"]["s3"], services["pids"]["mlflow"]}
-    roots |= {p.pid for p in psutil.process_iter(["cmdline"])
-              if mark.search(" ".join(p.info["cmdline"] or []))}  # fmt: skip
+    roots |= {p.pid for p in ray_processes(env["RAY_ADDRESS"])}
     pids = set(roots)
     for pid in roots:
         with contextlib.suppress(psutil.Error):
@@ -217,14 +216,14 @@ def listening(pids: set[int]) -> dict[str, list[str]]:
     return out
 
 
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
 def assert_loopback_only(pids: set[int]) -> None:
     addrs = listening(pids)
     assert addrs, "no listening socket found: the check looks at the wrong processes"
     beyond = {a: who for a, who in addrs.items() if a not in LOOPBACK}
     assert not beyond, f"listening beyond 127.0.0.1: {beyond}"
-
-
-LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 
 @pytest.mark.integration

@@ -65,11 +65,7 @@ def test_small_cpu_machines_get_fractional_cpus():
 @pytest.mark.integration
 def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_path):
     name = "tiny-basic"
-    r = run_tiny(
-        name,
-        synthetic_small,
-        tmp_path,
-    )
+    r = run_tiny(name, synthetic_small, tmp_path)
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
     out = (r.stdout + r.stderr).splitlines()

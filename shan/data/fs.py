@@ -59,6 +59,18 @@ def exists(uri: str) -> bool:
         raise StorageError(f"cannot reach {uri}: {e}") from e
 
 
+def size(uri: str) -> int:
+    """Bytes in the file ``uri``."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise StorageError(f"cannot reach {uri}: {e}") from e
+    if info.type != pafs.FileType.File:
+        raise StorageError(f"{uri} is not a file")
+    return info.size
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
@@ -96,9 +108,10 @@ def check_writable(uri: str) -> None:
 def delete_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
             fs.delete_dir(path)
-        elif fs.get_file_info(path).type == pafs.FileType.File:
+        elif kind == pafs.FileType.File:
             fs.delete_file(path)
     except OSError:
         pass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shan.checkpoint import MODEL_FILE, load_checkpoint, load_model
+from shan.checkpoint import MODEL_FILE, load_description, load_model
 from shan.data import fs
 from shan.data.format import load_card, load_vocab
 from shan.data.reader import read_split
@@ -60,7 +60,7 @@ def protocol_metrics(protocol: str, sims, caption_image, fold_size: int) -> dict
 
 
 def check_fit(ref: refs.ModelRef, root: str, card, vocab) -> None:
-    _, cfg, ck_vocab = load_checkpoint(ref.path)
+    cfg, ck_vocab = load_description(ref.path)
     if ck_vocab != vocab:
         raise CheckpointError(
             f"model {ref.ref}: its vocabulary ({len(ck_vocab)} words) is not the data set's "
@@ -189,11 +189,11 @@ def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dic
         "seconds": seconds,
     }
     doc = {**metrics, "meta": meta}
-    recall_md = f"{header}\n\n{format_table(metrics)}\n"
-    names = outputs.write_outputs(out, sims, index, doc, extra, recall_md)
+    table = format_table(metrics)
+    names = outputs.write_outputs(out, sims, index, doc, extra, f"{header}\n\n{table}\n")
     return {
         "metrics": metrics,
-        "table": format_table(metrics),
+        "table": table,
         "names": names,
         "doc": doc,
         "models": models,

@@ -167,12 +167,10 @@ def write_outputs(
 
 
 def local_copy(out: str, names: list[str], max_bytes: int) -> tuple[str, list[str]]:
-    """Files of ``out`` under ``max_bytes`` each, in a local folder (to log to MLflow)."""
+    """Files of ``out`` under ``max_bytes`` each, in a local folder (to log to MLflow); larger
+    ones are not read at all."""
     d = tempfile.mkdtemp(prefix="shan-eval-")
-    kept = []
-    for name in names:
-        data = fs.read_bytes(fs.join(out, name))
-        if len(data) <= max_bytes:
-            Path(d, name).write_bytes(data)
-            kept.append(name)
+    kept = [name for name in names if fs.size(fs.join(out, name)) <= max_bytes]
+    for name in kept:
+        Path(d, name).write_bytes(fs.read_bytes(fs.join(out, name)))
     return d, kept

@@ -82,20 +82,24 @@ def parse_registered(ref: str) -> tuple[str, str | None, str | None]:
     return name, None, version
 
 
+def registered_version(c, ref: str):
+    """The model version ``ref`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) names;
+    MlflowException when the registry has no such version."""
+    name, alias, version = parse_registered(ref)
+    return (
+        c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    )
+
+
 def _registered(ref: str, uri: str | None) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    name, alias, version = parse_registered(ref)
     c = MlflowClient(tracking_uri=uri)
     try:
-        mv = (
-            c.get_model_version_by_alias(name, alias)
-            if alias
-            else c.get_model_version(name, version)
-        )
+        mv = registered_version(c, ref)
         path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=uri)
     except (MlflowException, OSError) as e:
         raise CheckpointError(f"model {ref}: not found in the registry ({e})") from e
-    return ModelRef(ref, path, mv.run_id, name, str(mv.version), dict(mv.tags or {}))
+    return ModelRef(ref, path, mv.run_id, mv.name, str(mv.version), dict(mv.tags or {}))

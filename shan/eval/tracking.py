@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from shan.errors import JobError
 from shan.eval import outputs, refs
-from shan.train.tracking import check_reachable, client, log_params, tracking_uri
+from shan.train.tracking import check_reachable, client, experiment_id, log_params, tracking_uri
 
 
 def flat_eval_metrics(metrics: dict[str, dict], split: str) -> dict[str, float]:
@@ -29,8 +29,7 @@ def log_evaluation(result: dict, out: str, opts, extra_tags: dict | None = None)
     uri = tracking_uri()
     check_reachable(uri)
     c = client(uri)
-    exp = c.get_experiment_by_name(opts.experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(opts.experiment)
+    exp_id = experiment_id(c, opts.experiment)
     models: list[refs.ModelRef] = result["models"]
     m0 = models[0]
     tags = {
@@ -87,13 +86,9 @@ def promote(
     uri = tracking_uri()
     check_reachable(uri)
     c = client(uri)
-    name, cand_alias, version = refs.parse_registered(candidate)
+    name = refs.parse_registered(candidate)[0]
     try:
-        cand = (
-            c.get_model_version_by_alias(name, cand_alias)
-            if cand_alias
-            else c.get_model_version(name, version)
-        )
+        cand = refs.registered_version(c, candidate)
     except MlflowException as e:
         raise JobError(f"{candidate}: not found in the registry ({e})") from e
     tag = eval_tag(split, protocol)

@@ -36,11 +36,16 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def experiment_id(c, name: str) -> str:
+    """The id of experiment ``name``, created when it does not exist yet."""
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
     """The MLflow run of Ray Train run ``run_name``: the existing one (continued) or a new one."""
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    exp_id = experiment_id(c, experiment)
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'")
     if found:
         run_id = found[0].info.run_id
