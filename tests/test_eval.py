@@ -305,3 +305,16 @@ def test_scheduled_promotion_against_mlflow(
         filter_string="tags.`shan.promotion` = 'kept'",
     )
     assert runs and runs[0].data.tags["shan.model_name"] == name
+
+
+def test_files_too_large_for_mlflow_stay_out_of_the_local_copy(tmp_path):
+    from shan.data.fs import StorageError
+    from shan.eval.outputs import local_copy
+
+    (tmp_path / "small.json").write_bytes(b"x" * 10)
+    (tmp_path / "sims_total.npy").write_bytes(b"x" * 100)
+    local, kept = local_copy(str(tmp_path), ["small.json", "sims_total.npy"], max_bytes=50)
+    assert kept == ["small.json"]
+    assert sorted(p.name for p in Path(local).iterdir()) == ["small.json"]
+    with pytest.raises(StorageError, match="missing.npy"):
+        local_copy(str(tmp_path), ["missing.npy"], max_bytes=50)
