@@ -5,6 +5,8 @@
     python jobs/prepare_data.py validate PATH
 
 DEST and PATH are local folders or s3:// URLs (AWS_ENDPOINT_URL and the AWS variables apply).
+DEST must be new, an empty folder, or (with --overwrite) a data set: a location holding other
+files is refused, and the old data set stays valid until the new one is complete.
 """
 
 from __future__ import annotations
@@ -16,10 +18,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shan.argtypes import at_least  # noqa: E402
 from shan.data.precomp import convert_precomp  # noqa: E402
 from shan.data.synthetic import generate_synthetic  # noqa: E402
 from shan.data.validate import format_summary, validate  # noqa: E402
 from shan.errors import run_job  # noqa: E402
+
+OVERWRITE = "replace the data set at --out (only a data set: its card present)"
+
+
+def kill_after(chunks: int | None):
+    """Test hook: SIGKILL this process once ``chunks`` chunks are written."""
+    if chunks is None:
+        return None
+    import os
+    import signal
+
+    return lambda n: os.kill(os.getpid(), signal.SIGKILL) if n >= chunks else None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,21 +47,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--vocab", help="SCAN vocab json (default: the folder's, else built)")
     c.add_argument("--name", help="data set name (default: the folder's name)")
     c.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    c.add_argument("--chunk-rows", type=int, default=256, help="images per chunk in memory")
-    c.add_argument("--rows-per-file", type=int, default=2000, help="images per Parquet shard")
-    c.add_argument("--min-count", type=int, default=4, help="word count for a built vocab")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    c.add_argument("--chunk-rows", type=at_least(1), default=256, help="images per chunk in memory")
+    c.add_argument("--rows-per-file", type=at_least(1), default=2000, help="images per shard")
+    c.add_argument("--min-count", type=at_least(1), default=4, help="word count for a built vocab")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    c.add_argument("--kill-after-chunks", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL
     g = sub.add_parser("synthetic", help="generate a synthetic data set")
     g.add_argument("--out", required=True, help="destination folder or s3:// URL")
-    g.add_argument("--train", type=int, default=4000, help="train images")
-    g.add_argument("--dev", type=int, default=500, help="dev images")
-    g.add_argument("--test", type=int, default=1000, help="test images")
-    g.add_argument("--regions", type=int, default=16)
-    g.add_argument("--feature-dim", type=int, default=64)
-    g.add_argument("--concepts", type=int, default=120)
-    g.add_argument("--captions-per-image", type=int, default=5)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    g.add_argument("--train", type=at_least(0), default=4000, help="train images")
+    g.add_argument("--dev", type=at_least(0), default=500, help="dev images")
+    g.add_argument("--test", type=at_least(0), default=1000, help="test images")
+    g.add_argument("--regions", type=at_least(1), default=16, help="regions per image")
+    g.add_argument("--feature-dim", type=at_least(1), default=64, help="region feature size")
+    g.add_argument("--concepts", type=at_least(5), default=120, help="made-up nouns (5..2000)")
+    g.add_argument("--captions-per-image", type=at_least(1), default=5, help="captions per image")
+    g.add_argument("--seed", type=at_least(0), default=0, help="random seed")
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     v = sub.add_parser("validate", help="check a data set and print a summary")
     v.add_argument("path", help="data set folder or s3:// URL")
     v.add_argument("--json", action="store_true", help="print the summary as json")
@@ -67,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             rows_per_file=args.rows_per_file,
             min_count=args.min_count,
             overwrite=args.overwrite,
+            on_chunk=kill_after(args.kill_after_chunks),
         )
         print(f"wrote {args.out}")
     elif args.command == "synthetic":

@@ -2,13 +2,20 @@
 
 A config file is a nested mapping whose top-level keys are the sections of :class:`Config`
 (``model``, ``loss``, ``optim``, ``data``, ``scaling``, ``tracking``, ...). Overrides use dotted
-keys (``model.d=256``, ``optim.lr=1e-4``); values are parsed as YAML scalars. Unknown keys and
-values of the wrong type raise :class:`ConfigError` naming the key.
+keys (``model.d=256``, ``optim.lr=1e-4``); values are parsed as YAML scalars, except for text
+fields, which take the text as written (``data.train_split=2014`` is the split ``"2014"``).
+
+Every value is checked in one place before any work starts: each section has one
+``problems()`` function that lists what is wrong with it (type, range, allowed set), and
+:meth:`Config.validate` raises one :class:`ConfigError` holding every problem of every section,
+one line each, naming the dotted key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,13 +26,125 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
+# the user errors that a worker may raise (shan.errors.USER_ERRORS, by name; debug.fail_with)
+USER_ERROR_NAMES = (
+    "ConfigError", "DataError", "StorageError", "GloveError", "VocabError", "CheckpointError",
+    "JobError",
+)  # fmt: skip
+
+NAME_MAX = 100
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+NAME_RULE = (
+    f"a name of letters, digits, '.', '_' and '-' (not starting with '.' or '-', no '..', "
+    f"at most {NAME_MAX} characters)"
+)
+
 
 class ConfigError(ValueError):
-    """A config file or override is malformed (unknown key, wrong type, bad value)."""
+    """A config file or override is malformed (unknown key, wrong type, bad value).
+
+    It holds one or more problems (``problems``), one line each; ``str()`` joins them."""
+
+    def __init__(self, *problems: str):
+        super().__init__(*problems)
+        self.problems = [str(p) for p in problems] or ["invalid config"]
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` is not a valid run (or config, split) name, or None when it is one.
+
+    A name is a name, not a path: it becomes a folder under ``checkpoints/`` and the Ray Train
+    storage, so ``/``, ``..`` and a leading ``.`` or ``-`` are refused."""
+    if not isinstance(value, str):
+        return f"must be {NAME_RULE}, got {_show(value)}"
+    if len(value) > NAME_MAX or ".." in value or not _NAME.fullmatch(value):
+        return f"must be {NAME_RULE}, got {_show(value)}"
+    return None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:100] + "..." + text[-10:]
+
+
+class _Problems(list):
+    """The problems of one section; each check appends ``KEY must be RULE, got VALUE``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def bad(self, name: str, value: Any, rule: str) -> None:
+        self.append(f"{self.prefix}{name} must be {rule}, got {_show(value)}")
+
+    def at_least(self, name: str, value: int | None, low: int, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            self.bad(name, value, f"an integer >= {low}" + (" or null" if optional else ""))
+
+    def at_most(self, name: str, value: int | None, high: int) -> None:
+        if isinstance(value, int) and value > high:
+            self.bad(name, value, f"an integer <= {high}")
+
+    def positive(self, name: str, value: float | None, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not _finite(value) or value <= 0:
+            self.bad(name, value, "> 0 and finite" + (" (or null)" if optional else ""))
+
+    def non_negative(self, name: str, value: float) -> None:
+        if not _finite(value) or value < 0:
+            self.bad(name, value, ">= 0 and finite")
+
+    def within(self, name: str, value: float, low: float, high: float, rule: str = "") -> None:
+        if not _finite(value) or not low <= value <= high:
+            self.bad(name, value, rule or f"in [{low:g}, {high:g}]")
+
+    def one_of(self, name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if value not in allowed:
+            choices = ", ".join(map(str, allowed)) + (" or null" if optional else "")
+            self.bad(name, value, f"one of {choices}")
+
+    def text(self, name: str, value: str | None, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value.strip():
+            self.bad(name, value, "a non-empty text" + (" or null" if optional else ""))
+
+    def named(self, name: str, value: str | None, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        why = name_problem(value)
+        if why:
+            self.append(f"{self.prefix}{name} {why}")
+
+
+class _Section:
+    """A config section: ``problems()`` lists what is wrong, ``validate()`` raises them."""
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem of this section (e.g. when a model is
+        built from a ModelConfig made in code)."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(*problems)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """SHAN's architecture (SPEC sections 2 to 6). Fields marked (choice) in the SPEC."""
 
     feature_dim: int = 2048  # region feature size from the detector
@@ -43,30 +162,45 @@ class ModelConfig:
     w_g2g: float = 1.0 / 3
     direction: str = "full"  # "full", "i2t" or "t2i" (the paper's variants)
 
-    def validate(self) -> None:
-        _one_of("model.affinity", self.affinity, ("cosine", "dot"))
-        _one_of("model.direction", self.direction, ("full", "i2t", "t2i"))
+    def problems(self, prefix: str = "model.") -> list[str]:
+        p = _Problems(prefix)
         for name in ("feature_dim", "d", "word_dim", "d_a"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.mu <= 1.0:
-            raise ConfigError(f"model.mu must lie in [0, 1], got {self.mu}")
+            p.at_least(name, getattr(self, name), 1)
+        p.text("glove_path", self.glove_path, optional=True)
+        p.one_of("affinity", self.affinity, ("cosine", "dot"))
+        p.positive("lambda_l2l", self.lambda_l2l)
+        p.positive("lambda_g2l", self.lambda_g2l)
+        p.within("mu", self.mu, 0.0, 1.0)
+        weights = ("w_l2l", "w_g2l", "w_g2g")
+        for name in weights:
+            p.non_negative(name, getattr(self, name))
+        values = [getattr(self, n) for n in weights]
+        if all(_finite(v) and v >= 0 for v in values) and sum(values) <= 0:
+            p.append(
+                f"{prefix}w_l2l, {prefix}w_g2l and {prefix}w_g2g must not all be 0, "
+                f"got {values[0]}, {values[1]}, {values[2]}"
+            )
+        p.one_of("direction", self.direction, ("full", "i2t", "t2i"))
+        return list(p)
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Section):
     """Hinge triplet loss (SPEC section 7)."""
 
     margin: float = 0.2
     negatives: str = "hardest"  # "hardest" (VSE++) or "all" (sum over every negative)
     per_step: bool = False  # (choice) add the same loss on each step's score
 
-    def validate(self) -> None:
-        _one_of("loss.negatives", self.negatives, ("hardest", "all"))
+    def problems(self, prefix: str = "loss.") -> list[str]:
+        p = _Problems(prefix)
+        p.non_negative("margin", self.margin)
+        p.one_of("negatives", self.negatives, ("hardest", "all"))
+        return list(p)
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """Adam with a step decay and gradient clipping (SPEC section 7 defaults, Flickr30K)."""
 
     epochs: int = 30
@@ -78,13 +212,22 @@ class OptimConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
 
-    def validate(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 1:
-            raise ConfigError("optim.epochs must be >= 1 and optim.batch_size >= 2")
+    def problems(self, prefix: str = "optim.") -> list[str]:
+        p = _Problems(prefix)
+        p.at_least("epochs", self.epochs, 1)
+        p.at_least("batch_size", self.batch_size, 2)  # the triplet loss needs a negative
+        p.positive("lr", self.lr)
+        p.at_least("lr_decay_epoch", self.lr_decay_epoch, 0)
+        if not _finite(self.lr_decay) or not 0 < self.lr_decay <= 1:
+            p.bad("lr_decay", self.lr_decay, "in (0, 1] (a factor that lowers the rate)")
+        p.positive("grad_clip", self.grad_clip)  # <= 0 would zero or flip the gradient
+        p.at_least("warmup_steps", self.warmup_steps, 0)
+        p.non_negative("weight_decay", self.weight_decay)
+        return list(p)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the data set is and how it is read."""
 
     path: str | None = None  # data set root (local or s3://); None: the generated demo set
@@ -94,9 +237,19 @@ class DataConfig:
     shuffle_buffer: int = 2048  # examples held for the per-worker shuffle
     val_max_images: int | None = None  # cap on dev images scored after each epoch
 
+    def problems(self, prefix: str = "data.") -> list[str]:
+        p = _Problems(prefix)
+        p.text("path", self.path, optional=True)
+        p.named("train_split", self.train_split)
+        p.named("val_split", self.val_split)
+        p.at_least("max_words", self.max_words, 1)
+        p.at_least("shuffle_buffer", self.shuffle_buffer, 0)
+        p.at_least("val_max_images", self.val_max_images, 1, optional=True)
+        return list(p)
+
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(_Section):
     """Ray resources. ``None`` means: size from the cluster."""
 
     num_workers: int | None = None
@@ -107,26 +260,57 @@ class ScalingConfig:
     checkpoint_blocks: bool = False  # recompute score blocks in backward (less memory)
     bf16: bool = True  # autocast on CUDA
 
+    def problems(self, prefix: str = "scaling.") -> list[str]:
+        p = _Problems(prefix)
+        p.at_least("num_workers", self.num_workers, 1, optional=True)
+        p.positive("cpus_per_worker", self.cpus_per_worker, optional=True)
+        g = self.gpus_per_worker
+        if not _finite(g) or g <= 0 or (g > 1 and g != int(g)):
+            p.bad("gpus_per_worker", g, "> 0: a fraction of at most 1 or a whole number")
+        p.at_least("score_block", self.score_block, 1, optional=True)
+        return list(p)
+
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(_Section):
     """MLflow and run naming."""
 
     experiment: str = "shan"
     run_name: str | None = None  # Ray Train run name; reuse one to continue that run
-    storage_path: str | None = None  # Ray Train storage (local dir or s3://); None: ./runs
+    storage_path: str | None = None  # Ray Train storage (local dir or s3://); None: ~/ray_results
     log_every: int = 20  # steps between train/loss points
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
 
+    def problems(self, prefix: str = "tracking.") -> list[str]:
+        p = _Problems(prefix)
+        p.text("experiment", self.experiment)
+        p.named("run_name", self.run_name, optional=True)
+        p.text("storage_path", self.storage_path, optional=True)
+        p.at_least("log_every", self.log_every, 1)
+        p.at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        p.at_least("max_failures", self.max_failures, 0)
+        return list(p)
+
 
 @dataclass
-class DebugConfig:
+class DebugConfig(_Section):
     """Test hooks. Never set in real configs."""
 
     kill_worker_at_step: int | None = None  # SIGKILL rank 1 (or 0) at this global step, once
     kill_marker: str | None = None  # file created before the kill, so it happens only once
-    nan_at_step: int | None = None  # make the loss non-finite at this step
+    nan_at_step: int | None = None  # make the last rank's loss non-finite at this step
+    fail_with: str | None = None  # a user error type (DataError, ...) the last rank raises
+    fail_at_step: int | None = None  # ... at this global step; None: when the worker starts
+
+    def problems(self, prefix: str = "debug.") -> list[str]:
+        p = _Problems(prefix)
+        p.at_least("kill_worker_at_step", self.kill_worker_at_step, 0, optional=True)
+        p.text("kill_marker", self.kill_marker, optional=True)
+        p.at_least("nan_at_step", self.nan_at_step, 0, optional=True)
+        p.one_of("fail_with", self.fail_with, USER_ERROR_NAMES, optional=True)
+        p.at_least("fail_at_step", self.fail_at_step, 0, optional=True)
+        return list(p)
 
 
 @dataclass
@@ -143,9 +327,24 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
+    def problems(self) -> list[str]:
+        """Every problem of every section, one line each (empty: the config is valid)."""
+        p = _Problems("")
+        p.named("name", self.name)
+        p.at_least("seed", self.seed, 0)
+        p.at_most("seed", self.seed, 2**32 - 1)
+        out = list(p)
+        for section in (
+            self.model, self.loss, self.optim, self.data, self.scaling, self.tracking, self.debug,
+        ):  # fmt: skip
+            out += section.problems()
+        return out
+
     def validate(self) -> Config:
-        for section in (self.model, self.loss, self.optim):
-            section.validate()
+        """``self``, or a ConfigError listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(*problems)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,11 +353,6 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, e.g. ``{"model.d": 1024, ...}`` (for MLflow params)."""
         return _flatten(self.to_dict())
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -170,6 +364,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a text"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -186,7 +390,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {_show(value)}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is bool and isinstance(value, bool):
@@ -195,52 +399,120 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {_show(value)}")
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested mapping; unknown keys raise ConfigError."""
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Dataclass ``cls`` from a nested mapping; each unknown key or badly typed value adds a
+    line to ``problems`` and leaves that field at its default."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_show(data)}")
+        return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; known keys under "
+    for name in sorted(set(data) - fields, key=str):
+        problems.append(
+            f"unknown config key {prefix}{name!s}; known keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():
+        if name not in fields:
+            continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
-        else:
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", problems)
+            continue
+        try:
             kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+        except ConfigError as e:
+            problems += e.problems
     return cls(**kwargs)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["model.d=64", "optim.lr=1e-3"]`` -> nested dict. Values are YAML scalars."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys and wrong types raise one
+    ConfigError listing them all."""
+    problems: list[str] = []
+    out = _build(cls, data, prefix, problems)
+    if problems:
+        raise ConfigError(*problems)
+    return out
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of dotted ``key`` in :class:`Config`, or None when there is no such key."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+        if i == len(parts) - 1:
+            return cls
+    return None
+
+
+def _is_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """A YAML scalar, except that a text field takes the text as written (``null`` and an
+    empty value still mean None)."""
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if _is_text(_field_type(key)):
+        if value is None or isinstance(value, str):
+            return value
+        return raw.strip()
+    if isinstance(value, str) and _looks_numeric(raw):
+        value = float(raw)
+    return value
+
+
+def parse_overrides(overrides: list[str], problems: list[str] | None = None) -> dict[str, Any]:
+    """``["model.d=64", "optim.lr=1e-3"]`` -> nested dict. Values are YAML scalars (text fields
+    keep the text). Malformed overrides raise one ConfigError listing them all, or are added to
+    ``problems`` when it is given."""
+    own: list[str] = []
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            own.append(f"override {item!r} is not of the form key=value")
+            continue
         key, raw = item.split("=", 1)
         key = key.strip()
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str) and _looks_numeric(raw):
-            value = float(raw)
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = value
+        if not key or any(not part for part in key.split(".")):
+            own.append(f"override {item!r} has an empty key")
+            continue
+        try:
+            value = _parse_value(key, raw)
+        except yaml.YAMLError:
+            own.append(f"override {item!r}: the value is not a valid YAML scalar")
+            continue
+        if not _set(nested, key, value):
+            own.append(f"override {item!r} conflicts with another override")
+    if problems is not None:
+        problems += own
+    elif own:
+        raise ConfigError(*own)
     return nested
+
+
+def _set(nested: dict[str, Any], key: str, value: Any) -> bool:
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return False
+    node[parts[-1]] = value
+    return True
 
 
 def _looks_numeric(raw: str) -> bool:
@@ -275,8 +547,14 @@ def resolve_config_path(name_or_file: str) -> Path:
     return candidate
 
 
-def load_config(name_or_file: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the dataclass defaults) and apply ``key=value`` overrides."""
+def load_config(
+    name_or_file: str | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Load a YAML config (or the dataclass defaults), apply ``key=value`` overrides, then
+    ``values`` (dotted keys to Python values, taken as they are: a command line's typed flags),
+    and check everything. One ConfigError lists every problem found."""
     data: dict[str, Any] = {}
     if name_or_file is not None:
         path = resolve_config_path(name_or_file)
@@ -286,10 +564,23 @@ def load_config(name_or_file: str | None = None, overrides: list[str] | None = N
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(Config, data).validate()
+    problems: list[str] = []
+    data = _merge(data, parse_overrides(overrides or [], problems))
+    for key, value in (values or {}).items():
+        extra: dict[str, Any] = {}
+        _set(extra, key, value)
+        data = _merge(data, extra)
+    return _checked(data, problems)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
-    return from_dict(Config, data).validate()
+    return _checked(data, [])
+
+
+def _checked(data: Any, problems: list[str]) -> Config:
+    cfg = _build(Config, data, "", problems)
+    problems += cfg.problems()
+    if problems:
+        raise ConfigError(*problems)
+    return cfg

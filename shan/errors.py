@@ -1,4 +1,11 @@
-"""The errors a user can cause, and the one way the jobs report them."""
+"""The errors a user can cause, and the one way the jobs report them.
+
+A user error is one that would happen again if the job were retried unchanged (a bad value, a
+damaged file, a non-finite loss): the jobs print it as one ``error: ...`` line per problem and
+exit with status 2, and training ends at once instead of restarting its workers. The errors
+cross from Ray workers to the driver by type: :func:`to_record` and :func:`from_record` turn
+one into a small dict and back, through the registry :data:`USER_ERRORS`.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +31,40 @@ USER_ERRORS = (
     ConfigError, DataError, StorageError, GloveError, VocabError, CheckpointError, JobError,
 )  # fmt: skip
 
+BY_NAME: dict[str, type[BaseException]] = {cls.__name__: cls for cls in USER_ERRORS}
+
+
+def problems(e: BaseException) -> list[str]:
+    """The problems of a user error, one each: a ConfigError's list, else its message."""
+    lines = [str(p) for p in getattr(e, "problems", None) or [str(e)]]
+    return [line for line in lines if line.strip()] or [type(e).__name__]
+
+
+def to_record(e: BaseException) -> dict[str, str]:
+    """``{"type": "DataError", "message": "..."}`` for a user error (to cross processes)."""
+    return {"type": type(e).__name__, "message": "\n".join(problems(e))}
+
+
+def from_record(record: dict) -> BaseException:
+    """The user error a :func:`to_record` dict describes (JobError when the type is unknown)."""
+    cls = BY_NAME.get(str(record.get("type")))
+    message = str(record.get("message") or "")
+    if cls is ConfigError:
+        return ConfigError(*message.splitlines())
+    if cls is None:
+        return JobError(f"{record.get('type')}: {message}")
+    return cls(message)
+
 
 def run_job(main: Callable[[], int | None]) -> None:
-    """Run ``main``; a user error prints one ``error: ...`` line and exits with status 2."""
+    """Run ``main``; a user error prints one ``error: ...`` line per problem and exits with
+    status 2."""
     try:
         code = main()
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        for problem in problems(e):  # a message's further lines follow, indented
+            first, *rest = problem.splitlines() or [""]
+            print(f"error: {first}", *(f"  {line}" for line in rest), sep="\n", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -124,9 +124,13 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise VocabError(f"vocab file {path} does not exist") from None
+        except IsADirectoryError:
+            raise VocabError(f"vocab file {path} is a folder") from None
+        except UnicodeDecodeError as e:
+            raise VocabError(f"vocab file {path} is not UTF-8 text ({e.reason})") from e
         except json.JSONDecodeError as e:
             raise VocabError(f"vocab file {path} is not valid json: {e}") from e
         return cls.from_json(data, source=str(path))

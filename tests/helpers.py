@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from shan.config import ModelConfig
@@ -35,3 +38,21 @@ def random_batch(ni=3, nc=4, k=5, n=7, feature_dim=12, vocab_size=30, seed=1):
     lengths[0] = n
     tokens = torch.randint(1, vocab_size, (nc, n), generator=g)
     return features, counts, tokens, lengths
+
+
+WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball", "man", "woman", "sits"]
+
+
+def make_precomp(folder: Path, splits=("train", "dev"), n=12, per=5, k=4, f=6, seed=0) -> Path:
+    """A small SCAN precomp folder: features, captions (c*i .. c*i+c-1), no final newline."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in splits:
+        np.save(folder / f"{s}_ims.npy", rng.normal(size=(n, k, f)).astype(np.float32))
+        caps = [
+            f"{' '.join(rng.choice(WORDS, size=rng.integers(2, 7)))} image {i} caption {j}"
+            for i in range(n)
+            for j in range(per)
+        ]
+        (folder / f"{s}_caps.txt").write_text("\n".join(caps))
+    return folder

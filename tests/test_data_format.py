@@ -14,24 +14,9 @@ from shan.data.reader import ExampleStream, read_split
 from shan.data.synthetic import generate_synthetic
 from shan.data.validate import validate
 from shan.vocab import VocabError, Vocabulary
+from tests.helpers import make_precomp
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball", "man", "woman", "sits"]
-
-
-def make_precomp(folder: Path, splits=("train", "dev"), n=12, per=5, k=4, f=6, seed=0):
-    """A small precomp folder: features, captions (c*i .. c*i+c-1), no final newline."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in splits:
-        np.save(folder / f"{s}_ims.npy", rng.normal(size=(n, k, f)).astype(np.float32))
-        caps = [
-            f"{' '.join(rng.choice(WORDS, size=rng.integers(2, 7)))} image {i} caption {j}"
-            for i in range(n)
-            for j in range(per)
-        ]
-        (folder / f"{s}_caps.txt").write_text("\n".join(caps))
-    return folder
 
 
 def quiet(_):

@@ -9,7 +9,8 @@ from shan.data.precomp import convert_precomp
 from shan.data.reader import ExampleStream, open_split, read_split
 from shan.data.synthetic import generate_synthetic
 from shan.data.validate import validate
-from tests.test_data_format import make_precomp, quiet
+from tests.helpers import make_precomp
+from tests.test_data_format import quiet
 
 pytestmark = pytest.mark.integration
 SMALL = dict(images={"train": 40, "dev": 10}, regions=5, feature_dim=8, concepts=10,

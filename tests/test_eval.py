@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,10 +92,14 @@ def load_out(out: Path) -> dict:
 def test_tiled_matrix_equals_library_and_metrics_are_consistent(
     ray_client, synthetic_small, checkpoints, tmp_path
 ):
+    import tempfile
+
     from shan.checkpoint import load_model
 
     out = tmp_path / "out"
+    temps = set(Path(tempfile.gettempdir()).glob("shan-ckpt-*"))
     evaluate([str(checkpoints["good"])], synthetic_small, str(out), opts(), log=lambda s: None)
+    assert set(Path(tempfile.gettempdir()).glob("shan-ckpt-*")) <= temps  # actors clean up
     sims = load_out(out)
     data = read_split(synthetic_small, "test")
     model = load_model(checkpoints["good"])[0]
@@ -177,10 +182,13 @@ def test_killed_job_rerun_skips_finished_tiles(services, synthetic_small, checkp
     )
     assert first.returncode == 137, first.stderr[-2000:]
     assert not (out / "metrics.json").exists()
-    assert len(list((out / "tiles" / "model-0").glob("tile-*.npz"))) >= 5
+    finished = sorted((out / "tiles" / "model-0").glob("tile-*.npz"))
+    assert len(finished) >= 5
+    finished[0].write_bytes(finished[0].read_bytes()[:100])  # a damaged tile is redone
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "(5 already done)" in second.stderr or "(6 already done)" in second.stderr
+    assert "(4 already done)" in second.stderr or "(5 already done)" in second.stderr
+    assert f"{finished[0]}: unreadable" in second.stdout
     clean = tmp_path / "clean"
     subprocess.run([*cmd[:7], str(clean), *cmd[8:]], check=True, capture_output=True, timeout=300)
     a, b = load_out(out), load_out(clean)
@@ -249,7 +257,7 @@ def test_bad_inputs_are_clear_errors_without_metrics(synthetic_small, checkpoint
         text=True,
         timeout=120,
     )
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown")
+    assert r.returncode == 2 and "argument --protocol: invalid choice: 'coco-2k'" in r.stderr
     assert not (out / "metrics.json").exists()
 
 
@@ -288,6 +296,9 @@ def test_scheduled_promotion_against_mlflow(
     v_bad = register("bad")
     first = promote(cand, "champion", run_eval, "dev", "plain", log=lambda s: None)
     assert first["decision"] == "promoted"  # no champion yet
+    n_calls = len(calls)
+    held = promote(cand, "champion", run_eval, "test", "plain", log=lambda s: None)
+    assert held["decision"] == "unchanged" and len(calls) == n_calls  # it holds the alias
     v_good = register("good")
     second = promote(cand, "champion", run_eval, "dev", "plain", log=lambda s: None)
     assert second["decision"] == "promoted" and second["previous_version"] == v_bad
@@ -305,6 +316,46 @@ def test_scheduled_promotion_against_mlflow(
         filter_string="tags.`shan.promotion` = 'kept'",
     )
     assert runs and runs[0].data.tags["shan.model_name"] == name
+
+
+def write_test_split(root: Path, seed: int, images: int = 20) -> None:
+    """A synthetic test split whose captions (and so vocabulary and caption order) do not depend
+    on ``seed``: only the image features do. The case where tiles were silently reused."""
+    try:
+        from shan.data.writer import DatasetWriter
+    except ImportError:  # the writer's older home
+        from shan.data.format import DatasetWriter
+    from shan.data.format import DatasetCard
+    from shan.data.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(16, 30, 0)
+    feats, boxes, caps = world.sample([[0, 0, r] for r in range(images)], 6, 5)
+    feats += np.random.default_rng(seed).normal(0, 0.5, feats.shape).astype(np.float32)
+    card = DatasetCard(name="synthetic", regions=6, feature_dim=16, has_boxes=True)
+    with DatasetWriter(str(root), card, world.vocabulary()) as out:
+        out.split("test").write(np.arange(images), feats, caps, boxes=boxes)
+
+
+@pytest.mark.integration
+def test_a_changed_data_set_at_the_same_path_is_never_scored_from_old_tiles(ray_client, tmp_path):
+    data, out, fresh = tmp_path / "data", tmp_path / "out", tmp_path / "fresh"
+    write_test_split(data, seed=1)
+    ck = make_checkpoint(str(data), tmp_path / "ck", steps=0)
+    o = opts(tile_images=8, tile_captions=40)
+    evaluate([str(ck)], str(data), str(out), o, log=lambda s: None)
+    old = load_out(out)
+    shutil.rmtree(data)  # the writer refuses a folder that holds a data set
+    write_test_split(data, seed=2)  # same path, same captions, other features
+    lines = []
+    evaluate([str(ck)], str(data), str(out), o, log=lines.append)
+    assert any("tiles of another evaluation; recomputing" in line for line in lines)
+    evaluate([str(ck)], str(data), str(fresh), o, log=lambda s: None)
+    new, expected = load_out(out), load_out(fresh)
+    for k in SCORES:
+        np.testing.assert_array_equal(new[k], expected[k])
+        assert not np.allclose(new[k], old[k])
+    m_new, m_fresh = (json.loads((d / "metrics.json").read_text()) for d in (out, fresh))
+    assert {k: m_new[k] for k in SCORES} == {k: m_fresh[k] for k in SCORES}
 
 
 def test_files_too_large_for_mlflow_stay_out_of_the_local_copy(tmp_path):

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from shan.services import free_port
 from shan.train import scaling
-from shan.train.tracking import RUN_TAG
+from shan.train.tracking import ERROR_TAG, ERROR_TYPE_TAG, RUN_TAG, quote
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -40,7 +41,9 @@ def mlflow_runs(name: str):
 
     c = MlflowClient()
     exp = c.get_experiment_by_name("shan-tests")
-    return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{name}'")
+    if exp is None:
+        return c, []
+    return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = {quote(name)}")
 
 
 def check(r: subprocess.CompletedProcess) -> None:
@@ -49,7 +52,7 @@ def check(r: subprocess.CompletedProcess) -> None:
 
 # -- unit: resources ------------------------------------------------------------------------------
 def test_small_cpu_machines_get_fractional_cpus():
-    from shan.config import ScalingConfig
+    from shan.config import ConfigError, ScalingConfig
 
     r = scaling.resolve(ScalingConfig(num_workers=2), {"CPU": 2.0})
     assert (r.num_workers, r.cpus_per_worker, r.use_gpu) == (2, 0.5, False)
@@ -57,7 +60,7 @@ def test_small_cpu_machines_get_fractional_cpus():
     assert r.num_workers == 1 and r.cpus_per_worker == 1.0
     r = scaling.resolve(ScalingConfig(), {"CPU": 64.0, "GPU": 8.0})
     assert (r.num_workers, r.use_gpu, r.gpus_per_worker) == (8, True, 1.0)
-    with pytest.raises(ValueError, match="exceed"):
+    with pytest.raises(ConfigError, match="scaling.num_workers x scaling.cpus_per_worker"):
         scaling.resolve(ScalingConfig(num_workers=4, cpus_per_worker=1.0), {"CPU": 2.0})
 
 
@@ -184,20 +187,99 @@ def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
     assert denied.returncode != 0
 
 
+def failed_run(name: str, line: str, kind: str):
+    """The one MLflow run of ``name``: FAILED with ``line`` and error type ``kind``, never
+    resumed (no worker group restarted from a checkpoint)."""
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags[ERROR_TAG] == line and run.data.tags[ERROR_TYPE_TAG] == kind
+    assert not c.get_metric_history(run.info.run_id, "train/resumed_at_epoch")
+    return c, run
+
+
 @pytest.mark.integration
-def test_non_finite_loss_fails_the_run(services, synthetic_small, tmp_path):
+def test_non_finite_loss_fails_the_run_at_once(services, synthetic_small, tmp_path):
+    """Rank 1's loss turns NaN early in epoch 2 (37 steps per epoch), after a checkpoint: the
+    run ends FAILED with that line, and is not retried although tracking.max_failures is 2."""
     name = "tiny-nan"
-    r = run_tiny(
-        name,
-        synthetic_small,
-        tmp_path,
-        "debug.nan_at_step=3",
-        "tracking.max_failures=0",
-    )
-    assert r.returncode == 2
-    assert "non-finite loss" in r.stderr.strip().splitlines()[-1]
+    r = run_tiny(name, synthetic_small, tmp_path, "debug.nan_at_step=40")
+    line = "non-finite loss (nan) at epoch 2, step 40: lower optim.lr or check the data"
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert "Traceback" not in r.stderr
+    out = r.stdout + r.stderr
+    assert "resumed from the checkpoint" not in out and "epoch 1/2: loss" in out
+    assert "[FailurePolicy]" not in out  # Ray Train never saw a failure
+    c, run = failed_run(name, line, "JobError")
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/rsum")] == [1]
+
+
+@pytest.mark.integration
+def test_a_worker_user_error_crosses_as_its_type(services, synthetic_small, tmp_path):
+    """A DataError of rank 1 in the steps of epoch 2 reaches the driver as a DataError, the
+    ranks stop together and nothing is retried."""
+    name = "tiny-data-error"
+    r = run_tiny(name, synthetic_small, tmp_path, "debug.fail_with=DataError",
+                 "debug.fail_at_step=45")  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = "debug: DataError on rank 1 at step 45"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert "resumed from the checkpoint" not in r.stdout + r.stderr
+    assert "[FailurePolicy]" not in r.stdout + r.stderr
+    failed_run(name, line, "DataError")
+
+
+@pytest.mark.integration
+def test_a_user_error_outside_the_steps_is_not_retried(services, synthetic_small, tmp_path):
+    """Rank 1 raises when it starts, before the ranks can agree: its worker group fails, and
+    the one that Ray Train starts again stops at once, finding the error left in the run."""
+    name = "tiny-start-error"
+    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
+              f"tracking.storage_path={tmp_path}", "debug.fail_with=CheckpointError",
+              env={"RAY_DEDUP_LOGS": "0"})  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = "debug: CheckpointError on rank 1 at start"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    failed_run(name, line, "CheckpointError")
+    out = r.stdout + r.stderr  # one restart (max_failures is 2), whose workers stop at once
+    assert out.count("[FailurePolicy] RETRY") == 1, out[-5000:]
+    assert "[FailurePolicy] RAISE" not in out
+
+
+@pytest.mark.integration
+def test_a_running_name_and_another_config_are_refused(services, synthetic_small, tmp_path):
+    name = "tiny-busy"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", TINY, "--data",
+         synthetic_small, "--name", name, f"tracking.storage_path={tmp_path}",
+         "scaling.num_workers=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not mlflow_runs(name)[1] and time.time() < deadline and first.poll() is None:
+            time.sleep(1)
+        second = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1")
+        out = first.communicate(timeout=420)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run '{name}' is running") and "--name" in last
+    assert "Ray:" not in second.stdout + second.stderr  # refused before Ray started
+    # continuing the finished run with another config names what differs
+    third = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1", "optim.lr=1e-3",
+                     "model.d_a=4")  # fmt: skip
+    assert third.returncode == 2, third.stderr[-3000:]
+    last = third.stderr.strip().splitlines()[-1]
+    assert "started with another config" in last
+    assert "optim.lr (0.002 there, 0.001 here)" in last and "model.d_a (8 there, 4 here)" in last
     _, runs = mlflow_runs(name)
-    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
 def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):

@@ -105,13 +105,36 @@ def check_writable(uri: str) -> None:
         raise StorageError(f"cannot write {uri}: the {what} {probe} does not exist")
 
 
-def delete_tree(uri: str) -> None:
-    fs, path = filesystem(uri)
+def list_files(uri: str) -> list[str]:
+    """Paths, relative to ``uri``, of every file under the folder or prefix ``uri`` (empty when
+    it does not exist)."""
+    fsys, root = filesystem(uri)
     try:
-        kind = fs.get_file_info(path).type
+        infos = fsys.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    root = root.rstrip("/")
+    return sorted(i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+
+def delete_file(uri: str) -> None:
+    """Delete one file; a file already gone is fine."""
+    fsys, path = filesystem(uri)
+    try:
+        fsys.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"cannot delete {uri}: {e}") from e
+
+
+def delete_tree(uri: str) -> None:
+    fsys, path = filesystem(uri)
+    try:
+        kind = fsys.get_file_info(path).type
         if kind == pafs.FileType.Directory:
-            fs.delete_dir(path)
+            fsys.delete_dir(path)
         elif kind == pafs.FileType.File:
-            fs.delete_file(path)
+            fsys.delete_file(path)
     except OSError:
         pass

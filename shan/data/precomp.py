@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shan.data.format import DataError, DatasetCard, DatasetWriter
+from shan.data import destination
+from shan.data.format import DataError, DatasetCard
+from shan.data.writer import DatasetWriter
 from shan.vocab import Vocabulary
 
 SPLIT_ORDER = ("train", "dev", "test", "testall")
@@ -45,6 +47,7 @@ def read_captions(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -55,18 +58,39 @@ def read_captions(path: Path) -> list[str]:
     return lines
 
 
+def load_npy(path: Path) -> np.ndarray:
+    """A memory-mapped ``.npy`` array of numbers; pickled objects are refused, never loaded."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "Python objects" in str(e) or "allow_pickle" in str(e):
+            raise DataError(
+                f"{path}: holds pickled Python objects (refused: allow_pickle is off)"
+            ) from None
+        raise DataError(f"{path}: not a readable .npy array ({e})") from e
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({e})") from e
+
+
 def open_features(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"feature file {path} does not exist")
-    try:
-        ims = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from e
+    ims = load_npy(path)
     if ims.ndim != 3:
         raise DataError(f"{path}: features must be (images, regions, dim), got shape {ims.shape}")
     if ims.dtype.kind != "f":
         raise DataError(f"{path}: features must be floating point, got dtype {ims.dtype}")
     return ims
+
+
+def open_boxes(path: Path, n: int, regions: int) -> np.ndarray:
+    """``{split}_boxes.npy``: (images, regions, 4) finite numbers."""
+    boxes = load_npy(path)
+    if boxes.shape != (n, regions, 4):
+        raise DataError(f"{path}: boxes must be of shape ({n}, {regions}, 4), got {boxes.shape}")
+    if boxes.dtype.kind not in "fiu":
+        raise DataError(f"{path}: boxes must be numbers, got dtype {boxes.dtype}")
+    return boxes
 
 
 def release_pages(arr: np.ndarray) -> None:
@@ -81,9 +105,18 @@ def read_ids(path: Path, n: int) -> np.ndarray:
     if not path.is_file():
         return np.arange(n, dtype=np.int64)
     try:
-        ids = np.array([int(x) for x in path.read_text().split()], dtype=np.int64)
-    except ValueError as e:
-        raise DataError(f"{path}: image ids must be integers ({e})") from e
+        words = path.read_text(encoding="utf-8").split()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    ids = np.empty(len(words), dtype=np.int64)
+    for i, word in enumerate(words):
+        try:
+            value = int(word)
+        except ValueError:
+            raise DataError(f"{path}, id {i + 1}: {word[:40]!r} is not an integer") from None
+        if not -(2**63) <= value < 2**63:
+            raise DataError(f"{path}, id {i + 1}: {word[:40]} does not fit in 64 bits")
+        ids[i] = value
     if len(ids) != n:
         raise DataError(f"{path}: {len(ids)} ids for {n} images")
     return ids
@@ -115,12 +148,20 @@ def convert_precomp(
     min_count: int = 4,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> DatasetCard:
-    """Convert ``splits`` (default: all found) of the precomp folder ``src`` to ``dest``."""
+    """Convert ``splits`` (default: all found) of the precomp folder ``src`` to ``dest``.
+    ``on_chunk(chunks written so far)`` is called after each chunk (progress, test hooks)."""
     _bounded_memory_pool()
     srcp = Path(src)
     if not srcp.is_dir():
         raise DataError(f"source folder {src} does not exist")
+    destination.check_apart(srcp, dest)
+    for name, value in (("chunk_rows", chunk_rows), ("rows_per_file", rows_per_file)):
+        if value < 1:
+            raise DataError(f"{name} must be at least 1, got {value}")
+    if min_count < 1:
+        raise DataError(f"min_count must be at least 1, got {min_count}")
     splits = list(splits or find_splits(srcp))
     if not splits:
         raise DataError(f"{src} holds no *_ims.npy file")
@@ -133,7 +174,14 @@ def convert_precomp(
         raise DataError(f"{src}: splits have different feature shapes {sorted(shapes)}")
     regions, feature_dim = shapes.pop()
     vocab, vocab_source = source_vocab(srcp, vocab_path, splits, min_count)
-    has_boxes = all((srcp / f"{s}_boxes.npy").is_file() for s in splits)
+    with_boxes = [(srcp / f"{s}_boxes.npy").is_file() for s in splits]
+    has_boxes = all(with_boxes)
+    if any(with_boxes) and not has_boxes:
+        missing = [f"{s}_boxes.npy" for s, b in zip(splits, with_boxes) if not b]
+        raise DataError(
+            f"{src}: boxes are given for some splits only ({', '.join(missing)} "
+            "missing): give them for every split or none"
+        )
     card = DatasetCard(
         name=name or srcp.name,
         regions=regions,
@@ -142,24 +190,38 @@ def convert_precomp(
         has_boxes=has_boxes,
         source=f"converted from SCAN precomp folder {srcp.name}; vocabulary {vocab_source}",
     )
-    with DatasetWriter(dest, card, vocab, max_words=max_words, overwrite=overwrite) as out:
+    inputs = {s: _split_inputs(srcp, s, *sources[s], has_boxes) for s in splits}
+    chunks = 0
+
+    def chunk_done() -> None:
+        nonlocal chunks
+        chunks += 1
+        if on_chunk is not None:
+            on_chunk(chunks)
+
+    with DatasetWriter(dest, card, vocab, max_words, overwrite, log) as out:
         for split in splits:
-            ims, caps = sources[split]
-            _convert_split(srcp, split, ims, caps, out, chunk_rows, rows_per_file, has_boxes, log)
+            writer = out.split(split, rows_per_file=rows_per_file)
+            _convert_split(srcp, split, inputs[split], writer, chunk_rows, log, chunk_done)
     return card
 
 
-def _convert_split(srcp, split, ims, caps, out, chunk_rows, rows_per_file, has_boxes, log):
+def _split_inputs(srcp: Path, split: str, ims, caps, has_boxes: bool):
+    """(features, captions, captions per image, ids, boxes or None), checked before writing."""
     n = ims.shape[0]
     if n == 0 or len(caps) % n:
         raise DataError(
             f"{srcp / f'{split}_caps.txt'}: {len(caps)} captions is not a multiple of the "
             f"{n} images in {split}_ims.npy"
         )
-    per = len(caps) // n
     ids = read_ids(srcp / f"{split}_ids.txt", n)
-    boxes = np.load(srcp / f"{split}_boxes.npy", mmap_mode="r") if has_boxes else None
-    writer = out.split(split, rows_per_file=rows_per_file)
+    boxes = open_boxes(srcp / f"{split}_boxes.npy", n, ims.shape[1]) if has_boxes else None
+    return ims, caps, len(caps) // n, ids, boxes
+
+
+def _convert_split(srcp, split, inputs, writer, chunk_rows, log, chunk_done):
+    ims, caps, per, ids, boxes = inputs
+    n = ims.shape[0]
     where = srcp / f"{split}_ims.npy"
     for r0 in range(0, n, chunk_rows):
         r1 = min(n, r0 + chunk_rows)
@@ -174,4 +236,5 @@ def _convert_split(srcp, split, ims, caps, out, chunk_rows, rows_per_file, has_b
         except DataError as e:
             raise DataError(f"{where}: {e}") from e
         release_pages(ims)
+        chunk_done()
     log(f"{split}: {n} images, {len(caps)} captions ({per} per image)")

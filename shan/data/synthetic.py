@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shan.data.format import DatasetCard, DatasetWriter
+from shan.data.format import DataError, DatasetCard
+from shan.data.writer import DatasetWriter
 from shan.vocab import Vocabulary
 
 ATTRIBUTES = ("red", "blue", "green", "yellow", "black", "white", "striped", "wooden")
@@ -104,6 +105,25 @@ class SyntheticWorld:
         return template.format(*names)
 
 
+MAX_CONCEPTS = 2000  # distinct made-up nouns the syllables give comfortably
+
+
+def check_sizes(images, regions, feature_dim, concepts, captions_per_image, seed) -> None:
+    """DataError naming the first size out of range."""
+    if not images or any(n < 0 for n in images.values()) or not any(images.values()):
+        raise DataError(f"images per split must be >= 0 with at least one split > 0, got {images}")
+    for name, value, low in (
+        ("regions", regions, 1),
+        ("feature_dim", feature_dim, 1),
+        ("captions_per_image", captions_per_image, 1),
+        ("seed", seed, 0),
+    ):
+        if value < low:
+            raise DataError(f"{name} must be at least {low}, got {value}")
+    if not 5 <= concepts <= MAX_CONCEPTS:
+        raise DataError(f"concepts must lie in 5..{MAX_CONCEPTS}, got {concepts}")
+
+
 def generate_synthetic(
     dest: str,
     images: dict[str, int] | None = None,
@@ -119,7 +139,12 @@ def generate_synthetic(
 ) -> DatasetCard:
     """Write a synthetic data set with ``images`` per split (default train 4000, dev 500,
     test 1000) to ``dest``."""
-    images = images or {"train": 4000, "dev": 500, "test": 1000}
+    images = {"train": 4000, "dev": 500, "test": 1000} if images is None else images
+    check_sizes(images, regions, feature_dim, concepts, captions_per_image, seed)
+    if chunk_rows < 1 or rows_per_file < 1:
+        raise DataError(
+            f"chunk_rows and rows_per_file must be >= 1, got {chunk_rows}, {rows_per_file}"
+        )
     world = SyntheticWorld(feature_dim, concepts, seed)
     card = DatasetCard(
         name="synthetic",
@@ -131,9 +156,11 @@ def generate_synthetic(
             f"attributes, {captions_per_image} captions per image"
         ),
     )
-    with DatasetWriter(dest, card, world.vocabulary(), overwrite=overwrite) as out:
+    with DatasetWriter(dest, card, world.vocabulary(), overwrite=overwrite, log=log) as out:
         next_id = 0
         for s_idx, (split, n) in enumerate(images.items()):
+            if n == 0:
+                continue
             writer = out.split(split, rows_per_file=rows_per_file)
             for r0 in range(0, n, chunk_rows):
                 m = min(chunk_rows, n - r0)

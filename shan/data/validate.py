@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -90,6 +92,25 @@ def _check_batch(path: str, batch: pa.RecordBatch, first: int, seen: set, vocab_
     return sum(len(c) for c in caps)
 
 
+def check_checksums(root: str, card) -> None:
+    """Every file's bytes against the sha256 the card lists (cards from before checksums have
+    none to check)."""
+    for rel, want in card.checksums.items():
+        path = fs.join(root, rel)
+        filesystem, p = fs.filesystem(path)
+        sha = hashlib.sha256()
+        try:
+            with filesystem.open_input_stream(p) as f:
+                while chunk := f.read(1 << 22):
+                    sha.update(chunk)
+        except FileNotFoundError:
+            raise DataError(f"{path} does not exist (listed in the dataset card)") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e})") from e
+        if sha.hexdigest() != want:
+            raise DataError(f"{path}: its content differs from the card's checksum (changed?)")
+
+
 def validate(root: str) -> dict:
     """Validate every split of the data set at ``root``; returns a summary dict."""
     card = load_card(root)
@@ -97,12 +118,14 @@ def validate(root: str) -> dict:
     if len(vocab) != card.vocab_size:
         raise DataError(f"{root}: vocab has {len(vocab)} words, the card says {card.vocab_size}")
     splits = {s: validate_split(root, s, card, len(vocab)) for s in card.splits}
+    check_checksums(root, card)  # last: a file that does not parse gets the more exact error
     return {
         "name": card.name,
         "feature_shape": [card.regions, card.feature_dim],
         "dtype": card.dtype,
         "boxes": card.has_boxes,
         "vocab_size": len(vocab),
+        "digest": card.digest,
         "splits": splits,
     }
 

@@ -1,8 +1,14 @@
 """Evaluate trained models on a split: the whole similarity matrix on a pool of Ray actors,
-the protocol's metrics, the outputs, and an MLflow run of its own."""
+the protocol's metrics, the outputs, and an MLflow run of its own.
+
+Everything a user can get wrong is checked before any Ray actor starts: the options, the output
+location (only an evaluation's own files, and no other evaluation writing there: a lock), the
+data set, and every checkpoint (loaded in full: weights, config, vocabulary, finite weights).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -11,15 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shan.checkpoint import MODEL_FILE, load_description, load_model
+from shan.checkpoint import load_model
 from shan.data import fs
-from shan.data.format import load_card, load_vocab
+from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import CheckpointError, JobError
-from shan.eval import outputs, refs, tiles
+from shan.eval import PROTOCOLS, outputs, refs, tiles
+from shan.eval.lock import OutLock
 from shan.metrics import fold_metrics, format_table, recall_metrics
-
-PROTOCOLS = ("plain", "f30k", "coco-1k", "coco-5k")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class EvalOptions:
     fold_size: int = 1000
     experiment: str = "shan-eval"
     log_matrices_mb: float = 256.0  # larger sims_*.npy stay in --out, not in MLflow
+    start_timeout_s: float = 900.0  # the actors must start within this
     on_tile: Callable[[int], None] | None = None  # test hook
     tags: dict = field(default_factory=dict)
 
@@ -43,6 +49,24 @@ class EvalOptions:
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise JobError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def check_options(opts: EvalOptions) -> None:
+    """The range checks of the command line, for callers of :func:`evaluate`."""
+    check_protocol(opts.protocol)
+    for name, low in (("tile_images", 1), ("tile_captions", 1), ("fold_size", 1)):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or value < low:
+            raise JobError(f"{name} must be an integer >= {low}, got {value!r}")
+    if opts.actors is not None and (not isinstance(opts.actors, int) or opts.actors < 1):
+        raise JobError(f"actors must be an integer >= 1, got {opts.actors!r}")
+    if opts.block is not None and (not isinstance(opts.block, int) or opts.block < 1):
+        raise JobError(f"block must be an integer >= 1, got {opts.block!r}")
+    if opts.cpus_per_actor is not None and not opts.cpus_per_actor > 0:
+        raise JobError(f"cpus_per_actor must be > 0, got {opts.cpus_per_actor!r}")
+    g = opts.gpus_per_actor
+    if g is not None and not (g >= 0 and (g <= 1 or float(g).is_integer())):
+        raise JobError(f"gpus_per_actor must be >= 0, and whole above 1; got {g!r}")
 
 
 def protocol_images(protocol: str, n: int, fold_size: int) -> int:
@@ -59,8 +83,20 @@ def protocol_metrics(protocol: str, sims, caption_image, fold_size: int) -> dict
     return {k: recall_metrics(v, caption_image) for k, v in sims.items()}
 
 
-def check_fit(ref: refs.ModelRef, root: str, card, vocab) -> None:
-    cfg, ck_vocab = load_description(ref.path)
+@dataclass
+class LoadedModel:
+    """A resolved reference, its checkpoint's files (for the actors and the fingerprint) and
+    the model, loaded and checked on the driver."""
+
+    ref: refs.ModelRef
+    files: dict[str, bytes]
+    model: object
+
+
+def load_checked(ref: refs.ModelRef, root: str, card, vocab) -> LoadedModel:
+    """Load ``ref``'s checkpoint in full (weights_only; state dict against its config; finite
+    weights) and check it fits the data set: CheckpointError naming the file otherwise."""
+    model, cfg, ck_vocab, _ = load_model(ref.path)
     if ck_vocab != vocab:
         raise CheckpointError(
             f"model {ref.ref}: its vocabulary ({len(ck_vocab)} words) is not the data set's "
@@ -71,6 +107,56 @@ def check_fit(ref: refs.ModelRef, root: str, card, vocab) -> None:
             f"model {ref.ref}: it takes {cfg.model.feature_dim}-d features, the data set "
             f"{root} has {card.feature_dim}-d"
         )
+    files = {p.name: p.read_bytes() for p in sorted(Path(ref.path).iterdir()) if p.is_file()}
+    return LoadedModel(ref, files, model)
+
+
+def content_digest(split) -> str:
+    """A digest of what is scored: image ids, features, region counts and caption tokens."""
+    h = hashlib.sha256()
+    for a in (split.image_ids, split.features, split.num_regions, split.caption_image):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    lengths = np.array([len(t) for t in split.tokens], dtype=np.int64)
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in split.tokens] or [[]])
+    h.update(lengths.tobytes())
+    h.update(flat.astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(card_bytes: bytes, split) -> str:
+    """The data's part of the tile fingerprint: the card's bytes (its creation time, and its
+    content digest when it has one) and a digest of the arrays scored."""
+    return tiles.fingerprint("card", card_bytes, "content", content_digest(split))
+
+
+def tile_fingerprint(
+    data_fp: str, files: dict[str, bytes], opts: EvalOptions, split, device: str, precision: str
+) -> str:
+    """What a model's tiles depend on: the data, every file of the checkpoint (weights,
+    config.yaml, vocab.json), split, protocol, matrix size, effective precision, device kind,
+    tile sizes and score block. Tiles of another fingerprint are recomputed, never reused."""
+    return tiles.fingerprint(
+        "data",
+        data_fp,
+        "checkpoint",
+        *[x for name, b in sorted(files.items()) for x in (name, b)],
+        "split",
+        opts.split,
+        "protocol",
+        opts.protocol,
+        "matrix",
+        f"{len(split.image_ids)}x{len(split.captions)}",
+        "precision",
+        precision,
+        "device",
+        device,
+        "tiles",
+        f"{opts.tile_images}x{opts.tile_captions}",
+        "block",
+        str(opts.block),
+    )
 
 
 def actor_resources(opts: EvalOptions, cluster: dict) -> tuple[int, float, float, int]:
@@ -87,50 +173,62 @@ def evaluate(
 ) -> dict:
     """Evaluate ``model_refs`` (several: an ensemble, matrices averaged) on ``data``."""
     opts = opts or EvalOptions()
-    check_protocol(opts.protocol)
-    card, vocab = load_card(data), load_vocab(data)
+    check_options(opts)
+    outputs.check_out(out)
+    card = load_card(data)
+    vocab = load_vocab(data, card)
+    card_bytes = fs.read_bytes(fs.join(data, CARD))
     if opts.split not in card.splits:
         raise JobError(f"data set {data} has no split {opts.split!r} (it has {list(card.splits)})")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    models = [refs.resolve(r, uri) for r in model_refs]
-    for m in models:
-        check_fit(m, data, card, vocab)
-    split = read_split(data, opts.split, card)
-    n = protocol_images(opts.protocol, len(split.image_ids), opts.fold_size)
-    if n < len(split.image_ids):
-        split = split.head(n)
-    log(
-        f"evaluating {len(models)} model(s) on {data} [{opts.split}], protocol {opts.protocol}: "
-        f"{n} images x {len(split.captions)} captions"
-    )
-    t0 = time.perf_counter()
-    sims = _matrices(models, data, split, out, opts, log)
-    seconds = time.perf_counter() - t0
-    metrics = protocol_metrics(opts.protocol, sims, split.caption_image, opts.fold_size)
-    result = _write(models, data, split, out, opts, sims, metrics, seconds, vocab)
+    resolved: list[refs.ModelRef] = []
+    try:
+        for r in model_refs:
+            resolved.append(refs.resolve(r, uri))
+        models = [load_checked(m, data, card, vocab) for m in resolved]
+        split = read_split(data, opts.split, card)
+        n = protocol_images(opts.protocol, len(split.image_ids), opts.fold_size)
+        if n < len(split.image_ids):
+            split = split.head(n)
+        data_fp = data_fingerprint(card_bytes, split)
+        with OutLock(out, log=log) as lock:
+            outputs.check_out(out)  # again, now that no other evaluation writes there
+            outputs.mark_incomplete(out)
+            log(
+                f"evaluating {len(models)} model(s) on {data} [{opts.split}], protocol "
+                f"{opts.protocol}: {n} images x {len(split.captions)} captions"
+            )
+            t0 = time.perf_counter()
+            sims = _matrices(models, data_fp, split, out, opts, log, lock.check)
+            seconds = time.perf_counter() - t0
+            metrics = protocol_metrics(opts.protocol, sims, split.caption_image, opts.fold_size)
+            lock.check()
+            result = _write(models, data, split, out, opts, sims, metrics, seconds, vocab)
+    finally:
+        refs.cleanup(resolved)
     log(result["table"])
     return result
 
 
-def _matrices(models, data, split, out, opts, log) -> dict[str, np.ndarray]:
+def _matrices(models, data_fp, split, out, opts, log, guard) -> dict[str, np.ndarray]:
     import ray
 
     from shan.train.driver import init_ray
 
-    init_ray(log)
+    try:
+        init_ray(log)
+    except ConnectionError as e:
+        raise JobError(f"cannot reach the Ray cluster: {e}") from e
     n_act, cpus, gpus, threads = actor_resources(opts, ray.cluster_resources())
     log(f"scoring on {n_act} actor(s), each {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else ""))
-    files = [
-        {p.name: p.read_bytes() for p in Path(m.path).iterdir() if p.is_file()} for m in models
-    ]
+    files = [m.files for m in models]
     pool = tiles.start_pool(files, n_act, cpus, gpus, threads, opts.bf16, opts.block)
     order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
     total = None
     try:
+        device, precision = tiles.device_kinds(pool, opts.start_timeout_s)
         for i in range(len(models)):
-            fp = tiles.fingerprint(
-                files[i][MODEL_FILE], data, opts.split, opts.protocol, str(len(split.captions))
-            )
+            fp = tile_fingerprint(data_fp, files[i], opts, split, device, precision)
             plan = tiles.Plan(
                 len(split.image_ids),
                 len(split.captions),
@@ -139,7 +237,7 @@ def _matrices(models, data, split, out, opts, log) -> dict[str, np.ndarray]:
                 order,
                 fp,
             )
-            store = tiles.TileStore(fs.join(out, "tiles", f"model-{i}"), plan)
+            store = tiles.TileStore(fs.join(out, "tiles", f"model-{i}"), plan, log, guard)
             sims = tiles.compute(
                 pool,
                 plan,
@@ -154,11 +252,13 @@ def _matrices(models, data, split, out, opts, log) -> dict[str, np.ndarray]:
     finally:
         for a in pool.actors:
             ray.kill(a)
-    return {k: v / len(models) for k, v in total.items()}
+    sims = {k: v / len(models) for k, v in total.items()}
+    tiles.check_complete(plan, sims, "the averaged matrix")
+    return sims
 
 
 def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dict:
-    refs_txt = ", ".join(m.ref for m in models)
+    refs_txt = ", ".join(m.ref.ref for m in models)
     header = (
         f"# Recall on {Path(data).name} [{opts.split}], protocol {opts.protocol}\n\n"
         f"model: {refs_txt}; {len(split.image_ids)} images x {len(split.captions)} "
@@ -173,14 +273,18 @@ def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dic
             outputs.recall_curves(sims, split.caption_image), f"{refs_txt} on {opts.split}"
         )
     }
-    model = load_model(models[0].path)[0]
     extra.update(
         outputs.attention_pictures(
-            model, vocab, split, np.arange(len(split.image_ids)), sims["total"], split.caption_image
+            models[0].model,
+            vocab,
+            split,
+            np.arange(len(split.image_ids)),
+            sims["total"],
+            split.caption_image,
         )
     )
     meta = {
-        "model": [m.ref for m in models],
+        "model": [m.ref.ref for m in models],
         "data": data,
         "split": opts.split,
         "protocol": opts.protocol,
@@ -196,5 +300,5 @@ def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dic
         "table": table,
         "names": names,
         "doc": doc,
-        "models": models,
+        "models": [m.ref for m in models],
     }

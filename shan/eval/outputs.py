@@ -1,22 +1,78 @@
 """What an evaluation writes: matrices, index, metrics, a recall table, a recall-at-K plot and
-attention pictures. ``metrics.json`` is written last, so its presence means complete."""
+attention pictures. ``metrics.json`` is written last, so its presence means complete.
+
+An evaluation writes only into an output location that holds nothing but its own kind of files
+(:func:`check_out`): it overwrites and deletes there, so a folder of anything else is refused.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from shan.data import fs
+from shan.errors import JobError
 from shan.metrics import i2t_ranks, t2i_ranks
 from shan.model import SHAN
 from shan.vocab import Vocabulary
 
 SCORES = ("total", "l2l", "g2l", "g2g")
+
+# What an evaluation's --out may hold (posix paths relative to it). v<N>/ are --promote's
+# per-version evaluations; tiles/model-<i>/ the finished tiles of model i.
+_FILE = (
+    r"sims_(total|l2l|g2l|g2g)\.npy|index\.json|metrics\.json|recall\.md|recall_at_k\.png"
+    r"|attention_\d+\.png|promotion\.json|eval\.lock"
+    r"|tiles/model-\d+/(plan\.json|tile-r\d{5}-c\d{5}\.npz)(\.tmp-\d+)?"
+)
+OURS_FILE = re.compile(rf"^(v\d+/)?({_FILE})$")
+OURS_DIR = re.compile(r"^(v\d+|(v\d+/)?tiles|(v\d+/)?tiles/model-\d+)$")
+
+
+def foreign_entries(out: str) -> list[str]:
+    """What ``out`` holds that an evaluation does not write (relative paths, sorted); a
+    StorageError when it cannot be listed, a JobError when it is a file."""
+    filesystem, root = fs.filesystem(out)
+    try:
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            return []
+        if info.type != pafs.FileType.Directory:
+            raise JobError(f"--out {out} is a file, not a folder")
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise fs.StorageError(f"cannot list {out}: {e}") from e
+    bad = []
+    for i in infos:
+        rel = i.path[len(root) :].lstrip("/")
+        ok = OURS_DIR if i.type == pafs.FileType.Directory else OURS_FILE
+        if not ok.match(rel):
+            bad.append(rel + ("/" if i.type == pafs.FileType.Directory else ""))
+    # a foreign folder's contents need no separate mention
+    return sorted(b for b in bad if not any(b != d and b.startswith(d) for d in bad))
+
+
+def check_out(out: str) -> None:
+    """JobError naming what ``out`` holds that is not an evaluation's output."""
+    bad = foreign_entries(out)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise JobError(
+            f"--out {out} holds files that are not an evaluation's: {', '.join(bad[:3])}{more}; "
+            "use an empty or new folder (an evaluation overwrites and deletes its own files there)"
+        )
+
+
+def mark_incomplete(out: str) -> None:
+    """Remove ``metrics.json``: from now on until the new one is written, ``out`` is incomplete."""
+    fs.delete_tree(fs.join(out, "metrics.json"))
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -148,9 +204,11 @@ def write_outputs(
 ) -> list[str]:
     """Write every output, ``metrics.json`` last; returns the file names."""
     names = []
+    for k in SCORES:
+        if not np.isfinite(sims[k]).all():
+            raise JobError(f"the {k} matrix holds NaN or infinite scores; nothing was written")
     existing = fs.join(out, "metrics.json")
-    if fs.exists(existing):
-        fs.delete_tree(existing)  # a rerun is incomplete until it is done
+    mark_incomplete(out)  # a rerun is incomplete until it is done
     for k in SCORES:
         fs.write_bytes(fs.join(out, f"sims_{k}.npy"), npy_bytes(sims[k]))
         names.append(f"sims_{k}.npy")

@@ -1,9 +1,14 @@
 """Model references: a checkpoint folder, an ``s3://`` URL, an MLflow run id, or a registered
-model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), resolved to a local folder."""
+model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), resolved to a local folder.
+
+A remote model is downloaded into a temporary folder of its own (:attr:`ModelRef.temp`), which
+:func:`cleanup` removes; an S3 key that would land outside that folder (``..``) is refused."""
 
 from __future__ import annotations
 
+import posixpath
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,15 @@ class ModelRef:
     model_name: str | None = None
     version: str | None = None
     tags: dict = field(default_factory=dict)
+    temp: str | None = None  # a download folder of ours, removed by cleanup()
+
+
+def cleanup(models: list[ModelRef]) -> None:
+    """Remove the temporary download folders of ``models``."""
+    for m in models:
+        if m.temp:
+            shutil.rmtree(m.temp, ignore_errors=True)
+            m.temp = None
 
 
 def resolve(ref: str, uri: str | None = None) -> ModelRef:
@@ -32,12 +46,33 @@ def resolve(ref: str, uri: str | None = None) -> ModelRef:
     if ref.startswith("models:/"):
         return _registered(ref, uri)
     if ref.startswith("s3://"):
-        return ModelRef(ref, _download_s3(ref))
+        path = _download_s3(ref)
+        return ModelRef(ref, path, temp=path)
     if RUN_ID.match(ref) and not Path(ref).exists():
-        return ModelRef(ref, _download_run(ref, uri), train_run_id=ref)
+        temp = tempfile.mkdtemp(prefix="shan-model-")
+        try:
+            path = _download_run(ref, uri, temp)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return ModelRef(ref, path, train_run_id=ref, temp=temp)
     if not Path(ref, MODEL_FILE).is_file():
         raise CheckpointError(f"model {ref}: no checkpoint there (expected {ref}/{MODEL_FILE})")
     return ModelRef(ref, str(Path(ref).absolute()))
+
+
+def safe_relative(key: str, root: str, name: str | None = None) -> str:
+    """``key`` relative to ``root``, refused (CheckpointError) when it is absolute or has an
+    empty, ``.`` or ``..`` part: it could land outside the download folder."""
+    if not key.startswith(root.rstrip("/") + "/"):
+        raise CheckpointError(f"model {name or root}: key {key!r} is not under it")
+    rel = key[len(root.rstrip("/")) + 1 :]
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+        raise CheckpointError(
+            f"model {name or root}: refusing key {key!r} (it would land outside the download)"
+        )
+    return posixpath.join(*parts)
 
 
 def _download_s3(url: str) -> str:
@@ -49,22 +84,32 @@ def _download_s3(url: str) -> str:
     files = [i for i in infos if i.type == pafs.FileType.File]
     if not files:
         raise CheckpointError(f"model {url}: no checkpoint there")
+    rels = [safe_relative(i.path, root, url) for i in files]  # every key checked before any write
     dest = Path(tempfile.mkdtemp(prefix="shan-model-"))
-    for info in files:
-        target = dest / Path(info.path).relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with filesystem.open_input_stream(info.path) as src:
-            target.write_bytes(src.read())
+    try:
+        for info, rel in zip(files, rels):
+            target = dest.joinpath(*rel.split("/"))
+            if not target.resolve().is_relative_to(dest.resolve()):
+                raise CheckpointError(f"model {url}: refusing key {info.path!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with filesystem.open_input_stream(info.path) as src:
+                target.write_bytes(src.read())
+    except OSError as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise CheckpointError(f"model {url}: cannot download it ({e})") from e
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     return str(dest)
 
 
-def _download_run(run_id: str, uri: str | None) -> str:
+def _download_run(run_id: str, uri: str | None, dest: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         return mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoint", tracking_uri=uri
+            run_id=run_id, artifact_path="checkpoint", tracking_uri=uri, dst_path=dest
         )
     except (MlflowException, OSError) as e:
         raise CheckpointError(f"model {run_id}: no checkpoint in that MLflow run ({e})") from e
@@ -97,9 +142,16 @@ def _registered(ref: str, uri: str | None) -> ModelRef:
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking_uri=uri)
+    temp = tempfile.mkdtemp(prefix="shan-model-")
     try:
         mv = registered_version(c, ref)
-        path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=uri)
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, tracking_uri=uri, dst_path=temp
+        )
     except (MlflowException, OSError) as e:
+        shutil.rmtree(temp, ignore_errors=True)
         raise CheckpointError(f"model {ref}: not found in the registry ({e})") from e
-    return ModelRef(ref, path, mv.run_id, mv.name, str(mv.version), dict(mv.tags or {}))
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return ModelRef(ref, path, mv.run_id, mv.name, str(mv.version), dict(mv.tags or {}), temp)

@@ -5,6 +5,13 @@ Images and captions are encoded once (a chunk per tile row or column, shared out
 actors); a tile is scored from the encodings of its row and column, so an actor's memory is
 bounded by the tile size, not by the split. Each finished tile is written under the output
 location at once; a rerun with the same location skips the tiles already there.
+
+Nothing is reported that was not computed: the assembled matrices start as NaN, a stored tile
+is used only when it reads back whole, of the tile's shape and finite (else it is recomputed),
+and :func:`check_complete` refuses a matrix with a cell left unfilled. A store whose
+``plan.json`` is not this evaluation's (another fingerprint: other data, model, precision,
+device kind, tile sizes...), is unreadable, or is missing while tiles are there, has its tiles
+deleted and recomputed.
 """
 
 from __future__ import annotations
@@ -13,19 +20,26 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from shan.data import fs
 from shan.errors import JobError
 
 SCORES = ("total", "l2l", "g2l", "g2g")
+PLAN_FILE = "plan.json"
+TILE_NAME = re.compile(r"^tile-r(\d{5})-c(\d{5})\.npz$")
+TILE_TMP = re.compile(r"^(tile-r\d{5}-c\d{5}\.npz|plan\.json)\.tmp-\d+$")  # a killed write
 
 
 @dataclass
@@ -38,7 +52,15 @@ class Plan:
     tile_images: int
     tile_captions: int
     caption_order: list[int]
-    fingerprint: str  # model(s) + data: tiles of another evaluation are never reused
+    fingerprint: str  # what the tiles depend on: tiles of another evaluation are never reused
+
+    def __post_init__(self) -> None:
+        if self.tile_images < 1 or self.tile_captions < 1:
+            raise JobError(
+                f"tile sizes must be at least 1 (got {self.tile_images} x {self.tile_captions})"
+            )
+        if sorted(self.caption_order) != list(range(self.n_captions)):
+            raise JobError("caption_order must be a permutation of the captions")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,30 +77,96 @@ class Plan:
         order = self.caption_order
         return np.asarray(order[c * self.tile_captions : (c + 1) * self.tile_captions])
 
+    def tile_shape(self, r: int, c: int) -> tuple[int, int]:
+        rows = self.rows(r)
+        return rows.stop - rows.start, len(self.cols(c))
+
 
 def fingerprint(*parts: bytes | str) -> str:
+    """A digest of ``parts``, each length-prefixed (so no two lists of parts collide)."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(p.encode() if isinstance(p, str) else p)
-    return h.hexdigest()[:16]
+        b = p.encode() if isinstance(p, str) else bytes(p)
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:32]
+
+
+def tile_problem(plan: Plan, r: int, c: int, tile: object) -> str | None:
+    """Why ``tile`` cannot be tile (r, c) of ``plan`` (None: it can)."""
+    if not isinstance(tile, dict):
+        return f"not a set of matrices ({type(tile).__name__})"
+    want = plan.tile_shape(r, c)
+    for k in SCORES:
+        a = tile.get(k)
+        if a is None:
+            return f"no {k!r} matrix"
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+            return f"{k!r} is not a floating-point matrix"
+        if a.shape != want:
+            return f"{k!r} has shape {a.shape}, expected {want}"
+        if not np.isfinite(a).all():
+            return f"{k!r} holds NaN or infinite values"
+    return None
 
 
 class TileStore:
-    """``ROOT/plan.json`` and one ``.npz`` per finished tile."""
+    """``ROOT/plan.json`` and one ``.npz`` per finished tile.
 
-    def __init__(self, root: str, plan: Plan):
-        self.root, self.plan = root, plan
-        out = root
-        plan_file = fs.join(self.root, "plan.json")
-        if fs.exists(plan_file):
-            old = json.loads(fs.read_bytes(plan_file))
-            if old != asdict(plan):
-                raise JobError(
-                    f"{out} holds tiles of another evaluation (other model, data or tile "
-                    "sizes); use another --out or delete its tiles/ folder"
-                )
-        else:
-            fs.write_bytes(plan_file, json.dumps(asdict(plan)).encode())
+    Opening a store whose plan is not ``plan`` (or is unreadable, or is missing while tiles are
+    there) deletes its tiles: they are this project's own files, of another evaluation.
+    ``guard`` is called before each write (the output lock checks it is still held)."""
+
+    def __init__(
+        self,
+        root: str,
+        plan: Plan,
+        log: Callable[[str], None] = print,
+        guard: Callable[[], None] | None = None,
+    ):
+        self.root, self.plan, self.log, self.guard = root, plan, log, guard
+        old, why = self._read_plan()
+        if old != asdict(plan):
+            if why is not None or self.listed() or self._temporaries():
+                self.log(f"{root}: {why or 'tiles of another evaluation'}; recomputing them")
+            self.clear()
+            self._write(fs.join(root, PLAN_FILE), json.dumps(asdict(plan)).encode())
+
+    def _read_plan(self) -> tuple[dict | None, str | None]:
+        """(stored plan, None) or (None, why it is unusable); (None, None): no plan.json."""
+        path = fs.join(self.root, PLAN_FILE)
+        if not fs.exists(path):
+            return None, None
+        try:
+            data = json.loads(fs.read_bytes(path))
+        except (fs.StorageError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError
+            return None, f"its {PLAN_FILE} is unreadable ({type(e).__name__})"
+        if not isinstance(data, dict) or set(data) != {f for f in Plan.__dataclass_fields__}:
+            return None, f"its {PLAN_FILE} is not a tile plan"
+        return data, None
+
+    def _names(self) -> list[str]:
+        filesystem, path = fs.filesystem(self.root)
+        try:
+            infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError as e:
+            raise fs.StorageError(f"cannot list {self.root}: {e}") from e
+        return [i.base_name for i in infos if i.type == pafs.FileType.File]
+
+    def listed(self) -> set[tuple[int, int]]:
+        """The tiles that have a file (readable or not)."""
+        return {(int(m[1]), int(m[2])) for n in self._names() if (m := TILE_NAME.match(n))}
+
+    def _temporaries(self) -> list[str]:
+        return [n for n in self._names() if TILE_TMP.match(n)]
+
+    def clear(self) -> None:
+        """Delete this store's plan and tiles (its own files only, by name)."""
+        if self.guard is not None:
+            self.guard()
+        for name in self._names():
+            if name == PLAN_FILE or TILE_NAME.match(name) or TILE_TMP.match(name):
+                fs.delete_tree(fs.join(self.root, name))
 
     def _path(self, r: int, c: int) -> str:
         return fs.join(self.root, f"tile-r{r:05d}-c{c:05d}.npz")
@@ -86,29 +174,98 @@ class TileStore:
     def done(self, r: int, c: int) -> bool:
         return fs.exists(self._path(r, c))
 
-    def save(self, r: int, c: int, sims: dict[str, np.ndarray]) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, **sims)
-        path = self._path(r, c)
+    def _write(self, path: str, data: bytes) -> None:
+        if self.guard is not None:
+            self.guard()
         if fs.is_remote(path):
-            fs.write_bytes(path, buf.getvalue())  # an S3 put is atomic
+            fs.write_bytes(path, data)  # an S3 put is atomic
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        Path(tmp).write_bytes(buf.getvalue())
-        os.replace(tmp, path)  # never a half-written tile
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)  # never a half-written file
 
-    def load(self, r: int, c: int) -> dict[str, np.ndarray]:
-        with np.load(io.BytesIO(fs.read_bytes(self._path(r, c)))) as z:
-            return {k: z[k] for k in SCORES}
+    def save(self, r: int, c: int, sims: dict[str, np.ndarray]) -> None:
+        why = tile_problem(self.plan, r, c, sims)
+        if why is not None:
+            raise JobError(f"tile ({r}, {c}) is not saved: {why}")
+        buf = io.BytesIO()
+        np.savez(buf, **{k: sims[k] for k in SCORES})
+        self._write(self._path(r, c), buf.getvalue())
+
+    def load(self, r: int, c: int) -> dict[str, np.ndarray] | None:
+        """Tile (r, c), or None (and a log line) when it is missing, unreadable, of another
+        shape or not finite: such a tile is recomputed, never used."""
+        path = self._path(r, c)
+        try:
+            with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
+                tile = {k: z[k] for k in SCORES if k in z.files}
+        except (fs.StorageError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            self.log(f"{path}: unreadable ({type(e).__name__}); recomputing it")
+            return None
+        why = tile_problem(self.plan, r, c, tile)
+        if why is not None:
+            self.log(f"{path}: {why}; recomputing it")
+            return None
+        return tile
+
+
+def empty_matrices(plan: Plan) -> dict[str, np.ndarray]:
+    """NaN everywhere: a cell that no tile fills is never mistaken for a score."""
+    return {k: np.full((plan.n_images, plan.n_captions), np.nan, dtype=np.float32) for k in SCORES}
+
+
+def place(plan: Plan, sims: dict[str, np.ndarray], r: int, c: int, tile: dict) -> None:
+    why = tile_problem(plan, r, c, tile)
+    if why is not None:
+        raise JobError(f"tile ({r}, {c}): {why}")
+    rows, cols = plan.rows(r), plan.cols(c)
+    for k in SCORES:
+        sims[k][rows, cols] = tile[k]
+
+
+def load_finished(plan: Plan, store: TileStore) -> tuple[dict[str, np.ndarray], list]:
+    """(matrices holding every usable stored tile, NaN elsewhere; the tiles still to score)."""
+    sims, todo = empty_matrices(plan), []
+    listed = store.listed()
+    for r, c in plan.tiles():
+        tile = store.load(r, c) if (r, c) in listed else None
+        if tile is None:
+            todo.append((r, c))
+        else:
+            place(plan, sims, r, c, tile)
+    return sims, todo
+
+
+def check_complete(plan: Plan, sims: dict[str, np.ndarray], what: str = "the matrix") -> None:
+    """JobError unless every cell of every matrix is filled and finite."""
+    want = (plan.n_images, plan.n_captions)
+    for k in SCORES:
+        a = sims.get(k)
+        if a is None or a.shape != want:
+            got = None if a is None else a.shape
+            raise JobError(f"{what} ({k}) has shape {got}, expected {want}")
+        if np.isfinite(a).all():
+            continue
+        bad = [
+            (r, c)
+            for r, c in plan.tiles()
+            if not np.isfinite(a[plan.rows(r)][:, plan.cols(c)]).all()
+        ]
+        more = " ..." if len(bad) > 5 else ""
+        raise JobError(
+            f"{what} is incomplete: {int((~np.isfinite(a)).sum())} {k} scores are missing or "
+            f"not finite (tiles {bad[:5]}{more}); no metrics were written"
+        )
 
 
 class TileScorer:
-    """A Ray actor holding one model; encodes chunks and scores tiles."""
+    """A Ray actor holding the models; encodes chunks and scores tiles."""
 
     def __init__(
         self, checkpoints: list[dict[str, bytes]], threads: int, bf16: bool, block: int | None
     ):
+        import ray
         import torch
 
         from shan.checkpoint import load_model
@@ -116,17 +273,27 @@ class TileScorer:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bf16, self.block, self.models = bf16, block, []
-        import ray
-
         for files in checkpoints:
             files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
             d = Path(tempfile.mkdtemp(prefix="shan-ckpt-"))
-            for name, data in files.items():
-                (d / name).write_bytes(data)
-            self.models.append(load_model(d, self.device)[0])
+            try:
+                for name, data in files.items():
+                    (d / name).write_bytes(data)
+                self.models.append(load_model(d, self.device)[0])
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
 
     def pid(self) -> int:
         return os.getpid()
+
+    def device_kind(self) -> tuple[str, str]:
+        """(device kind: ``cpu`` or ``cuda:<GPU name>``, effective precision)."""
+        import torch
+
+        if self.device.type == "cuda":
+            kind = f"cuda:{torch.cuda.get_device_name(self.device)}"
+            return kind, "bf16" if self.bf16 else "float32"
+        return "cpu", "float32"  # bf16 is used on CUDA only
 
     def encode_images(self, m: int, features: np.ndarray, counts: np.ndarray):
         import torch
@@ -216,6 +383,26 @@ def start_pool(
     return Pool(actors, refs)
 
 
+def device_kinds(pool: Pool, timeout: float) -> tuple[str, str]:
+    """(device kinds of the actors, effective precisions), each a sorted comma-joined list;
+    a JobError when the actors fail or do not start within ``timeout`` seconds."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from shan.train.driver import worker_error
+
+    try:
+        got = ray.get([a.device_kind.remote() for a in pool.actors], timeout=timeout)
+    except GetTimeoutError:
+        raise JobError(
+            f"the {len(pool.actors)} evaluation actor(s) did not start within {timeout:g} s: "
+            "the cluster cannot fit them (see --actors, --cpus-per-actor, --gpus-per-actor)"
+        ) from None
+    except RayActorError as e:
+        raise JobError(f"the evaluation actors failed to start: {worker_error(e)}") from None
+    return ",".join(sorted({k for k, _ in got})), ",".join(sorted({p for _, p in got}))
+
+
 def compute(
     pool: Pool,
     plan: Plan,
@@ -226,23 +413,23 @@ def compute(
     model_index: int = 0,
     on_tile: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score every tile not yet in ``store`` and assemble the full matrices."""
+    """Score every tile that ``store`` does not hold usable and assemble the full matrices
+    (checked complete and finite)."""
     import ray
     from ray.exceptions import RayActorError
 
-    rows, cols = plan.shape
-    todo = [t for t in plan.tiles() if not store.done(*t)]
-    need_r, need_c = {r for r, _ in todo}, {c for _, c in todo}
+    sims, todo = load_finished(plan, store)
+    need_r, need_c = sorted({r for r, _ in todo}), sorted({c for _, c in todo})
     a = pool.actors
     img = {
-        r: a[r % len(a)].encode_images.remote(
+        r: a[i % len(a)].encode_images.remote(
             model_index, features[plan.rows(r)], counts[plan.rows(r)]
         )
-        for r in need_r
+        for i, r in enumerate(need_r)
     }
     cap = {
-        c: a[c % len(a)].encode_captions.remote(model_index, [tokens[j] for j in plan.cols(c)])
-        for c in need_c
+        c: a[i % len(a)].encode_captions.remote(model_index, [tokens[j] for j in plan.cols(c)])
+        for i, c in enumerate(need_c)
     }
     bar = ProgressBar(
         len(plan.tiles()), plan.tile_images * plan.tile_captions, len(plan.tiles()) - len(todo)
@@ -262,7 +449,7 @@ def compute(
         ready, _ = ray.wait(list(pending), num_returns=1)
         actor, tile = pending.pop(ready[0])
         try:
-            sims = ray.get(ready[0])
+            scores = ray.get(ready[0])
         except RayActorError:
             queue.append(tile)  # the actor died mid-tile: the tile is redone
             failures[id(actor)] += 1
@@ -272,13 +459,18 @@ def compute(
                 raise JobError("every evaluation actor died; see the Ray logs") from None
             submit(actor if actor in alive else min(alive, key=_load(pending)))
             continue
-        store.save(*tile, sims)
+        why = tile_problem(plan, *tile, scores)
+        if why is not None:
+            raise JobError(f"model {model_index} scored tile {tile} wrong: {why}")
+        store.save(*tile, scores)
+        place(plan, sims, *tile, scores)
         finished += 1
         bar.update()
         if on_tile is not None:
             on_tile(finished)
         submit(actor)
-    return assemble(plan, store)
+    check_complete(plan, sims)
+    return sims
 
 
 def _load(pending: dict):
@@ -286,10 +478,9 @@ def _load(pending: dict):
 
 
 def assemble(plan: Plan, store: TileStore) -> dict[str, np.ndarray]:
-    out = {k: np.empty((plan.n_images, plan.n_captions), dtype=np.float32) for k in SCORES}
-    for r, c in plan.tiles():
-        tile = store.load(r, c)
-        rows, cols = plan.rows(r), plan.cols(c)
-        for k in SCORES:
-            out[k][rows, cols] = tile[k]
-    return out
+    """The matrices from the stored tiles alone; JobError when a tile is missing or bad."""
+    sims, todo = load_finished(plan, store)
+    if todo:
+        raise JobError(f"{store.root}: {len(todo)} tile(s) missing or unusable, e.g. {todo[0]}")
+    check_complete(plan, sims)
+    return sims

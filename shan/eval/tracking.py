@@ -78,7 +78,8 @@ def promote(
 ) -> dict:
     """Evaluate ``candidate`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``), compare it
     with the version holding ``alias`` on the same split and protocol, and move the alias when
-    the candidate's rsum is higher. ``evaluate(ref) -> (result, eval run id)``."""
+    the candidate's rsum is higher. ``evaluate(ref) -> (result, eval run id)``. A candidate that
+    already holds ``alias`` is "unchanged" (never reported as promoted), not evaluated again."""
     from mlflow.exceptions import MlflowException
 
     if not candidate.startswith("models:/"):
@@ -92,6 +93,10 @@ def promote(
     except MlflowException as e:
         raise JobError(f"{candidate}: not found in the registry ({e})") from e
     tag = eval_tag(split, protocol)
+    holder = _holder(c, name, alias)
+    if holder is not None and holder.version == cand.version:
+        log(f"{name} version {cand.version} already holds {alias!r}; nothing to promote")
+        return {"decision": "unchanged", "version": cand.version, "alias": alias}
     if tag in (cand.tags or {}):
         log(
             f"{name} version {cand.version} was already evaluated on {split} ({protocol}): "
@@ -125,8 +130,9 @@ def promote(
         "split": split,
         "protocol": protocol,
     }
-    c.set_tag(run_id, "shan.promotion", decision["decision"])
-    c.log_dict(run_id, decision, "promotion.json")
+    if run_id:
+        c.set_tag(run_id, "shan.promotion", decision["decision"])
+        c.log_dict(run_id, decision, "promotion.json")
     log(json.dumps(decision))
     return decision
 

@@ -1,6 +1,8 @@
 """The training driver: data, MLflow run, Ray Train ``TorchTrainer``, and what is logged after.
 
-``run_training`` is what ``jobs/train.py`` calls. It never parses the command line.
+``run_training`` is what ``jobs/train.py`` calls. It never parses the command line. Everything
+that can be checked is checked before Ray starts or an MLflow run is touched: the config, the
+data set, the tracking server, the local checkpoint folder, the run's name and state.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shan.checkpoint import CONFIG_FILE, MODEL_FILE, VOCAB_FILE
 from shan.config import Config
+from shan.data import fs
 from shan.data.format import load_card, load_vocab
-from shan.errors import JobError
+from shan.errors import USER_ERRORS, JobError, from_record
 from shan.evaluation import unflat_metrics
 from shan.metrics import format_table
 from shan.train import scaling, tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DATA = ROOT / "datasets" / "demo"
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE)  # all a local checkpoint copy holds
 
 
 @dataclass
@@ -45,8 +50,47 @@ def ensure_demo_data(log=print) -> str:
     return str(DEMO_DATA)
 
 
-def new_run_name(cfg: Config) -> str:
-    return f"shan-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+def new_run_name(cfg: Config, taken=lambda name: False) -> str:
+    """``shan-<config>-<time>-<8 hex digits>``, one that ``taken`` does not know."""
+    for _ in range(20):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"shan-{cfg.name[:50]}-{stamp}-{secrets.token_hex(4)}"
+        if not taken(name):
+            return name
+    raise JobError("found no unused run name in 20 tries")
+
+
+def storage_root(cfg: Config) -> str:
+    """Ray Train's storage: ``tracking.storage_path`` (absolute), else Ray's default."""
+    storage = cfg.tracking.storage_path
+    if storage is None:
+        return os.path.expanduser("~/ray_results")  # ray.train.constants.DEFAULT_STORAGE_PATH
+    return storage if fs.is_remote(storage) else str(Path(storage).absolute())
+
+
+def checkpoint_dir(run_name: str) -> Path:
+    """Where the best checkpoint of run ``run_name`` is copied: ``./checkpoints/<run>``."""
+    return Path.cwd() / "checkpoints" / run_name
+
+
+def check_checkpoint_dir(dest: Path) -> None:
+    """``dest`` may be replaced only when it is absent or a checkpoint copy this project wrote
+    (a real folder holding only model.pt, config.yaml and vocab.json)."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    extra = None
+    if dest.is_symlink() or not dest.is_dir():
+        extra = "it is not a folder"
+    else:
+        for entry in sorted(dest.iterdir()):
+            if entry.name not in CHECKPOINT_FILES or entry.is_symlink() or not entry.is_file():
+                extra = f"it holds {entry.name}"
+                break
+    if extra:
+        raise JobError(
+            f"{dest} exists and is not a checkpoint folder of this project ({extra}), so the "
+            "run's checkpoint would replace it: move it away or choose another --name"
+        )
 
 
 def check_data(cfg: Config, root: str):
@@ -80,19 +124,42 @@ def init_ray(log=print):
     return ray
 
 
-def worker_error(e: Exception) -> str:
-    """The most useful line of a Ray Train failure: the worker's own error when there is one."""
-    text = str(e)
-    for marker in ("JobError: ", "DataError: ", "ValueError: ", "RuntimeError: "):
-        if marker in text:
-            return text.rsplit(marker, 1)[1].strip().splitlines()[0]
-    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+def worker_errors(e: BaseException) -> list[tuple[int, BaseException]]:
+    """(rank, exception) of each worker of a Ray Train ``WorkerGroupError``, by type: Ray
+    hands the worker's own exception back, wrapped with its traceback text."""
+    failures = getattr(e, "worker_failures", None) or {}
+    out = []
+    for rank, error in sorted(failures.items()):
+        base = getattr(error, "_base_exc", None)  # ray.train's UserExceptionWithTraceback
+        out.append((rank, base if isinstance(base, BaseException) else error))
+    return out
+
+
+def failure_line(e: BaseException) -> str:
+    """One line for a Ray failure that is not a user error: the first failed worker's rank,
+    error type and message (or the controller's error, or the exception's last line)."""
+    errors = worker_errors(e)
+    if errors:
+        rank, error = errors[0]
+        text = str(error).strip().splitlines()
+        return f"worker rank {rank}: {type(error).__name__}" + (f": {text[0]}" if text else "")
+    cause = getattr(e, "controller_failure", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}" + (f": {text[-1]}" if text else "")
+
+
+worker_error = failure_line  # the name shan.eval.tiles imports
 
 
 def run_training(
     cfg: Config, data: str | None = None, register: str | None = None, log=print
 ) -> TrainingResult:
     """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set)."""
+    cfg.validate()
+    if cfg.tracking.run_name:  # a generated name is one whose folder does not exist
+        check_checkpoint_dir(checkpoint_dir(cfg.tracking.run_name))
     root = data or cfg.data.path or ensure_demo_data(log)
     cfg.data.path = root
     card, vocab = check_data(cfg, root)
@@ -103,7 +170,8 @@ def run_training(
         glove = load_glove(cfg.model.glove_path, vocab, cfg.model.word_dim, seed=cfg.seed)
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
-    run_name = cfg.tracking.run_name or new_run_name(cfg)
+    storage = storage_root(cfg)
+    run_name = cfg.tracking.run_name or new_run_name(cfg, lambda n: _taken(cfg, uri, storage, n))
     cfg.tracking.run_name = run_name
     run_id = tracking.start_run(
         uri,
@@ -112,22 +180,58 @@ def run_training(
         cfg.flat(),
         {"shan.data": root, "shan.config": cfg.name},
     )
-    log(f"MLflow: run {run_id} ({run_name}) at {uri}")
-    try:
-        result = _fit(cfg, root, card, vocab, glove, uri, run_id, log)
-        out = _log_outcome(cfg, uri, run_id, run_name, vocab, result, register, log)
-    except BaseException as e:
-        tracking.end_run(
-            uri, run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
-        )
-        if isinstance(e, JobError | KeyboardInterrupt):
-            raise
-        raise JobError(f"training failed: {worker_error(e)}") from e
+    log(f"MLflow: run {run_id} ({run_name}) at {tracking.redact(uri)}")
+    box = tracking.FatalBox(uri, run_id, secrets.token_hex(8))
+    with tracking.Heartbeat(uri, run_id):
+        try:
+            result = _fit(cfg, root, storage, card, vocab, glove, uri, run_id, box.token, log)
+            out = _log_outcome(cfg, uri, run_id, run_name, vocab, result, register, log)
+        except BaseException as e:
+            error = _as_user_error(e, box)
+            _end_failed(uri, run_id, error, log)
+            if error is e:
+                raise
+            raise error from (None if isinstance(error, USER_ERRORS) else e)
     tracking.end_run(uri, run_id, "FINISHED")
     return out
 
 
-def _fit(cfg, root, card, vocab, glove, uri, run_id, log):
+def _taken(cfg: Config, uri: str, storage: str, name: str) -> bool:
+    """Whether a generated run name is in use: an MLflow run, Ray storage or a local copy."""
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None and tracking.runs_named(c, exp.experiment_id, name):
+        return True
+    return fs.exists(fs.join(storage, name)) or checkpoint_dir(name).exists()
+
+
+def _as_user_error(e: BaseException, box) -> BaseException:
+    """The error to raise for training failure ``e``: a user error a worker left in the box
+    (as its own type), a user error as it is, else a JobError with the failure's line."""
+    if isinstance(e, (KeyboardInterrupt, *USER_ERRORS)):
+        return e
+    try:
+        record = box.read()
+    except Exception:  # the tracking server is gone: the failure itself says more
+        record = None
+    if record is not None:
+        return from_record(record)
+    for _, error in worker_errors(e):
+        if isinstance(error, USER_ERRORS):
+            return error
+    return JobError(f"training failed: {failure_line(e)}")
+
+
+def _end_failed(uri: str, run_id: str, error: BaseException, log) -> None:
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    line = "; ".join(str(error).splitlines()) or type(error).__name__
+    try:
+        tracking.end_run(uri, run_id, status, error=line, kind=type(error).__name__)
+    except Exception as e:  # the training's own error matters more
+        log(f"could not mark MLflow run {run_id} {status}: {type(e).__name__}")
+
+
+def _fit(cfg, root, storage, card, vocab, glove, uri, run_id, token, log):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
@@ -147,13 +251,11 @@ def _fit(cfg, root, card, vocab, glove, uri, run_id, log):
         "glove": None if glove is None else glove.tolist(),
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
+        "fit_token": token,
         "data_root": root,
         "torch_threads": res.torch_threads,
         "train_captions": card.splits[cfg.data.train_split].captions,
     }
-    storage = cfg.tracking.storage_path
-    if storage and not storage.startswith("s3://"):
-        storage = str(Path(storage).absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -172,7 +274,11 @@ def _fit(cfg, root, card, vocab, glove, uri, run_id, log):
         ),
         datasets={"train": open_split(root, cfg.data.train_split).randomize_block_order()},
     )
-    return trainer.fit()
+    result = trainer.fit()
+    record = tracking.FatalBox(uri, run_id, token).read()
+    if record is not None:  # the workers stopped together on a user error
+        raise from_record(record)
+    return result
 
 
 def _best(result):
@@ -199,17 +305,33 @@ def _log_outcome(cfg, uri, run_id, run_name, vocab, result, register, log) -> Tr
         c.log_artifact(run_id, str(Path(tmp) / "best_metrics.json"))
         c.set_tag(run_id, "shan.best_epoch", str(best_metrics["epoch"]))
         c.log_metric(run_id, "best/val_rsum", best_metrics["val/rsum"])
-        saved = _keep_local_copy(local, run_name)
+        saved = _keep_local_copy(local, run_name, log)
     if register:
         version = register_checkpoint(c, run_id, register)
         log(f"registered {register} version {version}")
     return TrainingResult(run_name, run_id, uri, saved, best_metrics, table)
 
 
-def _keep_local_copy(local: str, run_name: str) -> str:
-    dest = Path.cwd() / "checkpoints" / run_name
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(local, dest)
+def _keep_local_copy(local: str, run_name: str, log=print) -> str:
+    """Copy the checkpoint's files to ``./checkpoints/<run>``: written beside it first, then
+    swapped in, replacing only a checkpoint folder of this project (checked again now)."""
+    dest = checkpoint_dir(run_name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{run_name}.new-", dir=dest.parent))
+    for name in CHECKPOINT_FILES:
+        shutil.copy2(Path(local) / name, new / name)
+    try:
+        check_checkpoint_dir(dest)
+    except JobError:
+        log(f"{dest} changed during training: the checkpoint copy stays in {new}")
+        return str(new)
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{run_name}.old-{secrets.token_hex(4)}"
+        dest.rename(old)
+    new.rename(dest)
+    if old is not None:
+        shutil.rmtree(old)
     return str(dest)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shan.config import ScalingConfig
+from shan.config import ConfigError, ScalingConfig
 
 
 @dataclass
@@ -41,9 +41,9 @@ def resolve(sc: ScalingConfig, cluster: dict[str, float]) -> Resources:
     per_cpu = sc.cpus_per_worker or max(0.25, min(8.0, (cpus - spare) / num))
     per_cpu = round(per_cpu, 2)
     if per_cpu * num > cpus:
-        raise ValueError(
-            f"{num} workers x {per_cpu} CPU exceed the cluster's {cpus:g} CPUs; "
-            "lower scaling.num_workers or scaling.cpus_per_worker"
+        raise ConfigError(
+            f"scaling.num_workers x scaling.cpus_per_worker ({num} x {per_cpu:g} CPU) exceed "
+            f"the cluster's {cpus:g} CPUs: lower one of them"
         )
     threads = max(1, int(cpus // num)) if not use_gpu else max(1, int(per_cpu))
     return Resources(num, bool(use_gpu), per_cpu, sc.gpus_per_worker if use_gpu else 0.0, threads)

@@ -1,5 +1,15 @@
 """The loop each Ray Train worker runs: DDP training of SHAN with the triplet loss, validation
-sharded over the workers after each epoch, and a checkpoint reported through Ray Train."""
+sharded over the workers after each epoch, and a checkpoint reported through Ray Train.
+
+User errors (a non-finite loss, a damaged data file, ...) would recur on a retry, so they end
+the run instead of restarting the workers: at each step the ranks agree, with the all-reduce
+that already tells them whether every rank has a batch, on whether any rank failed; then all
+leave the loop together, rank 0 leaves the first error (type and message) in a tag of the
+MLflow run (:class:`~shan.train.tracking.FatalBox`), and the loop returns normally, so Ray Train
+does not retry it. The driver raises the same error type. A user error raised outside the steps
+is left in the box too and fails the worker group; should Ray Train restart it, the new workers
+find the error in the box and stop at once. A worker that dies is restarted as before.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +30,11 @@ import torch.distributed as dist
 from shan.checkpoint import MODEL_FILE, save_checkpoint
 from shan.config import Config, config_from_dict
 from shan.data.reader import ExampleStream, read_split
-from shan.errors import JobError
+from shan.errors import BY_NAME, USER_ERRORS, JobError, to_record
 from shan.evaluation import autocast, flat_metrics, score_matrix, split_metrics
 from shan.loss import TripletLoss
 from shan.model import SHAN
-from shan.train.tracking import MetricLogger
+from shan.train.tracking import FatalBox, MetricLogger
 from shan.vocab import Vocabulary
 
 
@@ -33,6 +43,17 @@ def say(line: str) -> None:
     version that both prints and logs, so each printed line reached the driver twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+GO, DONE, FAIL = 2, 1, 0  # a rank's state at a step; the ranks agree on the minimum
+
+
+class Stop(Exception):
+    """Every rank leaves the loop together: some rank raised ``error`` (None on the others)."""
+
+    def __init__(self, error: BaseException | None):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -76,6 +97,8 @@ def build_worker(loop_cfg: dict) -> Worker:
     vocab = Vocabulary.from_json(loop_cfg["vocab"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.debug.fail_with and cfg.debug.fail_at_step is None and rank == world - 1:
+        raise BY_NAME[cfg.debug.fail_with](f"debug: {cfg.debug.fail_with} on rank {rank} at start")
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_cfg["torch_threads"])
     torch.manual_seed(cfg.seed)
@@ -120,13 +143,24 @@ def restore(w: Worker) -> None:
         w.logger.log({"train/resumed_at_epoch": w.progress.epoch}, step=w.progress.step)
 
 
-def all_ranks_have(w: Worker, have: bool) -> bool:
-    """True while every rank still has a batch (DDP needs equal step counts)."""
+def agree(w: Worker, state: int) -> int:
+    """The lowest ``state`` of all ranks: FAIL if any rank failed, else DONE if any rank has
+    no batch left (DDP needs equal step counts), else GO."""
     if w.world == 1:
-        return have
-    flag = torch.tensor([1 if have else 0], device=w.device)
+        return state
+    flag = torch.tensor([state], device=w.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return int(flag.item())
+
+
+def first_error(w: Worker, error: BaseException | None) -> dict:
+    """The record (type, message) of the lowest rank's error, on every rank."""
+    record = to_record(error) if error is not None else None
+    if w.world > 1:
+        parts: list = [None] * w.world
+        dist.all_gather_object(parts, record)
+        record = next((p for p in parts if p), None)
+    return record or {"type": "JobError", "message": "a worker stopped the run"}
 
 
 def maybe_inject_failure(w: Worker) -> None:
@@ -142,7 +176,17 @@ def maybe_inject_failure(w: Worker) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_step(w: Worker, batch) -> float:
+def maybe_inject_error(w: Worker) -> None:
+    """Test hook: the last rank raises ``debug.fail_with`` at ``debug.fail_at_step``."""
+    d = w.cfg.debug
+    if d.fail_with and d.fail_at_step == w.progress.step and w.rank == w.world - 1:
+        raise BY_NAME[d.fail_with](
+            f"debug: {d.fail_with} on rank {w.rank} at step {w.progress.step}"
+        )
+
+
+def forward(w: Worker, batch) -> torch.Tensor:
+    """The batch's loss (not yet checked)."""
     b = batch.to(w.device)
     sc = w.cfg.scaling
     with autocast(w.device, sc.bf16):
@@ -155,13 +199,27 @@ def train_step(w: Worker, batch) -> float:
             checkpoint=sc.checkpoint_blocks,
         )
         loss = w.loss_fn(scores, b.image_ids)
-    if w.cfg.debug.nan_at_step == w.progress.step:
+    if w.cfg.debug.nan_at_step == w.progress.step and w.rank == w.world - 1:
         loss = loss * float("nan")
+    return loss
+
+
+def check_loss(w: Worker, loss: torch.Tensor) -> None:
+    """Every rank goes on only when every rank's loss is finite (before backward, whose
+    gradient all-reduce would otherwise wait for the rank that stopped)."""
+    error = None
     if not torch.isfinite(loss):
-        raise JobError(
+        error = JobError(
             f"non-finite loss ({loss.item()}) at epoch {w.progress.epoch + 1}, "
             f"step {w.progress.step}: lower optim.lr or check the data"
         )
+    if agree(w, FAIL if error else GO) == FAIL:
+        raise Stop(error)
+
+
+def train_step(w: Worker, batch) -> float:
+    loss = forward(w, batch)
+    check_loss(w, loss)
     w.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(w.core.parameters(), w.cfg.optim.grad_clip)
@@ -185,9 +243,17 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
     t_log, ex_log = t_start, 0
     while True:
         t0 = time.perf_counter()
-        batch = next(batches, None)
+        error = None
+        try:
+            maybe_inject_error(w)
+            batch = next(batches, None)
+        except USER_ERRORS as e:  # a damaged file, ...: every rank stops with it
+            error, batch = e, None
         wait += time.perf_counter() - t0
-        if not all_ranks_have(w, batch is not None):
+        state = agree(w, FAIL if error else GO if batch is not None else DONE)
+        if state == FAIL:
+            raise Stop(error)
+        if state == DONE:
             break
         lr = lr_at(cfg, epoch, w.progress.step)
         for group in w.optimizer.param_groups:
@@ -211,10 +277,12 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
             )
     for _ in batches:  # drain what is left, so that the next epoch starts clean
         pass
-    if not losses:
-        raise JobError(
-            "this worker got no training batch: the train split is smaller than "
-            "workers x batch size"
+    if not losses:  # the ranks stopped at the same step, so all of them are here
+        raise Stop(
+            JobError(
+                "this worker got no training batch: the train split is smaller than "
+                "workers x batch size"
+            )
         )
     seconds = time.perf_counter() - t_start
     return {
@@ -277,9 +345,30 @@ def report(w: Worker, metrics: dict[str, float]) -> None:
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Entry point given to ``TorchTrainer``."""
+    box = FatalBox(loop_cfg["mlflow_uri"], loop_cfg["mlflow_run_id"], loop_cfg["fit_token"])
+    if box.read() is not None:
+        return  # a user error ended this training; the driver raises it
+    try:
+        train(loop_cfg, box)
+    except USER_ERRORS as e:  # raised outside the steps: the other ranks may be anywhere
+        box.write(to_record(e))
+        raise
+
+
+def train(loop_cfg: dict, box: FatalBox) -> None:
+    w = build_worker(loop_cfg)
+    try:
+        run_epochs(w, loop_cfg)
+    except Stop as stop:  # every rank is here
+        record = first_error(w, stop.error)
+        if w.rank == 0:
+            say(f"stopping the run: {record['type']}: {record['message']}")
+            box.write(record)
+
+
+def run_epochs(w: Worker, loop_cfg: dict) -> None:
     import ray.train
 
-    w = build_worker(loop_cfg)
     validator = Validator(w, loop_cfg["data_root"])
     shard = ray.train.get_dataset_shard("train")
     steps_hint = loop_cfg["train_captions"] // (w.cfg.optim.batch_size * w.world)
