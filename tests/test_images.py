@@ -21,6 +21,7 @@ from shan.features import ExtractorSpec
 from tests.cli import run_job
 from tests.helpers import make_images
 
+pytestmark = pytest.mark.filterwarnings("ignore:no GloVe vectors")
 SPEC = ExtractorSpec(arch="resnet50", size=64, grid=2)  # 4 regions of 2048-d, fast on CPU
 SPLITS = lambda i: "train" if i < 4 else "test"  # noqa: E731
 
@@ -63,7 +64,7 @@ def test_a_shan_trains_a_step_on_it(converted):
     first = np.array([np.flatnonzero(data.caption_image == i)[0] for i in range(4)])
     feats = torch.from_numpy(data.features.astype(np.float32))
     tokens, lengths = pad_tokens([data.tokens[c] for c in first])
-    scores = model(feats, torch.from_numpy(data.num_regions), tokens, lengths)
+    scores = model(feats, torch.tensor(data.num_regions), tokens, lengths)
     loss = TripletLoss(LossConfig())(scores, image_ids=torch.arange(4))
     loss.backward()
     grad = model.img_fc.weight.grad  # the 2048 -> d image encoder
