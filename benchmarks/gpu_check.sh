@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's GPU checks, one short script for a machine with one CUDA GPU (run from the
-# repository root). Needs python3 with torch, numpy, pyarrow and pyyaml; no Ray or MLflow.
+# repository root). Needs python3 with torch, numpy, pyarrow and pyyaml; no Ray or MLflow
+# (except section 5: Ray, Pillow, and torchvision for the detector).
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -41,3 +42,7 @@ $py benchmarks/train_gpu.py --steps 10 scaling.checkpoint_blocks=true || echo "f
 
 echo "== 4. evaluation: a slice of a COCO-5K-sized matrix =="
 $py benchmarks/eval_gpu.py --images 500 --captions 5000 --blocks 64 128
+
+echo "== 5. image features: images/s per GPU for each extractor (detector needs torchvision) =="
+$py benchmarks/extract.py --images 256 --size 448 --batch 16 --arch resnet152 --extractors grid detector || echo "extraction benchmark failed"
+$py -m pytest tests/test_features.py -q -k detector -rs || echo "detector tests failed"

@@ -56,3 +56,29 @@ def make_precomp(folder: Path, splits=("train", "dev"), n=12, per=5, k=4, f=6, s
         ]
         (folder / f"{s}_caps.txt").write_text("\n".join(caps))
     return folder
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+SHAPES = ("circle", "square")
+
+
+def make_images(folder: Path, n: int = 6, size: tuple[int, int] = (72, 56), split=None) -> Path:
+    """``n`` small PNG/JPEG pictures of a coloured shape on grey (Pillow) in ``folder``, and
+    ``folder/captions.csv`` with two captions each (``image,caption[,split]``)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image,caption" + (",split" if split else "")]
+    names = list(COLOURS)
+    for i in range(n):
+        colour, shape = names[i % 3], SHAPES[(i // 3) % 2]
+        im = Image.new("RGB", size, (128, 128, 128))
+        d = ImageDraw.Draw(im)
+        box = (8 + i, 8, size[0] - 10, size[1] - 8 - i % 5)
+        (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[colour])
+        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
+        im.save(folder / name)
+        s = "" if not split else f",{split(i)}"
+        rows += [f"{name},a {colour} {shape}{s}", f"{name},the {shape} is {colour}{s}"]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return folder

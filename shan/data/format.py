@@ -59,10 +59,14 @@ class DatasetCard:
     vocab: str = VOCAB
     checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256 of its bytes
     digest: str = ""  # sha256 over ``checksums``: the content's identity
+    has_images: bool = False  # image_file, image_width, image_height columns present
+    image_root: str = ""  # where image_file paths are relative to (folder or s3:// prefix)
+    reports: list[str] = field(default_factory=list)  # e.g. bad_images.json
 
     def files(self) -> list[str]:
-        """Every file of the data set, relative to its root: vocabulary, then shards."""
-        return [self.vocab, *(f for s in self.splits.values() for f in s.files)]
+        """Every file of the data set, relative to its root: vocabulary, shards, reports."""
+        shards = (f for s in self.splits.values() for f in s.files)
+        return [self.vocab, *shards, *self.reports]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -94,6 +98,10 @@ class DatasetCard:
         for split, info in self.splits.items():
             if not info.files:
                 raise DataError(f"{source}: split {split!r} lists no file")
+        if self.has_images and not (isinstance(self.image_root, str) and self.image_root):
+            raise DataError(f"{source}: has_images is true but image_root is empty")
+        if not isinstance(self.reports, list):
+            raise DataError(f"{source}: reports must be a list of files")
         for f in self.files():
             check_relative(f, source)
 
@@ -107,7 +115,12 @@ def check_relative(path: object, source: str) -> None:
         raise DataError(f"{source}: file {path!r} leaves the data set (absolute or with '..')")
 
 
-def schema(regions: int, feature_dim: int, dtype: str, boxes: bool) -> pa.Schema:
+IMAGE_COLUMNS = ("image_file", "image_width", "image_height")
+
+
+def schema(
+    regions: int, feature_dim: int, dtype: str, boxes: bool, images: bool = False
+) -> pa.Schema:
     value = pa.float16() if dtype == "float16" else pa.float32()
     fields = [
         pa.field("image_id", pa.int64(), nullable=False),
@@ -118,7 +131,18 @@ def schema(regions: int, feature_dim: int, dtype: str, boxes: bool) -> pa.Schema
     ]
     if boxes:
         fields.insert(3, pa.field("boxes", pa.fixed_shape_tensor(pa.float32(), [regions, 4])))
+    if images:
+        fields += [
+            pa.field("image_file", pa.string(), nullable=False),
+            pa.field("image_width", pa.int32(), nullable=False),
+            pa.field("image_height", pa.int32(), nullable=False),
+        ]
     return pa.schema(fields)
+
+
+def image_uri(card: DatasetCard, file: str) -> str:
+    """Where the image ``file`` of a row is: ``image_root`` joined with it."""
+    return fs.join(card.image_root, file)
 
 
 def load_card(root: str) -> DatasetCard:

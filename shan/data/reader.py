@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 
 from shan.data import fs
-from shan.data.format import DataError, DatasetCard, load_card, split_files
+from shan.data.format import DataError, DatasetCard, image_uri, load_card, split_files
 
 TRAIN_COLUMNS = ["image_id", "features", "num_regions", "tokens"]
 
@@ -39,6 +39,8 @@ class SplitArrays:
     captions: list[str]  # per caption
     caption_image: np.ndarray  # (C,) row of each caption's image
     boxes: np.ndarray | None = None  # (N, R, 4)
+    image_uris: list[str] | None = None  # (N,) where each image is, when the set records it
+    image_sizes: np.ndarray | None = None  # (N, 2) width, height
 
     def head(self, n_images: int) -> SplitArrays:
         """The first ``n_images`` images and their captions."""
@@ -52,6 +54,8 @@ class SplitArrays:
             [self.captions[i] for i in idx],
             self.caption_image[idx],
             None if self.boxes is None else self.boxes[:n_images],
+            None if self.image_uris is None else self.image_uris[:n_images],
+            None if self.image_sizes is None else self.image_sizes[:n_images],
         )
 
 
@@ -69,6 +73,12 @@ def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitA
     boxes = None
     if "boxes" in table.column_names:
         boxes = table.column("boxes").combine_chunks().to_numpy_ndarray()
+    uris = sizes = None
+    if card.has_images and "image_file" in table.column_names:
+        uris = [image_uri(card, f) for f in table.column("image_file").to_pylist()]
+        sizes = np.stack(
+            [table.column(c).to_numpy() for c in ("image_width", "image_height")], axis=1
+        )
     return SplitArrays(
         image_ids=table.column("image_id").to_numpy(),
         features=feats,
@@ -77,6 +87,8 @@ def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitA
         captions=[c for cs in caps for c in cs],
         caption_image=np.repeat(np.arange(len(caps)), counts),
         boxes=boxes,
+        image_uris=uris,
+        image_sizes=sizes,
     )
 
 

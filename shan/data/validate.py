@@ -9,7 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shan.data import fs
-from shan.data.format import DataError, check_rows, load_card, load_vocab, split_files
+from shan.data.format import (
+    IMAGE_COLUMNS,
+    DataError,
+    check_rows,
+    load_card,
+    load_vocab,
+    split_files,
+)
 
 REQUIRED = ("image_id", "features", "num_regions", "captions", "tokens")
 
@@ -25,7 +32,8 @@ def _open(path: str) -> pq.ParquetFile:
 
 
 def _check_schema(path: str, schema: pa.Schema, card) -> None:
-    missing = [c for c in REQUIRED if c not in schema.names]
+    needed = REQUIRED + (IMAGE_COLUMNS if card.has_images else ())
+    missing = [c for c in needed if c not in schema.names]
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r}")
     ftype = schema.field("features").type
@@ -50,6 +58,8 @@ def validate_split(root: str, split: str, card, vocab_size: int) -> dict:
         try:
             for batch in pf.iter_batches(batch_size=256):
                 n = _check_batch(path, batch, images, seen, vocab_size)
+                if card.has_images:
+                    _check_images(path, batch, images, card.has_boxes)
                 regions.append(batch.column("num_regions").to_numpy())
                 lengths.extend(len(t) for ts in batch.column("tokens").to_pylist() for t in ts)
                 captions += n
@@ -92,6 +102,30 @@ def _check_batch(path: str, batch: pa.RecordBatch, first: int, seen: set, vocab_
     return sum(len(c) for c in caps)
 
 
+def _check_images(path: str, batch: pa.RecordBatch, first: int, has_boxes: bool) -> None:
+    """image_file set, width and height at least 1, boxes inside the image (1 px slack)."""
+    files = batch.column("image_file").to_pylist()
+    w = batch.column("image_width").to_numpy(zero_copy_only=False)
+    h = batch.column("image_height").to_numpy(zero_copy_only=False)
+    for r, f in enumerate(files):
+        if not f:
+            raise DataError(f"{path}: row {first + r}: empty image_file")
+        if not (w[r] >= 1 and h[r] >= 1):
+            raise DataError(f"{path}: row {first + r} ({f}): image size {w[r]}x{h[r]}")
+    if not has_boxes:
+        return
+    boxes = batch.column("boxes").to_numpy_ndarray()
+    counts = batch.column("num_regions").to_numpy()
+    for r in range(len(files)):
+        b = boxes[r, : counts[r]]
+        limit = np.array([w[r], h[r], w[r], h[r]]) + 1.0
+        if (b < -1.0).any() or (b > limit).any() or (b[:, 2:] < b[:, :2]).any():
+            raise DataError(
+                f"{path}: row {first + r} ({files[r]}): a box outside the "
+                f"{w[r]}x{h[r]} image or with x2 < x1 or y2 < y1"
+            )
+
+
 def check_checksums(root: str, card) -> None:
     """Every file's bytes against the sha256 the card lists (cards from before checksums have
     none to check)."""
@@ -124,6 +158,8 @@ def validate(root: str) -> dict:
         "feature_shape": [card.regions, card.feature_dim],
         "dtype": card.dtype,
         "boxes": card.has_boxes,
+        "images": card.image_root if card.has_images else None,
+        "reports": card.reports,
         "vocab_size": len(vocab),
         "digest": card.digest,
         "splits": splits,
@@ -146,4 +182,8 @@ def format_summary(summary: dict) -> str:
     lines.append(
         "(regions: min/mean/max; tokens with <start> and <end>: min / mean / median / max)"
     )
+    if summary.get("images"):
+        lines.append(f"images at {summary['images']}")
+    for report in summary.get("reports") or []:
+        lines.append(f"report: {report}")
     return "\n".join(lines)

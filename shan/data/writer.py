@@ -117,9 +117,12 @@ class SplitWriter:
         captions: list[list[str]],
         num_regions: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
+        image_files: list[str] | None = None,
+        image_sizes: np.ndarray | None = None,
     ) -> None:
         """features (B, R, F); captions: B lists of strings; num_regions (B,) or None (all);
-        boxes (B, R, 4) when the data set has them."""
+        boxes (B, R, 4) when the data set has them; image_files (B paths relative to the
+        card's ``image_root``) and image_sizes (B, 2) width, height when it has images."""
         card = self.ds.card
         if features.ndim != 3 or features.shape[1:] != (card.regions, card.feature_dim):
             raise DataError(
@@ -144,6 +147,8 @@ class SplitWriter:
         }
         if card.has_boxes:
             columns["boxes"] = self._boxes(boxes, len(feats))
+        if card.has_images:
+            columns.update(self._images(image_files, image_sizes, len(feats)))
         table = pa.table(columns, schema=self.ds.schema)
         start = 0
         while start < len(table):
@@ -169,6 +174,18 @@ class SplitWriter:
         if not np.isfinite(b).all():
             raise DataError(f"{self.split}: boxes hold NaN or infinite values")
         return pa.FixedShapeTensorArray.from_numpy_ndarray(b)
+
+    def _images(self, files: list[str] | None, sizes: np.ndarray | None, rows: int) -> dict:
+        if files is None or sizes is None or len(files) != rows:
+            raise DataError(f"{self.split}: the data set has images but no file and size each")
+        wh = np.asarray(sizes, dtype=np.int32).reshape(rows, 2)
+        if (wh < 1).any() or not all(files):
+            raise DataError(f"{self.split}: an image without a file name or of size 0")
+        return {
+            "image_file": pa.array(list(files), type=pa.string()),
+            "image_width": pa.array(wh[:, 0]),
+            "image_height": pa.array(wh[:, 1]),
+        }
 
     def _close_file(self) -> None:
         if self._writer is not None:
@@ -210,7 +227,9 @@ class DatasetWriter:
     ):
         self.dest, self.card, self.vocab, self.max_words = dest, card, vocab, max_words
         self.card.vocab_size, self.card.max_words = len(vocab), max_words
-        self.schema = schema(card.regions, card.feature_dim, card.dtype, card.has_boxes)
+        self.schema = schema(
+            card.regions, card.feature_dim, card.dtype, card.has_boxes, card.has_images
+        )
         self.target = destination.inspect(dest, overwrite, log)
         self.stage, self.prefix = self.target.stage()
         self.created: list[str] = []  # files this write made, relative to ``stage``
@@ -222,6 +241,13 @@ class DatasetWriter:
             raise DataError(f"split {name!r} is written twice")
         self._splits[name] = SplitWriter(self, name, rows_per_file, row_group_rows)
         return self._splits[name]
+
+    def add_report(self, name: str, data: bytes) -> None:
+        """A report file beside the data (e.g. ``bad_images.json``), listed in the card."""
+        rel = f"{self.prefix}{name}"
+        self.created.append(rel)
+        self.checksums[rel] = put(fs.join(self.stage, rel), data)
+        self.card.reports.append(rel)
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -128,7 +128,27 @@ def word_region_attention(model: SHAN, features: np.ndarray, count: int, tokens:
     return beta.numpy()
 
 
-def plot_attention(words: list[str], beta: np.ndarray, boxes: np.ndarray | None, title: str):
+def load_image(uri: str) -> np.ndarray | None:
+    """The picture at ``uri`` (local or ``s3://``, through ``shan.data.fs``) as (H, W, 3) uint8;
+    None when it cannot be read or decoded (the attention is then drawn on the boxes alone)."""
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(fs.read_bytes(uri))) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception:
+        return None
+
+
+def plot_attention(
+    words: list[str],
+    beta: np.ndarray,
+    boxes: np.ndarray | None,
+    title: str,
+    image: np.ndarray | None = None,
+):
+    """Which regions each word attends to: beta (regions, words); boxes (regions, 4) in the
+    image's pixels; ``image`` (H, W, 3), when given, drawn under the boxes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +164,11 @@ def plot_attention(words: list[str], beta: np.ndarray, boxes: np.ndarray | None,
     else:
         fig, axes = plt.subplots(1, len(keep), figsize=(2.6 * len(keep), 2.8), squeeze=False)
         w, h = float(boxes[:, 2].max()), float(boxes[:, 3].max())
+        if image is not None:
+            h, w = float(image.shape[0]), float(image.shape[1])
         for ax, j in zip(axes[0], keep):
+            if image is not None:
+                ax.imshow(image, extent=(0, w, h, 0))
             weights = beta[:, j] / max(beta[:, j].max(), 1e-9)
             for (x1, y1, x2, y2), a in zip(boxes, weights):
                 ax.add_patch(
@@ -153,7 +177,7 @@ def plot_attention(words: list[str], beta: np.ndarray, boxes: np.ndarray | None,
                         x2 - x1,
                         y2 - y1,
                         fill=True,
-                        alpha=0.7 * a,
+                        alpha=(0.55 if image is not None else 0.7) * a,
                         color="tab:red",
                         linewidth=0,
                     )
@@ -193,7 +217,11 @@ def attention_pictures(
         beta = word_region_attention(model, data.features[row], int(data.num_regions[row]), toks)
         boxes = None if data.boxes is None else data.boxes[row][: int(data.num_regions[row])]
         title = f"image {int(data.image_ids[row])}: {data.captions[best]}"
-        out[f"attention_{len(out)}.png"] = plot_attention(vocab.decode(toks), beta, boxes, title)
+        uris = getattr(data, "image_uris", None)
+        image = load_image(uris[row]) if uris is not None and boxes is not None else None
+        out[f"attention_{len(out)}.png"] = plot_attention(
+            vocab.decode(toks), beta, boxes, title, image
+        )
         if len(out) == n:
             break
     return out

@@ -1,0 +1,60 @@
+"""Region features from images: pluggable extractors and the image decoding that feeds them.
+
+``grid`` (default): a plain-PyTorch ResNet's last feature map, pooled to a grid of cells.
+``detector``: a torchvision Faster R-CNN's top boxes with RoI-pooled 2048-d features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shan.data.format import DataError
+
+EXTRACTORS = ("grid", "detector")
+
+
+@dataclass
+class ExtractorSpec:
+    """What to build in each actor (small, picklable): the extractor and its settings."""
+
+    name: str = "grid"
+    weights: str = "random"  # a torchvision-format .pth state dict, or "random"
+    arch: str = "resnet152"  # grid with random weights: resnet50, resnet101, resnet152
+    size: int = 448  # grid: images resized to size x size; detector: longer side
+    grid: int = 7  # grid: cells per side, regions = grid * grid
+    regions: int | None = 36  # detector: boxes kept (None: adaptive 10..100)
+    score_threshold: float = 0.2  # detector, adaptive: boxes above this score
+
+    def check(self) -> None:
+        if self.name not in EXTRACTORS:
+            raise DataError(f"--extractor {self.name!r} is not one of {', '.join(EXTRACTORS)}")
+        if self.name == "grid" and self.size < 32 * self.grid:
+            raise DataError(
+                f"--image-size {self.size} is too small for --grid {self.grid}: the feature "
+                f"map has size/32 cells a side, so give at least {32 * self.grid}"
+            )
+        if self.name == "detector":
+            from shan.features.detector import check_available
+
+            check_available()
+
+    @property
+    def num_regions(self) -> int:
+        """R, the regions stored per image (the padded maximum for adaptive detectors)."""
+        if self.name == "grid":
+            return self.grid * self.grid
+        return 100 if self.regions is None else self.regions
+
+    @property
+    def letterbox(self) -> bool:
+        """Whether images keep their aspect ratio (detector) or are stretched (grid)."""
+        return self.name == "detector"
+
+    def build(self, device: str | None = None):
+        if self.name == "grid":
+            from shan.features.grid import GridExtractor
+
+            return GridExtractor(self.weights, self.arch, self.size, self.grid, device)
+        from shan.features.detector import DetectorExtractor
+
+        return DetectorExtractor(self.weights, self.regions, self.score_threshold, device)

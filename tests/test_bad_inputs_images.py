@@ -1,0 +1,98 @@
+"""Bad inputs of ``prepare_data.py images``, through the real command line: exit 2, one line
+naming the image, file or option, no traceback, the user's files untouched and nothing that
+looks like a finished data set left behind. Cases that need decoding run with ``--local``
+(the same decode and extract steps, in process); the Ray path is the integration test's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.helpers import make_images
+
+FAST = ["--arch", "resnet50", "--image-size", "64", "--grid", "2", "--min-count", "1", "--local"]
+
+
+def images(tmp: Path, *extra: str, edit=None, captions: str = "captions.csv") -> list[str]:
+    imgs = make_images(tmp / "imgs", 3)
+    if edit is not None:
+        edit(imgs)
+    cap = str(imgs / captions) if captions else str(tmp / "missing.csv")
+    return ["images", str(imgs), "--captions", cap, "--out", str(tmp / "out"), *FAST, *extra]
+
+
+def write(name: str, data: bytes):
+    return lambda imgs: (imgs / name).write_bytes(data)
+
+
+def tiny(imgs: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (12, 40)).save(imgs / "img1.png")
+
+
+def caption_rows(text: str):
+    return lambda imgs: (imgs / "captions.csv").write_text(text)
+
+
+def scan_files(imgs: Path) -> None:
+    (imgs / "caps.txt").write_text("a\nb\nc\n")
+    (imgs / "list.txt").write_text("img0.jpg\nimg1.png\n")
+
+
+CASES = [
+    Case("image-missing", "prepare_data", "a caption naming an image that is not there",
+         lambda t: images(t, edit=lambda i: (i / "img2.jpg").unlink()),
+         ("captions.csv, line 6", "'img2.jpg'", "is not in")),
+    Case("image-corrupt", "prepare_data", "an image that fails to decode",
+         lambda t: images(t, edit=write("img1.png", b"\x89PNG\r\n\x1a\nbroken")),
+         ("img1.png", "cannot be decoded", "--on-bad-image skip")),
+    Case("image-empty", "prepare_data", "an empty image file",
+         lambda t: images(t, edit=write("img1.png", b"")), ("img1.png", "empty file")),
+    Case("image-tiny", "prepare_data", "an image smaller than `--min-side`",
+         lambda t: images(t, edit=tiny), ("img1.png", "12x40", "--min-side 32")),
+    Case("image-not-jpeg-png", "prepare_data", "a caption naming a `.gif`",
+         lambda t: images(t, edit=caption_rows("image,caption\nimg0.jpg,a\nx.gif,b\n")),
+         ("captions.csv, line 3", "'x.gif'", ".jpg, .jpeg or .png")),
+    Case("images-folder-missing", "prepare_data", "an images folder that does not exist",
+         lambda t: ["images", str(t / "nowhere"), "--captions", str(t / "c.csv"), "--out",
+                    str(t / "out")], ("nowhere", "does not exist")),
+    Case("captions-missing", "prepare_data", "a captions file that does not exist",
+         lambda t: images(t, captions=""), ("missing.csv", "does not exist")),
+    Case("captions-no-column", "prepare_data", "a captions CSV without a `caption` column",
+         lambda t: images(t, edit=caption_rows("image,text\nimg0.jpg,a\n")),
+         ("captions.csv", "'caption'")),
+    Case("captions-empty", "prepare_data", "an empty caption in the CSV",
+         lambda t: images(t, edit=caption_rows("image,caption\nimg0.jpg,a\nimg1.png, \n")),
+         ("captions.csv, line 3", "empty caption")),
+    Case("split-twice", "prepare_data", "`--split` with a captions file that has a `split` column",
+         lambda t: images(t, "--split", "dev", edit=caption_rows(
+             "image,caption,split\nimg0.jpg,a,train\n")), ("split", "drop --split")),
+    Case("scan-without-list", "prepare_data", "a SCAN caption `.txt` without `--image-list`",
+         lambda t: images(t, edit=scan_files, captions="caps.txt"),
+         ("caps.txt", "--image-list")),
+    Case("scan-count", "prepare_data", "SCAN captions not a multiple of the image list",
+         lambda t: [*images(t, edit=scan_files, captions="caps.txt"), "--image-list",
+                    str(t / "imgs" / "list.txt")], ("caps.txt", "3 captions", "2 images")),
+    Case("weights-not-state-dict", "prepare_data", "`--weights` a file that is not a state dict",
+         lambda t: [*images(t), "--weights", str(t / "imgs" / "img0.jpg")],
+         ("--weights", "img0.jpg", "cannot be loaded")),
+    Case("grid-too-fine", "prepare_data", "`--grid 4` with `--image-size 64`",
+         lambda t: [*images(t), "--grid", "4"], ("--image-size 64", "--grid 4")),
+    Case("out-inside-images", "prepare_data", "`--out` inside the images folder",
+         lambda t: [*images(t), "--out", str(t / "imgs" / "data")], ("overlaps the source",)),
+    Case("min-side-0", "prepare_data", "`--min-side 0`",
+         lambda t: [*images(t), "--min-side", "0"], ("--min-side", "at least 1")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_touches_nothing(case: Case, tmp_path: Path):
+    args = case.argv(tmp_path)
+    before = snapshot(tmp_path)
+    r = run_job(case.job, *args, env={"RAY_ADDRESS": None, **case.env})
+    assert_user_error(r, *case.names, lines=case.lines)
+    assert snapshot(tmp_path) == before  # nothing deleted, changed or added
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
