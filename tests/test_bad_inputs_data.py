@@ -104,6 +104,16 @@ def moved_files(card: dict, to) -> bytes:
     return json.dumps(card).encode()
 
 
+def link_and_pipe(tmp: Path) -> None:
+    import os
+
+    d = tmp / "mine"
+    d.mkdir()
+    (tmp / "emptyd").mkdir()
+    (d / "elink").symlink_to(tmp / "emptyd")
+    os.mkfifo(d / "fifo")
+
+
 def truncated_shard(tmp: Path) -> list[str]:
     out = existing_data_set(tmp)
     part = next((out / "train").glob("*.parquet"))
@@ -207,6 +217,19 @@ CASES = [
     Case("card-no-split", "prepare_data", "a card without any split",
          card_edit(lambda c: json.dumps({**c, "splits": {}}).encode()),
          ("dataset.json", "no split")),
+    Case("split-is-a-path", "prepare_data", "`precomp --splits ../victim`",
+         lambda t: precomp(t, "--splits", "../victim"), ("--splits ../victim", "split name")),
+    Case("card-wrong-types", "prepare_data", "a card whose fields have the wrong types",
+         card_edit(lambda c: json.dumps({**c, "checksums": [1]}).encode()),
+         ("dataset.json", "checksums must map")),
+    Case("card-lists-itself", "prepare_data", "a card listing `dataset.json` as a data file",
+         card_edit(lambda c: moved_files(c, lambda f: "dataset.json")),
+         ("dataset.json", "lists itself")),
+    Case("out-holds-a-link", "prepare_data", "`--out` a folder holding only a link or a pipe",
+         lambda t: (link_and_pipe(t), synthetic_into(t))[1], ("mine", "elink", "fifo")),
+    Case("out-parent-missing", "prepare_data", "`--out` through a link to a missing folder",
+         lambda t: (t.joinpath("mine").symlink_to(t / "gone" / "x"), synthetic_into(t))[1],
+         ("mine", "does not exist")),
     Case("truncated-shard", "prepare_data", "a truncated Parquet shard", truncated_shard,
          ("part-00000.parquet", "not a readable Parquet")),
     Case("missing-column", "prepare_data", "a shard without its `tokens` column",

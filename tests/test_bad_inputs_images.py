@@ -85,7 +85,20 @@ CASES = [
          lambda t: [*images(t), "--out", str(t / "imgs" / "data")], ("overlaps the source",)),
     Case("min-side-0", "prepare_data", "`--min-side 0`",
          lambda t: [*images(t), "--min-side", "0"], ("--min-side", "at least 1")),
+    Case("split-is-a-path", "prepare_data", "a `split` column holding a path (`../victim`)",
+         lambda t: (victim(t), images(t, edit=caption_rows(
+             "image,caption,split\nimg0.jpg,a red square,../victim\n")))[1],
+         ("captions.csv, line 2", "split name", "'../victim'")),
+    Case("captions-csv-field-too-long", "prepare_data", "a CSV field over the CSV limit",
+         lambda t: images(t, edit=caption_rows("image,caption\nimg0.jpg,\"" + "a" * 200_000)),
+         ("captions.csv", "not valid CSV")),
 ]  # fmt: skip
+
+
+def victim(tmp: Path) -> None:
+    """A file where a split named ``../victim`` would put its first shard."""
+    (tmp / "victim").mkdir()
+    (tmp / "victim" / "part-00000.parquet").write_text("precious")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

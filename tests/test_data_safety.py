@@ -193,3 +193,19 @@ def test_s3_killed_overwrite_leaves_the_old_data_set_valid_and_says_so_next_time
     assert r.returncode == 0, r.stderr
     assert "files of an interrupted write" in r.stdout
     assert validate(prefix)["digest"] != summary["digest"]
+
+
+def test_a_split_name_is_never_a_path(tmp_path):
+    from shan.data.format import DatasetCard
+    from shan.data.writer import DatasetWriter
+    from shan.vocab import Vocabulary
+
+    victim = tmp_path / "victim" / "part-00000.parquet"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    card = DatasetCard(name="x", regions=2, feature_dim=3)
+    for name in ("../victim", "/abs", "a/b", ".hidden", ""):
+        with pytest.raises(DataError, match="split name"):
+            with DatasetWriter(str(tmp_path / "out"), card, Vocabulary(["a"]), log=print) as w:
+                w.split(name)
+    assert victim.read_text() == "precious" and not (tmp_path / "out").exists()

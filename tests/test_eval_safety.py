@@ -246,6 +246,15 @@ def test_fingerprint_parts_do_not_run_together():
 
 
 # -- the output folder -----------------------------------------------------------------------------
+def test_a_rerun_leaves_no_attention_picture_of_the_earlier_run(tmp_path):
+    for i in range(4):
+        (tmp_path / f"attention_{i}.png").write_bytes(b"old")
+    for name in ("metrics.json", "recall.md", "sims_total.npy"):
+        (tmp_path / name).write_bytes(b"x")
+    outputs.mark_incomplete(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recall.md", "sims_total.npy"]
+
+
 def test_only_an_evaluations_own_files_are_accepted_in_out(tmp_path):
     ours = [
         "sims_total.npy",

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 
 from shan.data import fs
-from shan.data.format import DataError
+from shan.data.format import DataError, check_split_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -48,6 +48,13 @@ def _text(path: str) -> str:
 
 def _rows_csv(path: str, text: str):
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        yield from _csv_rows(path, reader)
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def _csv_rows(path: str, reader: csv.DictReader):
     names = reader.fieldnames or []
     for col in ("image", "caption"):
         if col not in names:
@@ -122,6 +129,7 @@ def read_captions(
         name = (row_split or "").strip() if has_split else (split or "train")
         if not name:
             raise DataError(f"{where}: empty split")
+        check_split_name(name, where)
         if not image or not image.strip():
             raise DataError(f"{where}: empty image name")
         if caption is None or not caption.strip():

@@ -82,13 +82,42 @@ def _local_existing(given: str, overwrite: bool, log) -> DatasetCard | None:
         given = f"{given} ({dest})"
     if dest.exists() and not dest.is_dir():
         raise DataError(f"--out {given} is a file, not a folder; nothing was written")
+    _check_parent(dest, given)
     _remove_dead_stages(dest, log)
-    files = fs.list_files(str(dest))
+    files, others = local_entries(dest)
     card = _existing(str(dest), files, overwrite)
     foreign = [f for f in files if f not in ({CARD, *card.files()} if card else set())]
-    if foreign:
-        _refuse_foreign(given, foreign, card)
+    if foreign or others:
+        _refuse_foreign(given, foreign + others, card)
     return card
+
+
+def _check_parent(dest: Path, given: str) -> None:
+    """The staging folder is made beside ``dest`` and renamed onto it: the parent must be a
+    writable folder on the same file system (``dest`` a mount point cannot be swapped)."""
+    parent = dest.parent
+    if not parent.is_dir():
+        raise DataError(f"--out {given}: the parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out {given}: the parent folder {parent} is not writable")
+    if dest.exists() and os.stat(dest).st_dev != os.stat(parent).st_dev:
+        raise DataError(
+            f"--out {given} is a mount point, which cannot be swapped: write into a folder "
+            "inside it"
+        )
+
+
+def local_entries(folder: Path) -> tuple[list[str], list[str]]:
+    """(regular files, anything else but folders: links, pipes, ...) under ``folder``, as
+    relative paths; links are never followed."""
+    files, others = [], []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in [*names, *(d for d in dirs if os.path.islink(os.path.join(root, d)))]:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            regular = os.path.isfile(path) and not os.path.islink(path)
+            (files if regular else others).append(rel)
+    return sorted(files), sorted(others)
 
 
 def _stages(dest: Path) -> list[Path]:
@@ -127,48 +156,64 @@ class LocalTarget:
         self.path = self.dest.parent / f".{self.dest.name}.partial-{secrets.token_hex(4)}"
 
     def stage(self) -> tuple[str, str]:
-        self.path.mkdir()
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "dest": str(self.dest)}
-        (self.path / MARKER).write_text(json.dumps(owner))
+        try:
+            self.path.mkdir()
+            owner = {"host": socket.gethostname(), "pid": os.getpid(), "dest": str(self.dest)}
+            (self.path / MARKER).write_text(json.dumps(owner))
+        except OSError as e:
+            raise fs.StorageError(f"cannot make the staging folder {self.path}: {e}") from e
         return str(self.path), ""
 
     def discard(self, created: list[str]) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.path, ignore_errors=True)  # the staging folder: all of it is ours
 
-    def commit(self, card: DatasetCard, created: list[str]) -> None:
-        _write_durably(self.path / CARD, card.to_json().encode())
-        (self.path / MARKER).unlink()
+    def commit(self, card: DatasetCard, created: list[str], log=print) -> None:
         try:
-            self._swap()
+            _write_durably(self.path / CARD, card.to_json().encode())
+            (self.path / MARKER).unlink()
+            old = self._swap()
+        except OSError as e:
+            self.discard(created)
+            msg = f"cannot put the new data set in place at {self.dest}: {e}"
+            raise fs.StorageError(msg) from None
         except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self.discard(created)
             raise
+        if old is not None:  # the new data set is in place: from here on, nothing may fail it
+            try:
+                _remove_listed(self.path, sorted(old))
+            except OSError as e:
+                log(f"note: the previous data set's files are left in {self.path} ({e})")
 
-    def _swap(self) -> None:
-        files = fs.list_files(str(self.dest))
+    def _swap(self) -> set[str] | None:
+        """Put the staging folder in place; the old data set's files (now at ``self.path``)."""
+        files, others = local_entries(self.dest)
         if self.old is None:
-            if files:
-                _refuse_foreign(str(self.dest), files, None)
+            if files or others:
+                _refuse_foreign(str(self.dest), files + others, None)
             if self.dest.exists():
                 _remove_listed(self.dest, [])  # empty (sub)folders only
             os.rename(self.path, self.dest)
-            return
+            return None
         ours = {CARD, *self.old.files()}
-        foreign = [f for f in files if f not in ours]
+        foreign = [f for f in files if f not in ours] + others
         if foreign:
             _refuse_foreign(str(self.dest), foreign, self.old)
         exchange(self.path, self.dest)
-        _remove_listed(self.path, sorted(ours))
+        return ours
 
 
 def _remove_listed(folder: Path, files: list[str]) -> None:
-    """Remove ``files`` of ``folder``, then its empty folders; anything else stays."""
+    """Remove ``files`` of ``folder``, then its empty folders (never through a link); anything
+    else stays."""
     for f in files:
         (folder / f).unlink(missing_ok=True)
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(d.iterdir()):
-            d.rmdir()
-    if not any(folder.iterdir()):
+    for root, dirs, _ in os.walk(folder, topdown=False, followlinks=False):
+        for d in dirs:
+            path = os.path.join(root, d)
+            if not os.path.islink(path) and not os.listdir(path):
+                os.rmdir(path)
+    if folder.is_dir() and not folder.is_symlink() and not os.listdir(folder):
         folder.rmdir()
 
 
@@ -237,14 +282,18 @@ class S3Target:
             except fs.StorageError:
                 pass
 
-    def commit(self, card: DatasetCard, created: list[str]) -> None:
+    def commit(self, card: DatasetCard, created: list[str], log=print) -> None:
         try:
             fs.write_bytes(fs.join(self.dest, CARD), card.to_json().encode())
         except BaseException:
             self.discard(created)
             raise
-        if self.old is not None:
-            keep = set(card.files())
-            for f in self.old.files():
-                if f not in keep:
+        if self.old is None:
+            return
+        keep = {CARD, *card.files()}  # the new card is in place: nothing may fail it now
+        for f in self.old.files():
+            if f not in keep:
+                try:
                     fs.delete_file(fs.join(self.dest, f))
+                except fs.StorageError as e:
+                    log(f"note: {f} of the previous data set is left in {self.dest} ({e})")

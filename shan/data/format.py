@@ -93,17 +93,36 @@ class DatasetCard:
         for name, value in (("regions", self.regions), ("feature_dim", self.feature_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DataError(f"{source}: {name} must be a positive integer, got {value!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise DataError(f"{source}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for split, info in self.splits.items():
-            if not info.files:
+            if not isinstance(info.files, list) or not info.files:
                 raise DataError(f"{source}: split {split!r} lists no file")
+            for key in ("images", "captions"):
+                value = getattr(info, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise DataError(f"{source}: split {split!r}: {key} {value!r} is not a count")
+        if not isinstance(self.checksums, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.checksums.items()
+        ):
+            raise DataError(f"{source}: checksums must map file names to sha256 strings")
         if self.has_images and not (isinstance(self.image_root, str) and self.image_root):
             raise DataError(f"{source}: has_images is true but image_root is empty")
         if not isinstance(self.reports, list):
             raise DataError(f"{source}: reports must be a list of files")
-        for f in self.files():
+        for f in [*self.files(), *self.checksums]:
             check_relative(f, source)
+            if f == CARD:
+                raise DataError(f"{source}: the card lists itself ({CARD}) as a data file")
+
+
+def check_split_name(name: object, where: str) -> None:
+    """A split name becomes a folder of the data set: a name, never a path."""
+    from shan.config import name_problem
+
+    problem = name_problem(name)
+    if problem:
+        raise DataError(f"{where}: split name {problem}")
 
 
 def check_relative(path: object, source: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shan.data import destination
-from shan.data.format import DataError, DatasetCard
+from shan.data.format import DataError, DatasetCard, check_split_name
 from shan.data.writer import DatasetWriter
 from shan.vocab import Vocabulary
 
@@ -165,6 +165,8 @@ def convert_precomp(
     splits = list(splits or find_splits(srcp))
     if not splits:
         raise DataError(f"{src} holds no *_ims.npy file")
+    for split in splits:
+        check_split_name(split, f"--splits {split}")
     sources = {
         s: (open_features(srcp / f"{s}_ims.npy"), read_captions(srcp / f"{s}_caps.txt"))
         for s in splits

@@ -31,7 +31,9 @@ from shan.data.format import (
     DataError,
     DatasetCard,
     SplitInfo,
+    check_relative,
     check_rows,
+    check_split_name,
     schema,
 )
 from shan.vocab import Vocabulary
@@ -93,6 +95,7 @@ class SplitWriter:
 
     def _open(self) -> None:
         rel = f"{self.ds.prefix}{self.split}/part-{len(self.files):05d}.parquet"
+        check_relative(rel, self.ds.dest)  # never a file outside the data set
         self.files.append(rel)
         uri = fs.join(self.ds.stage, rel)
         filesystem, path = fs.filesystem(uri)
@@ -230,6 +233,7 @@ class DatasetWriter:
         self.schema = schema(
             card.regions, card.feature_dim, card.dtype, card.has_boxes, card.has_images
         )
+        self.log = log
         self.target = destination.inspect(dest, overwrite, log)
         self.stage, self.prefix = self.target.stage()
         self.created: list[str] = []  # files this write made, relative to ``stage``
@@ -237,6 +241,7 @@ class DatasetWriter:
         self._splits: dict[str, SplitWriter] = {}
 
     def split(self, name: str, rows_per_file: int = 2000, row_group_rows: int = 128):
+        check_split_name(name, self.dest)
         if name in self._splits:
             raise DataError(f"split {name!r} is written twice")
         self._splits[name] = SplitWriter(self, name, rows_per_file, row_group_rows)
@@ -274,7 +279,7 @@ class DatasetWriter:
         except BaseException:
             self.target.discard(self.created)
             raise
-        self.target.commit(self.card, self.created)
+        self.target.commit(self.card, self.created, self.log)
 
 
 def digest(checksums: dict[str, str]) -> str:

@@ -71,8 +71,12 @@ def check_out(out: str) -> None:
 
 
 def mark_incomplete(out: str) -> None:
-    """Remove ``metrics.json``: from now on until the new one is written, ``out`` is incomplete."""
+    """Remove ``metrics.json``: from now on until the new one is written, ``out`` is incomplete.
+    The attention pictures of an earlier run go too: this run may draw fewer of them."""
     fs.delete_tree(fs.join(out, "metrics.json"))
+    for name in fs.list_files(out):
+        if re.fullmatch(r"attention_\d+\.png", name):
+            fs.delete_file(fs.join(out, name))
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
