@@ -85,7 +85,7 @@ CASES = [
          lambda t: [*images(t), "--out", str(t / "imgs" / "data")], ("overlaps the source",)),
     Case("min-side-0", "prepare_data", "`--min-side 0`",
          lambda t: [*images(t), "--min-side", "0"], ("--min-side", "at least 1")),
-    Case("split-is-a-path", "prepare_data", "a `split` column holding a path (`../victim`)",
+    Case("captions-split-is-a-path", "prepare_data", "a `split` column holding `../victim`",
          lambda t: (victim(t), images(t, edit=caption_rows(
              "image,caption,split\nimg0.jpg,a red square,../victim\n")))[1],
          ("captions.csv, line 2", "split name", "'../victim'")),

@@ -205,7 +205,7 @@ def test_a_split_name_is_never_a_path(tmp_path):
     victim.write_text("precious")
     card = DatasetCard(name="x", regions=2, feature_dim=3)
     for name in ("../victim", "/abs", "a/b", ".hidden", ""):
-        with pytest.raises(DataError, match="split name"):
-            with DatasetWriter(str(tmp_path / "out"), card, Vocabulary(["a"]), log=print) as w:
-                w.split(name)
+        writer = DatasetWriter(str(tmp_path / "out"), card, Vocabulary(["a"]), log=print)
+        with pytest.raises(DataError, match="split name"), writer as w:
+            w.split(name)
     assert victim.read_text() == "precious" and not (tmp_path / "out").exists()
