@@ -330,8 +330,13 @@ def _keep_local_copy(local: str, run_name: str, log=print) -> str:
         old = dest.parent / f".{run_name}.old-{secrets.token_hex(4)}"
         dest.rename(old)
     new.rename(dest)
-    if old is not None:
-        shutil.rmtree(old)
+    if old is not None:  # the previous copy: only our files go, anything that arrived stays
+        for name in CHECKPOINT_FILES:
+            (old / name).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:
+            log(f"{old} holds files that are not a checkpoint's: left there")
     return str(dest)
 
 
