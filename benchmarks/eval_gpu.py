@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import caption_lengths, hms, random_tokens, timer  # noqa: E402
 
 from shan.config import ModelConfig  # noqa: E402
-from shan.evaluation import score_matrix  # noqa: E402
 from shan.model import SHAN  # noqa: E402
+from shan.scoring import score_matrix  # noqa: E402
 
 
 def main() -> None:

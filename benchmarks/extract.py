@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--extractors", nargs="+", default=["grid"])
     args = p.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
-    from shan.train.driver import init_ray
+    from shan.runtime import init_ray
 
     ray = init_ray(lambda s: None)
     cluster = ray.cluster_resources()

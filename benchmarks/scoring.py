@@ -1,10 +1,10 @@
-"""Fast scorer vs the literal scorer at the paper's sizes (SPEC section 8).
+"""Fast scorer vs the literal scorer at the paper's sizes (docs/model.md §8).
 
     python benchmarks/scoring.py [--images 32] [--captions 32] [--literal-pairs 32] [--device cpu]
 
 Prints pairs/s of each scorer on the same encoded inputs, their ratio, the largest absolute
 difference on the pairs both scored, and the fast scorer's achieved GFLOP/s (useful
-multiply-adds counted as in SPEC section 8: 6 k n d + (k + n) d d_a per pair, 2 FLOPs each)
+multiply-adds counted as in docs/model.md §8: 6 k n d + (k + n) d d_a per pair, 2 FLOPs each)
 next to a float32 matrix-multiply GFLOP/s measured in the same run.
 """
 

@@ -24,9 +24,9 @@ from common import caption_lengths, random_tokens, timer  # noqa: E402
 
 from shan.config import load_config  # noqa: E402
 from shan.data.reader import pad_tokens  # noqa: E402
-from shan.evaluation import autocast  # noqa: E402
 from shan.loss import TripletLoss  # noqa: E402
 from shan.model import SHAN  # noqa: E402
+from shan.scoring import autocast  # noqa: E402
 
 
 def main() -> None:

@@ -11,4 +11,4 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$py" ] || py=python3
-exec "$py" -m shan.services "$@"
+exec "$py" "$here/cluster/shan_stack.py" "$@"

@@ -1,6 +1,8 @@
 """Checkpoints: a folder with ``model.pt`` (weights, optimizer, progress), ``config.yaml`` and
-``vocab.json``: everything needed to resume training or to evaluate.
+``vocab.json``: everything needed to resume training or to score.
 
+Two loaders: :func:`load_checkpoint` (training: everything, the optimizer's state included) and
+:func:`load_model` (scoring: weights only, the model built, checked and in eval mode).
 Loading checks everything a damaged or crafted checkpoint could get wrong, and says which file:
 ``model.pt`` is read with ``torch.load(weights_only=True)`` (a pickle that would run code is
 refused), must be a dict with a ``"model"`` state dict that fits the model its ``config.yaml``
@@ -9,7 +11,10 @@ builds, and every weight must be finite.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +30,49 @@ MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.pt", "config.yaml", "vocab.json"
 FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE)
 
 
-def save_checkpoint(
-    folder: str | Path, model: SHAN, cfg: Config, vocab: Vocabulary, **state: Any
-) -> Path:
-    """Write the checkpoint; ``state`` holds optimizer state, epoch, step, metrics..."""
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds: the weights, what built them, and where training stood."""
+
+    weights: dict[str, torch.Tensor]  # the model's state dict
+    config: Config
+    vocab: Vocabulary
+    optimizer: dict[str, Any] | None = None  # Adam's state; None in a weights-only copy
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best_rsum: float = -math.inf
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def weights_only(self) -> Checkpoint:
+        """This checkpoint without the optimizer's state (what scoring needs)."""
+        return dataclasses.replace(self, optimizer=None)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model, built, checked and in eval mode, with its config and vocabulary."""
+
+    model: SHAN
+    config: Config
+    vocab: Vocabulary
+
+
+def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` into ``folder`` (created): model.pt, config.yaml, vocab.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), **state}, folder / MODEL_FILE)
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    vocab.save(folder / VOCAB_FILE)
+    payload: dict[str, Any] = {
+        "model": ckpt.weights,
+        "epoch": ckpt.epoch,
+        "step": ckpt.step,
+        "best_rsum": ckpt.best_rsum,
+        "metrics": ckpt.metrics,
+    }
+    if ckpt.optimizer is not None:
+        payload["optimizer"] = ckpt.optimizer
+    torch.save(payload, folder / MODEL_FILE)
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(ckpt.config.to_dict(), sort_keys=False))
+    ckpt.vocab.save(folder / VOCAB_FILE)
     return folder
 
 
@@ -71,8 +110,8 @@ def load_description(folder: str | Path) -> tuple[Config, Vocabulary]:
     return cfg, vocab
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
-    """(payload of model.pt, config, vocabulary); CheckpointError names what is wrong."""
+def load_checkpoint(folder: str | Path) -> Checkpoint:
+    """Everything ``folder`` holds (to resume training); CheckpointError names what is wrong."""
     folder = Path(folder)
     cfg, vocab = load_description(folder)
     path = folder / MODEL_FILE
@@ -85,10 +124,19 @@ def load_checkpoint(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
         raise CheckpointError(
             f"{path}: not a SHAN checkpoint (expected a dict with a 'model' state dict, got {what})"
         )
-    return payload, cfg, vocab
+    return Checkpoint(
+        weights=payload["model"],
+        config=cfg,
+        vocab=vocab,
+        optimizer=payload.get("optimizer"),
+        epoch=int(payload.get("epoch", 0)),
+        step=int(payload.get("step", 0)),
+        best_rsum=float(payload.get("best_rsum", -math.inf)),
+        metrics=dict(payload.get("metrics") or {}),
+    )
 
 
-def check_weights(state: dict, where: str) -> None:
+def check_weights(state: dict[str, Any], where: str) -> None:
     """Every entry a tensor, every floating-point weight finite."""
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -97,27 +145,30 @@ def check_weights(state: dict, where: str) -> None:
             raise CheckpointError(f"{where}: weight {name!r} holds NaN or infinite values")
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode on ``device``, config, vocabulary, payload); CheckpointError (naming
-    the file) when the weights are damaged, do not fit the config, or are not finite."""
-    folder = Path(folder)
-    payload, cfg, vocab = load_checkpoint(folder)
-    cfg.model.glove_path = None  # the GloVe rows are in the weights
-    where = str(folder / MODEL_FILE)
+def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu", where: str = "") -> SHAN:
+    """The model of ``ckpt`` with its weights, in eval mode on ``device``; CheckpointError
+    (naming ``where``, the checkpoint folder) when the weights do not fit or are not finite."""
+    cfg = dataclasses.replace(ckpt.config.model, glove_path=None)  # GloVe rows are in the weights
+    where = where or "checkpoint"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = SHAN(cfg.model, len(vocab))
+            model = SHAN(cfg, len(ckpt.vocab))
     except Exception as e:  # a config that validates yet cannot build a model
-        raise CheckpointError(
-            f"{folder / CONFIG_FILE}: cannot build the model ({_short(e)})"
-        ) from e
-    state = payload["model"]
-    check_weights(state, where)
+        raise CheckpointError(f"{where}/{CONFIG_FILE}: cannot build the model ({_short(e)})") from e
+    check_weights(ckpt.weights, f"{where}/{MODEL_FILE}")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt.weights)
     except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise CheckpointError(
-            f"{where}: the weights do not match {CONFIG_FILE} ({_short(e)})"
+            f"{where}/{MODEL_FILE}: the weights do not match {CONFIG_FILE} ({_short(e)})"
         ) from e
-    return model.to(device).eval(), cfg, vocab, payload
+    return model.to(device).eval()
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The checkpoint in ``folder`` ready to score (weights only: the optimizer's state is
+    dropped); CheckpointError (naming the file) when anything is wrong."""
+    ckpt = load_checkpoint(folder).weights_only()
+    model = build_model(ckpt, device, where=str(Path(folder)))
+    return LoadedModel(model, ckpt.config, ckpt.vocab)

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: demo, f30k, coco
 
 # the user errors that a worker may raise (shan.errors.USER_ERRORS, by name; debug.fail_with)
 USER_ERROR_NAMES = (
@@ -145,7 +145,7 @@ def _finite(value: Any) -> bool:
 
 @dataclass
 class ModelConfig(_Section):
-    """SHAN's architecture (SPEC sections 2 to 6). Fields marked (choice) in the SPEC."""
+    """SHAN's architecture (docs/model.md §2–§6). Fields marked (choice): docs/model.md §11."""
 
     feature_dim: int = 2048  # region feature size from the detector
     d: int = 1024  # joint embedding size
@@ -186,7 +186,7 @@ class ModelConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
-    """Hinge triplet loss (SPEC section 7)."""
+    """Hinge triplet loss (docs/model.md §7)."""
 
     margin: float = 0.2
     negatives: str = "hardest"  # "hardest" (VSE++) or "all" (sum over every negative)
@@ -201,7 +201,7 @@ class LossConfig(_Section):
 
 @dataclass
 class OptimConfig(_Section):
-    """Adam with a step decay and gradient clipping (SPEC section 7 defaults, Flickr30K)."""
+    """Adam with a step decay and gradient clipping (docs/model.md §7 defaults, Flickr30K)."""
 
     epochs: int = 30
     batch_size: int = 128  # per worker
@@ -534,7 +534,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config_path(name_or_file: str) -> Path:
-    """A config name (``demo``) found in ``jobs/configs/``, or a path to a YAML file."""
+    """A config name (``demo``: ``shan/configs/demo.yaml``, package data) or a YAML file."""
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""The errors a user can cause, and the one way the jobs report them.
+"""The errors a user can cause (the jobs report them through ``shan_cli.run_job``).
 
 A user error is one that would happen again if the job were retried unchanged (a bad value, a
 damaged file, a non-finite loss): the jobs print it as one ``error: ...`` line per problem and
@@ -8,9 +8,6 @@ one into a small dict and back, through the registry :data:`USER_ERRORS`.
 """
 
 from __future__ import annotations
-
-import sys
-from collections.abc import Callable
 
 from shan.config import ConfigError
 from shan.data.format import DataError
@@ -54,19 +51,3 @@ def from_record(record: dict) -> BaseException:
     if cls is None:
         return JobError(f"{record.get('type')}: {message}")
     return cls(message)
-
-
-def run_job(main: Callable[[], int | None]) -> None:
-    """Run ``main``; a user error prints one ``error: ...`` line per problem and exits with
-    status 2."""
-    try:
-        code = main()
-    except USER_ERRORS as e:
-        for problem in problems(e):  # a message's further lines follow, indented
-            first, *rest = problem.splitlines() or [""]
-            print(f"error: {first}", *(f"  {line}" for line in rest), sep="\n", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)

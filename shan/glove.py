@@ -9,6 +9,7 @@ naming the file and line.
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,14 @@ class GloveError(ValueError):
     """A GloVe file is missing or malformed."""
 
 
-def load_glove(path: str | Path, vocab: Vocabulary, dim: int, seed: int = 0) -> np.ndarray:
+def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> np.ndarray:
     """Return a ``(len(vocab), dim)`` float32 matrix; the ``<pad>`` row is zero.
 
-    Only lines of vocabulary words are parsed in full, so a 5 GB file is read at disk speed.
+    A line is a word and ``dim`` values, split at the last ``dim`` spaces: a word may hold
+    spaces (``glove.840B.300d.txt`` has such lines). Only values of vocabulary words are
+    parsed, so a 5 GB file is read at disk speed. A word the file lacks gets a row drawn from
+    N(0, (0.1 std)^2), std that of the found rows, seeded by the word itself (:func:`oov_row`):
+    the driver, ``build_model`` and a rerun give the same matrix (docs/model.md §2).
     """
     path = Path(path)
     if not path.is_file():
@@ -32,8 +37,7 @@ def load_glove(path: str | Path, vocab: Vocabulary, dim: int, seed: int = 0) -> 
     found = np.zeros(len(vocab), dtype=bool)
     with path.open("r", encoding="utf-8", errors="strict") as f:
         for lineno, line in enumerate(f, start=1):
-            word, _, rest = line.rstrip("\n").partition(" ")
-            values = rest.split(" ")
+            word, *values = line.rstrip("\n").rsplit(" ", dim)
             if len(values) != dim:
                 raise GloveError(
                     f"{path}, line {lineno}: expected a word and {dim} values, "
@@ -51,12 +55,16 @@ def load_glove(path: str | Path, vocab: Vocabulary, dim: int, seed: int = 0) -> 
             out[idx] = vec
             found[idx] = True
     std = float(out[found].std()) if found.any() else 1.0 / math.sqrt(dim)
-    rng = np.random.default_rng(seed)
-    missing = ~found
-    missing[vocab.word2idx[PAD]] = False
-    out[missing] = rng.normal(0.0, 0.1 * std, size=(int(missing.sum()), dim)).astype(np.float32)
+    for idx in np.flatnonzero(~found):
+        out[idx] = oov_row(vocab.idx2word[idx], dim, 0.1 * std)
     out[vocab.word2idx[PAD]] = 0.0
     return out
+
+
+def oov_row(word: str, dim: int, scale: float) -> np.ndarray:
+    """(dim,) float32 N(0, scale^2) row for a word GloVe lacks, seeded by the word's CRC32."""
+    rng = np.random.default_rng(zlib.crc32(word.encode("utf-8")))
+    return rng.normal(0.0, scale, size=dim).astype(np.float32)
 
 
 def save_glove(path: str | Path, words: list[str], vectors: np.ndarray) -> None:

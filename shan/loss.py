@@ -1,4 +1,4 @@
-"""Hinge triplet loss with the hardest negative in the batch, both directions (SPEC section 7).
+"""Hinge triplet loss with the hardest negative in the batch, both directions (docs/model.md §7).
 
 The loss takes a score matrix, or the model's dict of them: rows are the batch's images, columns
 its captions, and entry (i, i) pairs example i's image with its caption. Two examples with the

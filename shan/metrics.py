@@ -1,4 +1,4 @@
-"""Recall metrics of the SCAN evaluation protocol (SPEC section 9).
+"""Recall metrics of the SCAN evaluation protocol (docs/model.md §9).
 
 ``sims`` is (images, captions); ``caption_image[c]`` is the row of caption c's image. Ranks are
 0-based counts of the items scored above the ground truth, ties counted above (pessimistic):
@@ -33,11 +33,16 @@ def _check(sims: np.ndarray, caption_image: np.ndarray) -> None:
         raise ValueError(f"image row {int(np.argmin(counts))} has no caption")
 
 
+def _checked(sims: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sims as float32 (Ni, Nc), caption_image (Nc,)), checked to fit each other."""
+    sims, caption_image = np.asarray(sims, dtype=np.float32), np.asarray(caption_image)
+    _check(sims, caption_image)
+    return sims, caption_image
+
+
 def i2t_ranks(sims: np.ndarray, caption_image: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """(images,) 0-based rank of each image's best ground-truth caption."""
-    sims = np.asarray(sims, dtype=np.float32)
-    caption_image = np.asarray(caption_image)
-    _check(sims, caption_image)
+    sims, caption_image = _checked(sims, caption_image)
     ranks = np.empty(sims.shape[0], dtype=np.int64)
     for r0 in range(0, sims.shape[0], chunk):
         block = sims[r0 : r0 + chunk]  # (b, Nc)
@@ -50,9 +55,7 @@ def i2t_ranks(sims: np.ndarray, caption_image: np.ndarray, chunk: int = 1024) ->
 
 def t2i_ranks(sims: np.ndarray, caption_image: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """(captions,) 0-based rank of each caption's image."""
-    sims = np.asarray(sims, dtype=np.float32)
-    caption_image = np.asarray(caption_image)
-    _check(sims, caption_image)
+    sims, caption_image = _checked(sims, caption_image)
     ranks = np.empty(sims.shape[1], dtype=np.int64)
     for c0 in range(0, sims.shape[1], chunk):
         block = sims[:, c0 : c0 + chunk]  # (Ni, b)

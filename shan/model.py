@@ -1,8 +1,8 @@
 """SHAN: Step-wise Hierarchical Alignment Network (Ji, Chen, Wang; IJCAI 2021).
 
-One file: the encoders (SPEC section 2), the three alignment steps L2L, G2L and G2G (sections 3
-to 5), the weighted total (section 6), and the exact fast scorer of section 8, which scores a
-block of images against a block of captions at once. Shapes use
+One file: the encoders (docs/model.md §2), the three alignment steps L2L, G2L and G2G (§3-§5),
+the weighted total (§6), and the exact fast scorer of §8, which scores a block of images
+against a block of captions at once. Shapes use
 
     Ni images, k regions, Nc captions, n words, d joint size, d_a pooling width, F features.
 
@@ -12,6 +12,7 @@ hold the two equal.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from shan.config import ModelConfig
 
 STEPS = ("l2l", "g2l", "g2g")
+SCORES = ("total", *STEPS)  # the keys of every score dict: the total, then each step
 EPS = 1e-8
 
 
@@ -48,6 +50,11 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
 
 
+def _rows(encoded: EncodedImages | EncodedCaptions, idx: slice | Tensor) -> list[Tensor]:
+    """Every field of ``encoded`` indexed by ``idx`` along its first (image or caption) axis."""
+    return [getattr(encoded, f.name)[idx] for f in dataclasses.fields(encoded)]
+
+
 @dataclass
 class EncodedImages:
     """Encoded regions and what the fast scorer precomputes once per image.
@@ -69,7 +76,7 @@ class EncodedImages:
         return self.v.shape[0]
 
     def __getitem__(self, idx: slice | Tensor) -> EncodedImages:
-        return EncodedImages(*(t[idx] for t in (self.v, self.mask, self.vp, self.vg, self.pv)))
+        return EncodedImages(*_rows(self, idx))
 
 
 @dataclass
@@ -93,7 +100,7 @@ class EncodedCaptions:
         return self.t.shape[0]
 
     def __getitem__(self, idx: slice | Tensor) -> EncodedCaptions:
-        return EncodedCaptions(*(x[idx] for x in (self.t, self.mask, self.tp, self.tq, self.u1t)))
+        return EncodedCaptions(*_rows(self, idx))
 
     def trimmed(self) -> EncodedCaptions:
         """The same captions with padding beyond the longest one cut off."""
@@ -128,10 +135,11 @@ class SHAN(nn.Module):
         cfg.validate()
         self.cfg = cfg
         d = cfg.d
-        # Encoders (SPEC 2)
+        # Encoders (docs/model.md §2)
         self.img_fc = nn.Linear(cfg.feature_dim, d)
         self.word_emb = nn.Embedding(vocab_size, cfg.word_dim, padding_idx=0)
         self.glove_emb = nn.Embedding(vocab_size, cfg.word_dim, padding_idx=0)
+        self.has_glove = glove is not None  # GloVe rows given: never re-initialised
         if glove is not None:
             if tuple(glove.shape) != (vocab_size, cfg.word_dim):
                 raise ValueError(
@@ -146,10 +154,10 @@ class SHAN(nn.Module):
                 stacklevel=2,
             )
         self.gru = nn.GRU(2 * cfg.word_dim, d, batch_first=True, bidirectional=True)
-        # L2L projections (SPEC 3)
+        # L2L projections (docs/model.md §3)
         self.proj_v = nn.Linear(d, d, bias=False)  # W~v
         self.proj_t = nn.Linear(d, d, bias=False)  # W~t
-        # G2L gates and pooling (SPEC 4): gate_v.weight = [P | Q], gate_t.weight = [U1 | U2]
+        # G2L gates and pooling (docs/model.md §4): gate_v.weight = [P | Q], gate_t = [U1 | U2]
         self.gate_v = nn.Linear(2 * d, d)
         self.gate_t = nn.Linear(2 * d, d)
         self.pool_v = AttentionPool(d, cfg.d_a)
@@ -161,7 +169,7 @@ class SHAN(nn.Module):
         nn.init.uniform_(self.img_fc.weight, -r, r)  # Xavier, as SCAN
         nn.init.zeros_(self.img_fc.bias)
         nn.init.uniform_(self.word_emb.weight, -0.1, 0.1)
-        if self.glove_emb.weight.requires_grad:
+        if not self.has_glove:  # given GloVe rows stay, frozen or fine-tuned (freeze_glove)
             nn.init.uniform_(self.glove_emb.weight, -0.1, 0.1)
         with torch.no_grad():
             self.word_emb.weight[0].zero_()
@@ -264,8 +272,20 @@ class SHAN(nn.Module):
         s = self.score_block(im, cap)
         return torch.stack([s["l2l"], s["g2l"], s["g2g"]])  # (3, bi, bc)
 
+    def l2l_attention(self, im: EncodedImages, cap: EncodedCaptions) -> tuple[Tensor, Tensor]:
+        """L2L attention of every pair of a block (docs/model.md §3), in at least float32:
+        alpha (Bi*k, Bc, n), each region's weights over a caption's words; beta (Bi, k, Bc*n),
+        each word's weights over an image's regions (sums over k are 1)."""
+        bi, k, d = im.v.shape
+        bc, n, _ = cap.t.shape
+        aff = im.vp.reshape(bi * k, d) @ cap.tp.reshape(bc * n, d).T  # (Bi*k, Bc*n)
+        logits = self.cfg.lambda_l2l * aff
+        alpha = masked_softmax(logits.view(bi * k, bc, n), cap.mask[None], dim=-1)  # over words
+        beta = masked_softmax(logits.view(bi, k, bc * n), im.mask[:, :, None], dim=1)  # regions
+        return alpha, beta
+
     def score_block(self, im: EncodedImages, cap: EncodedCaptions) -> dict[str, Tensor]:
-        """The fast path of SPEC section 8 for one block: returns l2l, g2l, g2g, each (Bi, Bc).
+        """The fast path of docs/model.md §8 for one block: returns l2l, g2l, g2g, each (Bi, Bc).
 
         Image-side per-pair tensors are laid out (Bc, Bi, k, .) and text-side ones
         (Bi, Bc, n, .), the layouts the batched products produce, so nothing is transposed.
@@ -275,12 +295,9 @@ class SHAN(nn.Module):
         bc, n, _ = cap.t.shape
         v_flat, t_flat = im.v.reshape(bi * k, d), cap.t.reshape(bc * n, d)
 
-        # Step 1, L2L. Affinities and cosines of every region with every word of every pair.
-        aff = im.vp.reshape(bi * k, d) @ cap.tp.reshape(bc * n, d).T  # (Bi*k, Bc*n)
+        # Step 1, L2L. Attention of every region over every word of every pair, and back.
+        alpha, beta = self.l2l_attention(im, cap)  # (Bi*k, Bc, n), (Bi, k, Bc*n)
         sim = v_flat @ t_flat.T  # (Bi*k, Bc*n): v_i . t_j
-        logits = c.lambda_l2l * aff
-        alpha = masked_softmax(logits.view(bi * k, bc, n), cap.mask[None], dim=-1)  # over words
-        beta = masked_softmax(logits.view(bi, k, bc * n), im.mask[:, :, None], dim=1)  # regions
         alpha, beta = alpha.to(v_flat.dtype), beta.to(v_flat.dtype)
         a_c = alpha.transpose(0, 1)  # (Bc, Bi*k, n)
         b_i = beta.transpose(1, 2)  # (Bi, Bc*n, k)

@@ -1,4 +1,4 @@
-"""The literal scorer: SPEC sections 3 to 6 word for word, one (image, caption) pair at a time.
+"""The literal scorer: docs/model.md §3–§6 word for word, one (image, caption) pair at a time.
 
 Kept as the reference the fast scorer of :mod:`shan.model` is tested and benchmarked against.
 It drops padding first, projects V and T for the pair, concatenates ``[v_i ; t*_i]`` and applies

@@ -23,7 +23,7 @@ _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 # and Ray on 127.0.0.1 only, as the local stack and local runs have it (shan.services)
-from shan.services import keep_ray_on_loopback  # noqa: E402
+from shan_stack import keep_ray_on_loopback  # noqa: E402
 
 keep_ray_on_loopback()
 
@@ -31,7 +31,7 @@ keep_ray_on_loopback()
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
     """A Ray head (token auth), an MLflow server and an S3 endpoint; their variables are set."""
-    from shan import services as svc_mod
+    import shan_stack as svc_mod
 
     state = tmp_path_factory.mktemp("services")
     svc = svc_mod.up(str(state), num_cpus=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shan.services import free_port
+from shan_stack import free_port
 from tests.cli import Case, assert_user_error, run_job, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

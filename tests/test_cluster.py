@@ -441,7 +441,7 @@ def test_mlflow_start_script_of_the_manifest_guards_mlflow(tmp_path, monkeypatch
     from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
 
-    from shan.services import free_port, wait_http
+    from shan_stack import free_port, wait_http
 
     _, c, script = mlflow_deployment()
     port = free_port()
@@ -528,7 +528,7 @@ def stack_pids(services: dict, env: dict) -> set[int]:
     GCS port), and all their descendants (Ray's workers and agents, the servers' workers)."""
     import psutil
 
-    from shan.services import ray_processes
+    from shan_stack import ray_processes
 
     roots = {services["pids"]["s3"], services["pids"]["mlflow"]}
     roots |= {p.pid for p in ray_processes(env["RAY_ADDRESS"])}

@@ -22,7 +22,7 @@ from shan.data.reader import ExampleStream, read_split
 from shan.errors import CheckpointError, JobError
 from shan.eval.job import EvalOptions, evaluate
 from shan.eval.tracking import log_evaluation, promote
-from shan.evaluation import score_matrix
+from shan.scoring import score_matrix
 from shan.loss import TripletLoss
 from shan.metrics import recall_metrics
 from shan.model import SHAN

@@ -25,7 +25,7 @@ from shan.errors import (
     to_record,
 )
 from shan.train import driver, tracking
-from shan.train.tracking import (
+from shan.tracking.runs import (
     HEARTBEAT_STALE,
     HEARTBEAT_TAG,
     RUN_TAG,
@@ -284,7 +284,7 @@ def test_check_reachable_sends_mlflows_credentials(health_server, monkeypatch):
 
 
 def test_an_unreachable_server_is_named_without_its_password():
-    from shan.services import free_port
+    from shan_stack import free_port
 
     with pytest.raises(JobError, match="is unreachable") as info:
         tracking.check_reachable(f"http://bob:hunter2@127.0.0.1:{free_port()}", timeout=5)

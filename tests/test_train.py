@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shan.services import free_port
+from shan_stack import free_port
 from shan.train import scaling
-from shan.train.tracking import ERROR_TAG, ERROR_TYPE_TAG, RUN_TAG, quote
+from shan.tracking.runs import ERROR_TAG, ERROR_TYPE_TAG, RUN_TAG, quote
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -310,7 +310,7 @@ def test_a_local_run_starts_its_own_instance_on_loopback(tmp_path):
     record.write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
     drop = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    code = ("import psutil; from shan.train.driver import init_ray; r = init_ray(lambda s: None); "
+    code = ("import psutil; from shan.runtime import init_ray; r = init_ray(lambda s: None); "
             "print('CPUS', r.cluster_resources()['CPU']); "
             "own = {p.pid for p in psutil.Process().children(recursive=True)}; "
             "print('LISTEN', sorted({c.laddr.ip for c in psutil.net_connections('inet') "

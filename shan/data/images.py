@@ -154,7 +154,7 @@ def _batches(items, spec, batch_size, min_side, local, actors, cpus, gpus, log):
     if local:
         log(f"extracting {len(items)} images in this process ({spec.name})")
         return run_local(items, spec, batch_size, min_side)
-    from shan.train.driver import init_ray
+    from shan.runtime import init_ray
 
     ray = init_ray(log)
     res = plan_resources(ray.cluster_resources(), actors, cpus, gpus)

@@ -1,4 +1,4 @@
-"""Convert a SCAN "precomp" folder (SPEC section 10) to the project's format, streaming.
+"""Convert a SCAN "precomp" folder (docs/model.md §10) to the project's format, streaming.
 
 Source files per split: ``{split}_ims.npy`` (N, R, F) features, ``{split}_caps.txt`` with the
 captions of image i on lines ``c*i .. c*i + c - 1`` (c = lines / N), and optionally

@@ -10,7 +10,9 @@ that aligns words with regions scores well. Everything is reproducible from ``se
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -171,3 +173,10 @@ def generate_synthetic(
                 next_id += m
             log(f"{split}: {n} images, {n * captions_per_image} captions")
     return card
+
+
+def demo_data_root() -> Path:
+    """Where the demo data set lives: ``$SHAN_DEMO_DATA``, else ``datasets/demo`` under the
+    working directory (the repository root in the README's Quickstart)."""
+    given = os.environ.get("SHAN_DEMO_DATA")
+    return Path(given).expanduser().absolute() if given else Path.cwd() / "datasets" / "demo"

@@ -17,14 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from shan.checkpoint import load_model
+from shan.checkpoint import Checkpoint, build_model, load_checkpoint
 from shan.data import fs
-from shan.data.format import CARD, load_card, load_vocab
-from shan.data.reader import read_split
+from shan.data.format import CARD, DatasetCard, load_card, load_vocab
+from shan.data.reader import SplitArrays, read_split
 from shan.errors import CheckpointError, JobError
-from shan.eval import PROTOCOLS, outputs, refs, tiles
+from shan.eval import PROTOCOLS, outputs, tiles
 from shan.eval.lock import OutLock
 from shan.metrics import fold_metrics, format_table, recall_metrics
+from shan.model import SHAN
+from shan.runtime import GroupRequest, Resources, init_ray, size_group
+from shan.tracking import refs
+from shan.vocab import Vocabulary
 
 
 @dataclass
@@ -84,19 +88,51 @@ def protocol_metrics(protocol: str, sims, caption_image, fold_size: int) -> dict
 
 
 @dataclass
-class LoadedModel:
-    """A resolved reference, its checkpoint's files (for the actors and the fingerprint) and
-    the model, loaded and checked on the driver."""
+class EvalModel:
+    """A resolved reference, loaded and checked on the driver: its weights-only checkpoint (for
+    the actors), the checkpoint files' bytes (for the fingerprint) and the model."""
 
     ref: refs.ModelRef
+    weights: Checkpoint  # weights only: the optimizer's state never reaches the actors
     files: dict[str, bytes]
-    model: object
+    model: SHAN
 
 
-def load_checked(ref: refs.ModelRef, root: str, card, vocab) -> LoadedModel:
+@dataclass
+class EvalResult:
+    """What an evaluation returns: the protocol's metrics (``{"total": {...}, "l2l": ...}``),
+    their table, the names of the files written in ``--out``, ``metrics.json``'s document,
+    and the models' references."""
+
+    metrics: dict[str, dict[str, float]]
+    table: str
+    names: list[str]
+    doc: dict
+    models: list[refs.ModelRef]
+
+    @property
+    def rsum(self) -> float:
+        return float(self.metrics["total"]["rsum"])
+
+
+@dataclass
+class _Job:
+    """One evaluation's inputs, once checked."""
+
+    models: list[EvalModel]
+    data: str
+    split: SplitArrays
+    out: str
+    opts: EvalOptions
+    vocab: Vocabulary
+
+
+def load_checked(ref: refs.ModelRef, root: str, card: DatasetCard, vocab: Vocabulary) -> EvalModel:
     """Load ``ref``'s checkpoint in full (weights_only; state dict against its config; finite
     weights) and check it fits the data set: CheckpointError naming the file otherwise."""
-    model, cfg, ck_vocab, _ = load_model(ref.path)
+    ckpt = load_checkpoint(ref.path).weights_only()
+    model = build_model(ckpt, where=ref.path)
+    cfg, ck_vocab = ckpt.config, ckpt.vocab
     if ck_vocab != vocab:
         raise CheckpointError(
             f"model {ref.ref}: its vocabulary ({len(ck_vocab)} words) is not the data set's "
@@ -108,10 +144,10 @@ def load_checked(ref: refs.ModelRef, root: str, card, vocab) -> LoadedModel:
             f"{root} has {card.feature_dim}-d"
         )
     files = {p.name: p.read_bytes() for p in sorted(Path(ref.path).iterdir()) if p.is_file()}
-    return LoadedModel(ref, files, model)
+    return EvalModel(ref, ckpt, files, model)
 
 
-def content_digest(split) -> str:
+def content_digest(split: SplitArrays) -> str:
     """A digest of what is scored: image ids, features, region counts and caption tokens."""
     h = hashlib.sha256()
     for a in (split.image_ids, split.features, split.num_regions, split.caption_image):
@@ -125,18 +161,20 @@ def content_digest(split) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(card_bytes: bytes, split) -> str:
+def data_fingerprint(card_bytes: bytes, split: SplitArrays) -> str:
     """The data's part of the tile fingerprint: the card's bytes (its creation time, and its
     content digest when it has one) and a digest of the arrays scored."""
     return tiles.fingerprint("card", card_bytes, "content", content_digest(split))
 
 
 def tile_fingerprint(
-    data_fp: str, files: dict[str, bytes], opts: EvalOptions, split, device: str, precision: str
+    data_fp: str, files: dict[str, bytes], job: _Job, device: tuple[str, str]
 ) -> str:
     """What a model's tiles depend on: the data, every file of the checkpoint (weights,
-    config.yaml, vocab.json), split, protocol, matrix size, effective precision, device kind,
-    tile sizes and score block. Tiles of another fingerprint are recomputed, never reused."""
+    config.yaml, vocab.json), split, protocol, matrix size, device kind and effective
+    precision (``device``), tile sizes and score block. Tiles of another fingerprint are
+    recomputed, never reused."""
+    opts, split, (kind, precision) = job.opts, job.split, device
     return tiles.fingerprint(
         "data",
         data_fp,
@@ -151,7 +189,7 @@ def tile_fingerprint(
         "precision",
         precision,
         "device",
-        device,
+        kind,
         "tiles",
         f"{opts.tile_images}x{opts.tile_captions}",
         "block",
@@ -159,18 +197,26 @@ def tile_fingerprint(
     )
 
 
-def actor_resources(opts: EvalOptions, cluster: dict) -> tuple[int, float, float, int]:
-    """(actors, CPUs each, GPUs each, torch threads each), sized to the cluster."""
-    cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
-    per_gpu = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    n = opts.actors or (max(1, int(gpus // per_gpu)) if per_gpu else max(1, int(cpus // 2)))
-    per_cpu = opts.cpus_per_actor or round(max(0.25, min(8.0, cpus / n)), 2)
-    return n, per_cpu, per_gpu, max(1, int(round(cpus / n)) if not per_gpu else int(per_cpu))
+def actor_request(opts: EvalOptions) -> GroupRequest:
+    """The evaluation actors' request (the same sizing rule as training workers')."""
+    use_gpu = None if opts.gpus_per_actor is None else opts.gpus_per_actor > 0
+    return GroupRequest(
+        count=opts.actors,
+        use_gpu=use_gpu,
+        cpus_each=opts.cpus_per_actor,
+        gpus_each=opts.gpus_per_actor or 1.0,
+        cpus_per_member_guess=2,
+        what="--actors x --cpus-per-actor",
+    )
 
 
 def evaluate(
-    model_refs: list[str], data: str, out: str, opts: EvalOptions | None = None, log=print
-) -> dict:
+    model_refs: list[str],
+    data: str,
+    out: str,
+    opts: EvalOptions | None = None,
+    log: Callable[[str], None] = print,
+) -> EvalResult:
     """Evaluate ``model_refs`` (several: an ensemble, matrices averaged) on ``data``."""
     opts = opts or EvalOptions()
     check_options(opts)
@@ -198,37 +244,37 @@ def evaluate(
                 f"evaluating {len(models)} model(s) on {data} [{opts.split}], protocol "
                 f"{opts.protocol}: {n} images x {len(split.captions)} captions"
             )
+            job = _Job(models, data, split, out, opts, vocab)
             t0 = time.perf_counter()
-            sims = _matrices(models, data_fp, split, out, opts, log, lock.check)
+            sims = _matrices(job, data_fp, log, lock.check)
             seconds = time.perf_counter() - t0
             metrics = protocol_metrics(opts.protocol, sims, split.caption_image, opts.fold_size)
             lock.check()
-            result = _write(models, data, split, out, opts, sims, metrics, seconds, vocab)
+            result = _write(job, sims, metrics, seconds)
     finally:
         refs.cleanup(resolved)
-    log(result["table"])
+    log(result.table)
     return result
 
 
-def _matrices(models, data_fp, split, out, opts, log, guard) -> dict[str, np.ndarray]:
-    import ray
-
-    from shan.train.driver import init_ray
-
+def _matrices(
+    job: _Job, data_fp: str, log: Callable[[str], None], guard: Callable[[], None]
+) -> dict[str, np.ndarray]:
+    """Every model's four matrices, averaged; tiles a previous run stored are reused."""
     try:
-        init_ray(log)
+        ray = init_ray(log)
     except ConnectionError as e:
         raise JobError(f"cannot reach the Ray cluster: {e}") from e
-    n_act, cpus, gpus, threads = actor_resources(opts, ray.cluster_resources())
-    log(f"scoring on {n_act} actor(s), each {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else ""))
-    files = [m.files for m in models]
-    pool = tiles.start_pool(files, n_act, cpus, gpus, threads, opts.bf16, opts.block)
+    models, split, out, opts = job.models, job.split, job.out, job.opts
+    res: Resources = size_group(actor_request(opts), ray.cluster_resources())
+    log(f"scoring on {res.describe('actor')}")
+    pool = tiles.start_pool([m.weights for m in models], res, opts.bf16, opts.block)
     order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
     total = None
     try:
-        device, precision = tiles.device_kinds(pool, opts.start_timeout_s)
+        device = tiles.device_kinds(pool, opts.start_timeout_s)
         for i in range(len(models)):
-            fp = tile_fingerprint(data_fp, files[i], opts, split, device, precision)
+            fp = tile_fingerprint(data_fp, models[i].files, job, device)
             plan = tiles.Plan(
                 len(split.image_ids),
                 len(split.captions),
@@ -238,16 +284,7 @@ def _matrices(models, data_fp, split, out, opts, log, guard) -> dict[str, np.nda
                 fp,
             )
             store = tiles.TileStore(fs.join(out, "tiles", f"model-{i}"), plan, log, guard)
-            sims = tiles.compute(
-                pool,
-                plan,
-                store,
-                split.features,
-                split.num_regions,
-                split.tokens,
-                model_index=i,
-                on_tile=opts.on_tile,
-            )
+            sims = tiles.compute(pool, plan, store, split, model_index=i, on_tile=opts.on_tile)
             total = sims if total is None else {k: total[k] + sims[k] for k in sims}
     finally:
         for a in pool.actors:
@@ -257,7 +294,11 @@ def _matrices(models, data_fp, split, out, opts, log, guard) -> dict[str, np.nda
     return sims
 
 
-def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dict:
+def _write(
+    job: _Job, sims: dict[str, np.ndarray], metrics: dict[str, dict], seconds: float
+) -> EvalResult:
+    """The outputs in ``--out`` (matrices, metrics.json, recall.md, pictures)."""
+    models, data, split, out, opts = job.models, job.data, job.split, job.out, job.opts
     refs_txt = ", ".join(m.ref.ref for m in models)
     header = (
         f"# Recall on {Path(data).name} [{opts.split}], protocol {opts.protocol}\n\n"
@@ -276,7 +317,7 @@ def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dic
     extra.update(
         outputs.attention_pictures(
             models[0].model,
-            vocab,
+            job.vocab,
             split,
             np.arange(len(split.image_ids)),
             sims["total"],
@@ -295,10 +336,4 @@ def _write(models, data, split, out, opts, sims, metrics, seconds, vocab) -> dic
     doc = {**metrics, "meta": meta}
     table = format_table(metrics)
     names = outputs.write_outputs(out, sims, index, doc, extra, f"{header}\n\n{table}\n")
-    return {
-        "metrics": metrics,
-        "table": table,
-        "names": names,
-        "doc": doc,
-        "models": [m.ref for m in models],
-    }
+    return EvalResult(metrics, table, names, doc, [m.ref for m in models])

@@ -20,10 +20,8 @@ import torch
 from shan.data import fs
 from shan.errors import JobError
 from shan.metrics import i2t_ranks, t2i_ranks
-from shan.model import SHAN
+from shan.model import SCORES, SHAN
 from shan.vocab import Vocabulary
-
-SCORES = ("total", "l2l", "g2l", "g2g")
 
 # What an evaluation's --out may hold (posix paths relative to it). v<N>/ are --promote's
 # per-version evaluations; tiles/model-<i>/ the finished tiles of model i.
@@ -119,17 +117,18 @@ def plot_recall(curves: dict, title: str) -> bytes:
 
 
 @torch.no_grad()
-def word_region_attention(model: SHAN, features: np.ndarray, count: int, tokens: list[int]):
-    """beta of SPEC 3 for one pair: (real words, (regions, words) weights, each column sums
-    to 1): which regions each word attends to."""
+def word_region_attention(
+    model: SHAN, features: np.ndarray, count: int, tokens: list[int]
+) -> np.ndarray:
+    """(regions, words) L2L weights of one pair (docs/model.md §3: each column sums to 1):
+    which regions each word attends to; :meth:`SHAN.l2l_attention`'s beta."""
     model.eval()
-    f = torch.from_numpy(np.array(features[:count], dtype=np.float32))[None]
-    t = torch.tensor(tokens)[None]
+    f = torch.from_numpy(np.array(features[:count], dtype=np.float32))[None]  # (1, k, F)
+    t = torch.tensor(tokens)[None]  # (1, n)
     im = model.encode_images(f)
     cap = model.encode_captions(t, torch.tensor([len(tokens)]))
-    a = im.vp[0] @ cap.tp[0].T  # (k, n)
-    beta = torch.softmax(model.cfg.lambda_l2l * a, dim=0)
-    return beta.numpy()
+    beta = model.l2l_attention(im, cap)[1]  # (1, k, n)
+    return beta[0].float().numpy()
 
 
 def load_image(uri: str) -> np.ndarray | None:

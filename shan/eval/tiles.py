@@ -21,22 +21,22 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from shan.data import fs
 from shan.errors import JobError
+from shan.model import SCORES
+from shan.runtime import Resources
 
-SCORES = ("total", "l2l", "g2l", "g2g")
 PLAN_FILE = "plan.json"
 TILE_NAME = re.compile(r"^tile-r(\d{5})-c(\d{5})\.npz$")
 TILE_TMP = re.compile(r"^(tile-r\d{5}-c\d{5}\.npz|plan\.json)\.tmp-\d+$")  # a killed write
@@ -262,26 +262,20 @@ def check_complete(plan: Plan, sims: dict[str, np.ndarray], what: str = "the mat
 class TileScorer:
     """A Ray actor holding the models; encodes chunks and scores tiles."""
 
-    def __init__(
-        self, checkpoints: list[dict[str, bytes]], threads: int, bf16: bool, block: int | None
-    ):
+    def __init__(self, checkpoints: list[Any], threads: int, bf16: bool, block: int | None):
+        """``checkpoints``: weights-only :class:`~shan.checkpoint.Checkpoint` s (or their
+        object refs), built and checked the same way the driver loaded them."""
         import ray
         import torch
 
-        from shan.checkpoint import load_model
+        from shan.checkpoint import build_model
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bf16, self.block, self.models = bf16, block, []
-        for files in checkpoints:
-            files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-            d = Path(tempfile.mkdtemp(prefix="shan-ckpt-"))
-            try:
-                for name, data in files.items():
-                    (d / name).write_bytes(data)
-                self.models.append(load_model(d, self.device)[0])
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+        for i, ckpt in enumerate(checkpoints):
+            ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
+            self.models.append(build_model(ckpt, self.device, where=f"model {i}"))
 
     def pid(self) -> int:
         return os.getpid()
@@ -298,7 +292,7 @@ class TileScorer:
     def encode_images(self, m: int, features: np.ndarray, counts: np.ndarray):
         import torch
 
-        from shan.evaluation import autocast
+        from shan.scoring import autocast
 
         with torch.no_grad(), autocast(self.device, self.bf16):
             f = torch.from_numpy(np.array(features)).to(self.device).float()
@@ -309,7 +303,7 @@ class TileScorer:
         import torch
 
         from shan.data.reader import pad_tokens
-        from shan.evaluation import autocast
+        from shan.scoring import autocast
 
         toks, lens = pad_tokens(tokens)
         with torch.no_grad(), autocast(self.device, self.bf16):
@@ -320,7 +314,7 @@ class TileScorer:
         """images: (v (Bi, k, d), mask); captions: (t (Bc, n, d), mask) -> 4 (Bi, Bc) arrays."""
         import torch
 
-        from shan.evaluation import autocast
+        from shan.scoring import autocast
 
         model = self.models[m]
         with torch.no_grad(), autocast(self.device, self.bf16):
@@ -364,22 +358,15 @@ class Pool:
     per_actor: int = 2  # tiles in flight per actor
 
 
-def start_pool(
-    checkpoints: list[dict[str, bytes]],
-    n: int,
-    cpus: float,
-    gpus: float,
-    threads: int,
-    bf16: bool,
-    block: int | None,
-) -> Pool:
+def start_pool(checkpoints: list[Any], res: Resources, bf16: bool, block: int | None) -> Pool:
+    """``res.count`` :class:`TileScorer` actors holding ``checkpoints`` (weights only)."""
     import ray
 
     cls = ray.remote(TileScorer).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=2, max_task_retries=2
+        num_cpus=res.cpus_each, num_gpus=res.gpus_each, max_restarts=2, max_task_retries=2
     )
-    refs = [ray.put(files) for files in checkpoints]
-    actors = [cls.remote(refs, threads, bf16, block) for _ in range(n)]
+    refs = [ray.put(ckpt) for ckpt in checkpoints]
+    actors = [cls.remote(refs, res.torch_threads, bf16, block) for _ in range(res.count)]
     return Pool(actors, refs)
 
 
@@ -389,7 +376,7 @@ def device_kinds(pool: Pool, timeout: float) -> tuple[str, str]:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
-    from shan.train.driver import worker_error
+    from shan.runtime import failure_line
 
     try:
         got = ray.get([a.device_kind.remote() for a in pool.actors], timeout=timeout)
@@ -399,7 +386,7 @@ def device_kinds(pool: Pool, timeout: float) -> tuple[str, str]:
             "the cluster cannot fit them (see --actors, --cpus-per-actor, --gpus-per-actor)"
         ) from None
     except RayActorError as e:
-        raise JobError(f"the evaluation actors failed to start: {worker_error(e)}") from None
+        raise JobError(f"the evaluation actors failed to start: {failure_line(e)}") from None
     return ",".join(sorted({k for k, _ in got})), ",".join(sorted({p for _, p in got}))
 
 
@@ -407,17 +394,16 @@ def compute(
     pool: Pool,
     plan: Plan,
     store: TileStore,
-    features: np.ndarray,
-    counts: np.ndarray,
-    tokens: list[list[int]],
+    split: Any,
     model_index: int = 0,
     on_tile: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Score every tile that ``store`` does not hold usable and assemble the full matrices
-    (checked complete and finite)."""
+    (checked complete and finite). ``split``: features (N, R, F), num_regions (N,), tokens."""
     import ray
     from ray.exceptions import RayActorError
 
+    features, counts, tokens = split.features, split.num_regions, split.tokens
     sims, todo = load_finished(plan, store)
     need_r, need_c = sorted({r for r, _ in todo}), sorted({c for _, c in todo})
     a = pool.actors

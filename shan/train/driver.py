@@ -13,21 +13,24 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shan.checkpoint import CONFIG_FILE, MODEL_FILE, VOCAB_FILE
+import numpy as np
+
+from shan.checkpoint import FILES as CHECKPOINT_FILES  # all a local checkpoint copy holds
 from shan.config import Config
 from shan.data import fs
-from shan.data.format import load_card, load_vocab
+from shan.data.format import DatasetCard, load_card, load_vocab
+from shan.data.synthetic import demo_data_root
 from shan.errors import USER_ERRORS, JobError, from_record
-from shan.evaluation import unflat_metrics
 from shan.metrics import format_table
-from shan.train import scaling, tracking
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_DATA = ROOT / "datasets" / "demo"
-CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE)  # all a local checkpoint copy holds
+from shan.runtime import failure_line, init_ray, size_group, training_request, worker_errors
+from shan.tracking import runs as tracking
+from shan.tracking.names import unflat_metrics
+from shan.vocab import Vocabulary
 
 
 @dataclass
@@ -40,14 +43,32 @@ class TrainingResult:
     table: str
 
 
-def ensure_demo_data(log=print) -> str:
-    """The embedded default data set, generated on first use."""
-    if not (DEMO_DATA / "dataset.json").is_file():
+@dataclass
+class Fit:
+    """What one ``TorchTrainer.fit`` needs besides the config."""
+
+    root: str  # the data set
+    storage: str  # Ray Train's storage
+    card: DatasetCard
+    vocab: Vocabulary
+    glove: np.ndarray | None  # (V, word_dim) float32
+    uri: str  # MLflow
+    run_id: str
+    token: str  # the FatalBox token of this training
+
+
+def ensure_demo_data(log: Callable[[str], None] = print) -> str:
+    """The embedded default data set (:func:`~shan.data.synthetic.demo_data_root`), generated
+    on first use; its location is printed."""
+    root = demo_data_root()
+    if not (root / "dataset.json").is_file():
         from shan.data.synthetic import generate_synthetic
 
-        log(f"generating the demo data set in {DEMO_DATA} (once)")
-        generate_synthetic(str(DEMO_DATA), overwrite=True, log=log)
-    return str(DEMO_DATA)
+        log(f"generating the demo data set in {root} (once; SHAN_DEMO_DATA moves it)")
+        generate_synthetic(str(root), overwrite=True, log=log)
+    else:
+        log(f"demo data set: {root}")
+    return str(root)
 
 
 def new_run_name(cfg: Config, taken=lambda name: False) -> str:
@@ -107,52 +128,6 @@ def check_data(cfg: Config, root: str):
     return card, load_vocab(root, card)
 
 
-def init_ray(log=print):
-    """Connect to ``RAY_ADDRESS`` (a cluster, or a submitted job) or start a local instance
-    that listens on 127.0.0.1 only."""
-    if not os.environ.get("RAY_ADDRESS"):
-        from shan.services import keep_ray_on_loopback
-
-        keep_ray_on_loopback()
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        log(f"Ray: connecting to {address}" if address else "Ray: starting a local instance")
-        # "local": always a new instance, never a stale cluster that `ray start` left recorded
-        ray.init(address=address or "local", log_to_driver=True)
-    return ray
-
-
-def worker_errors(e: BaseException) -> list[tuple[int, BaseException]]:
-    """(rank, exception) of each worker of a Ray Train ``WorkerGroupError``, by type: Ray
-    hands the worker's own exception back, wrapped with its traceback text."""
-    failures = getattr(e, "worker_failures", None) or {}
-    out = []
-    for rank, error in sorted(failures.items()):
-        base = getattr(error, "_base_exc", None)  # ray.train's UserExceptionWithTraceback
-        out.append((rank, base if isinstance(base, BaseException) else error))
-    return out
-
-
-def failure_line(e: BaseException) -> str:
-    """One line for a Ray failure that is not a user error: the first failed worker's rank,
-    error type and message (or the controller's error, or the exception's last line)."""
-    errors = worker_errors(e)
-    if errors:
-        rank, error = errors[0]
-        text = str(error).strip().splitlines()
-        return f"worker rank {rank}: {type(error).__name__}" + (f": {text[0]}" if text else "")
-    cause = getattr(e, "controller_failure", None)
-    if isinstance(cause, BaseException):
-        e = cause
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}" + (f": {text[-1]}" if text else "")
-
-
-worker_error = failure_line  # the name shan.eval.tiles imports
-
-
 def run_training(
     cfg: Config, data: str | None = None, register: str | None = None, log=print
 ) -> TrainingResult:
@@ -167,7 +142,7 @@ def run_training(
     if cfg.model.glove_path:
         from shan.glove import load_glove
 
-        glove = load_glove(cfg.model.glove_path, vocab, cfg.model.word_dim, seed=cfg.seed)
+        glove = load_glove(cfg.model.glove_path, vocab, cfg.model.word_dim)
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
     storage = storage_root(cfg)
@@ -184,8 +159,9 @@ def run_training(
     box = tracking.FatalBox(uri, run_id, secrets.token_hex(8))
     with tracking.Heartbeat(uri, run_id):
         try:
-            result = _fit(cfg, root, storage, card, vocab, glove, uri, run_id, box.token, log)
-            out = _log_outcome(cfg, uri, run_id, run_name, vocab, result, register, log)
+            fit = Fit(root, storage, card, vocab, glove, uri, run_id, box.token)
+            result = _fit(cfg, fit, log)
+            out = _log_outcome(cfg, fit, result, register, log)
         except BaseException as e:
             error = _as_user_error(e, box)
             _end_failed(uri, run_id, error, log)
@@ -231,40 +207,38 @@ def _end_failed(uri: str, run_id: str, error: BaseException, log) -> None:
         log(f"could not mark MLflow run {run_id} {status}: {type(e).__name__}")
 
 
-def _fit(cfg, root, storage, card, vocab, glove, uri, run_id, token, log):
+def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
+    """Ray Train's ``TorchTrainer`` over ``fit``: its ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
 
     from shan.data.reader import open_split
-    from shan.train.worker import train_loop_per_worker
+    from shan.train.worker import LoopSettings, train_loop_per_worker
 
     ray = init_ray(log)
-    res = scaling.resolve(cfg.scaling, ray.cluster_resources())
+    res = size_group(training_request(cfg.scaling), ray.cluster_resources())
     log(f"Ray Train: {res.describe()}")
-    resources = {"CPU": res.cpus_per_worker}
-    if res.use_gpu:
-        resources["GPU"] = res.gpus_per_worker
-    loop_cfg = {
-        "config": cfg.to_dict(),
-        "vocab": vocab.to_json(),
-        "glove": None if glove is None else glove.tolist(),
-        "mlflow_uri": uri,
-        "mlflow_run_id": run_id,
-        "fit_token": token,
-        "data_root": root,
-        "torch_threads": res.torch_threads,
-        "train_captions": card.splits[cfg.data.train_split].captions,
-    }
+    settings = LoopSettings(
+        config=cfg,
+        vocab=fit.vocab,
+        glove=fit.glove,
+        mlflow_uri=fit.uri,
+        mlflow_run_id=fit.run_id,
+        fit_token=fit.token,
+        data_root=fit.root,
+        torch_threads=res.torch_threads,
+        train_captions=fit.card.splits[cfg.data.train_split].captions,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config={"settings": settings},
         scaling_config=RayScaling(
-            num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=resources
+            num_workers=res.count, use_gpu=res.use_gpu, resources_per_worker=res.ray_resources()
         ),
         run_config=RunConfig(
             name=cfg.tracking.run_name,
-            storage_path=storage,
+            storage_path=fit.storage,
             failure_config=FailureConfig(max_failures=cfg.tracking.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.tracking.keep_checkpoints,
@@ -272,10 +246,10 @@ def _fit(cfg, root, storage, card, vocab, glove, uri, run_id, token, log):
                 checkpoint_score_order="max",
             ),
         ),
-        datasets={"train": open_split(root, cfg.data.train_split).randomize_block_order()},
+        datasets={"train": open_split(fit.root, cfg.data.train_split).randomize_block_order()},
     )
     result = trainer.fit()
-    record = tracking.FatalBox(uri, run_id, token).read()
+    record = tracking.FatalBox(fit.uri, fit.run_id, fit.token).read()
     if record is not None:  # the workers stopped together on a user error
         raise from_record(record)
     return result
@@ -288,7 +262,12 @@ def _best(result):
     return max(pairs, key=lambda cm: cm[1]["val/rsum"])
 
 
-def _log_outcome(cfg, uri, run_id, run_name, vocab, result, register, log) -> TrainingResult:
+def _log_outcome(
+    cfg: Config, fit: Fit, result: Any, register: str | None, log: Callable[[str], None]
+) -> TrainingResult:
+    """The best checkpoint logged to the run (and registered), its recall table, and a local
+    copy in ``./checkpoints/<run>``."""
+    uri, run_id, run_name = fit.uri, fit.run_id, str(cfg.tracking.run_name)
     best_ckpt, best_metrics = _best(result)
     table = format_table(unflat_metrics(best_metrics))
     c = tracking.client(uri)

@@ -5,7 +5,7 @@ User errors (a non-finite loss, a damaged data file, ...) would recur on a retry
 the run instead of restarting the workers: at each step the ranks agree, with the all-reduce
 that already tells them whether every rank has a batch, on whether any rank failed; then all
 leave the loop together, rank 0 leaves the first error (type and message) in a tag of the
-MLflow run (:class:`~shan.train.tracking.FatalBox`), and the loop returns normally, so Ray Train
+MLflow run (:class:`~shan.tracking.runs.FatalBox`), and the loop returns normally, so Ray Train
 does not retry it. The driver raises the same error type. A user error raised outside the steps
 is left in the box too and fails the worker group; should Ray Train restart it, the new workers
 find the error in the box and stop at once. A worker that dies is restarted as before.
@@ -22,20 +22,37 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from shan.checkpoint import MODEL_FILE, save_checkpoint
-from shan.config import Config, config_from_dict
-from shan.data.reader import ExampleStream, read_split
+from shan.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shan.config import Config
+from shan.data.reader import Batch, ExampleStream, read_split
 from shan.errors import BY_NAME, USER_ERRORS, JobError, to_record
-from shan.evaluation import autocast, flat_metrics, score_matrix, split_metrics
 from shan.loss import TripletLoss
 from shan.model import SHAN
-from shan.train.tracking import FatalBox, MetricLogger
+from shan.scoring import autocast, score_matrix, split_metrics
+from shan.tracking.names import flat_metrics
+from shan.tracking.runs import FatalBox, MetricLogger
 from shan.vocab import Vocabulary
+
+
+@dataclass
+class LoopSettings:
+    """What the driver gives every worker (``train_loop_config``), typed."""
+
+    config: Config
+    vocab: Vocabulary
+    glove: np.ndarray | None  # (V, word_dim) float32 GloVe rows for the frozen half, or None
+    mlflow_uri: str
+    mlflow_run_id: str
+    fit_token: str  # this training's token in the FatalBox
+    data_root: str
+    torch_threads: int
+    train_captions: int  # captions in the train split (for the steps estimate)
 
 
 def say(line: str) -> None:
@@ -89,56 +106,62 @@ def lr_at(cfg: Config, epoch: int, step: int) -> float:
     return lr
 
 
-def build_worker(loop_cfg: dict) -> Worker:
+def make_worker(
+    settings: LoopSettings,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Any = None,
+) -> Worker:
+    """A worker's model, optimizer and loss, without Ray: ``wrap`` (DDP's ``prepare_model``)
+    wraps the model when there are several workers. The golden test builds one this way."""
+    cfg = settings.config
+    torch.manual_seed(cfg.seed)
+    glove = None if settings.glove is None else torch.from_numpy(settings.glove)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        core = SHAN(cfg.model, len(settings.vocab), glove=glove)
+    model = wrap(core) if wrap is not None and world > 1 else core.to(device)
+    params = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    logger = MetricLogger(settings.mlflow_uri, settings.mlflow_run_id) if rank == 0 else None
+    return Worker(
+        cfg, settings.vocab, model, core, optimizer, TripletLoss(cfg.loss), device, rank, world,
+        logger, Progress(),
+    )  # fmt: skip
+
+
+def build_worker(settings: LoopSettings) -> Worker:
+    """This Ray Train worker's :class:`Worker`, resumed from Ray's checkpoint if there is one."""
     import ray.train
     import ray.train.torch
 
-    cfg = config_from_dict(loop_cfg["config"])
-    vocab = Vocabulary.from_json(loop_cfg["vocab"])
+    cfg = settings.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.debug.fail_with and cfg.debug.fail_at_step is None and rank == world - 1:
         raise BY_NAME[cfg.debug.fail_with](f"debug: {cfg.debug.fail_with} on rank {rank} at start")
+    torch.set_num_threads(settings.torch_threads)
     device = ray.train.torch.get_device()
-    torch.set_num_threads(loop_cfg["torch_threads"])
-    torch.manual_seed(cfg.seed)
-    glove = loop_cfg.get("glove")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        core = SHAN(cfg.model, len(vocab), glove=None if glove is None else torch.tensor(glove))
-    model = ray.train.torch.prepare_model(core) if world > 1 else core.to(device)
-    params = [p for p in core.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    logger = MetricLogger(loop_cfg["mlflow_uri"], loop_cfg["mlflow_run_id"]) if rank == 0 else None
-    w = Worker(
-        cfg,
-        vocab,
-        model,
-        core,
-        optimizer,
-        TripletLoss(cfg.loss),
-        device,
-        rank,
-        world,
-        logger,
-        Progress(),
-    )
+    w = make_worker(settings, device, rank, world, wrap=ray.train.torch.prepare_model)
     restore(w)
     return w
 
 
 def restore(w: Worker) -> None:
+    """Weights, optimizer state and progress from Ray Train's latest checkpoint, if any."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return
     with ckpt.as_directory() as d:
-        payload = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-    w.core.load_state_dict(payload["model"])
-    w.optimizer.load_state_dict(payload["optimizer"])
-    w.progress = Progress(payload["epoch"], payload["step"], payload.get("best_rsum", -math.inf))
-    if w.rank == 0:
+        saved = load_checkpoint(d)
+    w.core.load_state_dict(saved.weights)
+    if saved.optimizer is not None:
+        w.optimizer.load_state_dict(saved.optimizer)
+    w.progress = Progress(saved.epoch, saved.step, saved.best_rsum)
+    if w.rank == 0 and w.logger is not None:
         say(f"resumed from the checkpoint of epoch {w.progress.epoch}, step {w.progress.step}")
         w.logger.log({"train/resumed_at_epoch": w.progress.epoch}, step=w.progress.step)
 
@@ -185,7 +208,7 @@ def maybe_inject_error(w: Worker) -> None:
         )
 
 
-def forward(w: Worker, batch) -> torch.Tensor:
+def forward(w: Worker, batch: Batch) -> torch.Tensor:
     """The batch's loss (not yet checked)."""
     b = batch.to(w.device)
     sc = w.cfg.scaling
@@ -217,7 +240,9 @@ def check_loss(w: Worker, loss: torch.Tensor) -> None:
         raise Stop(error)
 
 
-def train_step(w: Worker, batch) -> float:
+def train_step(w: Worker, batch: Batch) -> float:
+    """One optimizer step on ``batch``: loss, agreement that every rank's is finite, backward,
+    clipping, Adam. Returns the loss."""
     loss = forward(w, batch)
     check_loss(w, loss)
     w.optimizer.zero_grad(set_to_none=True)
@@ -328,37 +353,39 @@ def report(w: Worker, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if w.rank == 0:
-            save_checkpoint(
-                d,
-                w.core,
-                w.cfg,
-                w.vocab,
+            state = Checkpoint(
+                weights=w.core.state_dict(),
+                config=w.cfg,
+                vocab=w.vocab,
                 optimizer=w.optimizer.state_dict(),
                 epoch=w.progress.epoch,
                 step=w.progress.step,
                 best_rsum=w.progress.best_rsum,
                 metrics=metrics,
             )
+            save_checkpoint(d, state)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    """Entry point given to ``TorchTrainer``."""
-    box = FatalBox(loop_cfg["mlflow_uri"], loop_cfg["mlflow_run_id"], loop_cfg["fit_token"])
+def train_loop_per_worker(config: dict[str, LoopSettings]) -> None:
+    """Entry point given to ``TorchTrainer``; its ``train_loop_config`` is
+    ``{"settings": LoopSettings}`` (Ray's contract is a dict)."""
+    settings = config["settings"]
+    box = FatalBox(settings.mlflow_uri, settings.mlflow_run_id, settings.fit_token)
     if box.read() is not None:
         return  # a user error ended this training; the driver raises it
     try:
-        train(loop_cfg, box)
+        train(settings, box)
     except USER_ERRORS as e:  # raised outside the steps: the other ranks may be anywhere
         box.write(to_record(e))
         raise
 
 
-def train(loop_cfg: dict, box: FatalBox) -> None:
-    w = build_worker(loop_cfg)
+def train(settings: LoopSettings, box: FatalBox) -> None:
+    w = build_worker(settings)
     try:
-        run_epochs(w, loop_cfg)
+        run_epochs(w, settings)
     except Stop as stop:  # every rank is here
         record = first_error(w, stop.error)
         if w.rank == 0:
@@ -366,12 +393,12 @@ def train(loop_cfg: dict, box: FatalBox) -> None:
             box.write(record)
 
 
-def run_epochs(w: Worker, loop_cfg: dict) -> None:
+def run_epochs(w: Worker, settings: LoopSettings) -> None:
     import ray.train
 
-    validator = Validator(w, loop_cfg["data_root"])
+    validator = Validator(w, settings.data_root)
     shard = ray.train.get_dataset_shard("train")
-    steps_hint = loop_cfg["train_captions"] // (w.cfg.optim.batch_size * w.world)
+    steps_hint = settings.train_captions // (w.cfg.optim.batch_size * w.world)
     while w.progress.epoch < w.cfg.optim.epochs:
         stats = train_epoch(w, shard, steps_hint)
         val = validator(w)

@@ -3,8 +3,8 @@ its dashboard and job server), an MLflow tracking server, and an S3 endpoint (mo
 
 Used by ``cluster/local.sh`` and by the integration tests::
 
-    python -m shan.services up [--state DIR]     # prints the variables to export
-    python -m shan.services down [--state DIR]
+    python cluster/shan_stack.py up [--state DIR]     # prints the variables to export
+    python cluster/shan_stack.py down [--state DIR]
 
 State (logs, the Ray token, the MLflow store, ``env.sh``, pids) lives in ``DIR``
 (default ``.local/``). Every process is started by this module and stopped by ``down``.
@@ -29,25 +29,11 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shan.runtime import RAY_LOOPBACK, keep_ray_on_loopback  # noqa: F401 (tests import it here)
+
 HOST = "127.0.0.1"
 S3_KEY, S3_SECRET = "shan-local-key", "shan-local-secret"  # moto accepts any credentials
 BUCKET = "shan"
-
-# Ray replaces a node IP of 127.0.0.1 with the machine's routable address and then binds its
-# GCS, raylet, object manager and agents to that address or to every interface. Its switch for
-# single-node clusters (the default on macOS and Windows) keeps 127.0.0.1 as the node IP and
-# binds everything to it; no other node can join such a head, which a one-machine stack never
-# needs. It must be in the environment before a process imports Ray.
-RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def keep_ray_on_loopback() -> None:
-    """Make a Ray instance that this process starts later listen on 127.0.0.1 only.
-
-    No effect on a process that has already imported Ray (its instance then listens where Ray's
-    defaults say) or that connects to an existing cluster."""
-    for k, v in RAY_LOOPBACK.items():
-        os.environ.setdefault(k, v)
 
 
 def free_port() -> int:

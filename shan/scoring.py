@@ -1,4 +1,5 @@
-"""Scoring whole splits with the library's scorer, chunk by chunk, and their recall metrics."""
+"""Scoring whole splits with the model's one scorer (``SHAN.score``), chunk by chunk, their
+recall metrics, and the precision every scoring path uses (:func:`autocast`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import torch
 
 from shan.data.reader import SplitArrays, pad_tokens
 from shan.metrics import format_table, recall_metrics
-from shan.model import SHAN, STEPS
-
-SCORES = ("total", *STEPS)
+from shan.model import SCORES, SHAN
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -68,24 +67,4 @@ def evaluate_split(model: SHAN, data: SplitArrays, device: torch.device, **kw) -
     return split_metrics(sims, data.caption_image)
 
 
-def flat_metrics(metrics: dict[str, dict], prefix: str = "val") -> dict[str, float]:
-    """{"val/rsum": ..., "val/i2t_r1": ..., "val/l2l/rsum": ...}: the total at the top level."""
-    out = {}
-    for score, m in metrics.items():
-        for k, v in m.items():
-            out[f"{prefix}/{k}" if score == "total" else f"{prefix}/{score}/{k}"] = v
-    return out
-
-
-def unflat_metrics(flat: dict[str, float], prefix: str = "val") -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for key, v in flat.items():
-        parts = key.split("/")
-        if parts[0] != prefix:
-            continue
-        score, name = ("total", parts[1]) if len(parts) == 2 else (parts[1], parts[2])
-        out.setdefault(score, {})[name] = v
-    return {k: out[k] for k in SCORES if k in out}
-
-
-__all__ = ["evaluate_split", "flat_metrics", "format_table", "score_matrix", "split_metrics"]
+__all__ = ["autocast", "evaluate_split", "format_table", "score_matrix", "split_metrics"]

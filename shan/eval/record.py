@@ -1,0 +1,52 @@
+"""An evaluation's own MLflow run: its tags, parameters, metrics and output files."""
+
+from __future__ import annotations
+
+import shutil
+
+from shan.eval import outputs
+from shan.eval.job import EvalOptions, EvalResult
+from shan.tracking.names import flat_metrics
+from shan.tracking.runs import check_reachable, client, experiment_id, log_params, tracking_uri
+
+
+def log_evaluation(
+    result: EvalResult, out: str, opts: EvalOptions, extra_tags: dict[str, str] | None = None
+) -> str:
+    """A run in ``opts.experiment`` tagged with the model (and its training run and version)."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    c = client(uri)
+    exp_id = experiment_id(c, opts.experiment)
+    models = result.models
+    m0 = models[0]
+    tags = {
+        "shan.model_ref": ",".join(m.ref for m in models),
+        "shan.split": opts.split,
+        "shan.protocol": opts.protocol,
+        **({"shan.train_run_id": m0.train_run_id} if m0.train_run_id else {}),
+        **(
+            {"shan.model_name": m0.model_name, "shan.model_version": m0.version}
+            if m0.model_name
+            else {}
+        ),
+        **(extra_tags or {}),
+    }
+    run = c.create_run(exp_id, run_name=f"eval-{opts.split}-{opts.protocol}", tags=tags)
+    rid = run.info.run_id
+    try:
+        meta = result.doc["meta"]
+        log_params(c, rid, {k: v for k, v in meta.items() if k != "model"} | {"out": out})
+        for k, v in flat_metrics(result.metrics, opts.split).items():
+            c.log_metric(rid, k, v)
+        local, kept = outputs.local_copy(out, result.names, int(opts.log_matrices_mb * 2**20))
+        c.log_artifacts(rid, local)
+        shutil.rmtree(local, ignore_errors=True)
+        skipped = sorted(set(result.names) - set(kept))
+        if skipped:
+            c.set_tag(rid, "shan.not_logged", f"{', '.join(skipped)} (too large; in {out})")
+    except BaseException:
+        c.set_terminated(rid, "FAILED")
+        raise
+    c.set_terminated(rid, "FINISHED")
+    return rid

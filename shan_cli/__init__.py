@@ -1,0 +1,29 @@
+"""The command lines of the project's jobs: ``shan train``, ``shan evaluate``, ``shan data``.
+
+This package parses command lines and calls the library (``shan``), which never does. Each job
+module has ``main(argv) -> int`` and runs under :func:`run_job`; ``jobs/*.py`` are shims that
+``ray job submit`` runs by path.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from shan.errors import USER_ERRORS, problems
+
+
+def run_job(main: Callable[[], int | None]) -> None:
+    """Run ``main``; a user error prints one ``error: ...`` line per problem and exits with
+    status 2."""
+    try:
+        code = main()
+    except USER_ERRORS as e:
+        for problem in problems(e):  # a message's further lines follow, indented
+            first, *rest = problem.splitlines() or [""]
+            print(f"error: {first}", *(f"  {line}" for line in rest), sep="\n", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,128 @@
+"""Evaluate trained SHAN models: the whole similarity matrix on Ray actors, logged to MLflow.
+
+    shan evaluate --model REF --data PATH [--split test] [--protocol plain] --out DIR
+    shan evaluate --model REF --ensemble REF2 REF3 ... --data PATH --out DIR
+    shan evaluate --model models:/NAME@candidate --promote champion --data PATH
+
+REF: a checkpoint folder, an s3:// URL, an MLflow run id, or models:/NAME@ALIAS | models:/NAME/N.
+Protocols: plain (the whole split), f30k (1K test), coco-1k (mean of 5 folds of 1K), coco-5k.
+DIR (local or s3://) receives the matrices, index.json, metrics.json (written last, and only
+when every tile is scored and finite), recall.md and plots; finished tiles are kept there, so a
+rerun with the same DIR skips them (tiles of other data, model, precision or device kind are
+recomputed). DIR must hold nothing but an evaluation's own files, and one evaluation at a time
+writes there (a lock: DIR/eval.lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from shan.eval import PROTOCOLS
+from shan_cli.argtypes import at_least
+
+
+def gpu_share(text: str) -> float:
+    """GPUs per actor: 0 (none), a fraction of one, or a whole number (as Ray requires)."""
+    value = at_least(0.0, float)(text)
+    if value > 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(f"must be at most 1 or a whole number, got {text}")
+    if 0 < value < 0.01:
+        raise argparse.ArgumentTypeError(f"must be 0 or at least 0.01, got {text}")
+    return value
+
+
+gpu_share.__name__ = "GPU share"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="model reference (see above)")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=[],
+        metavar="REF",
+        help="more models whose matrices are averaged with --model's",
+    )
+    p.add_argument("--data", required=True, help="data set root, local or s3://")
+    p.add_argument("--split", default="test")
+    p.add_argument("--protocol", default="plain", choices=PROTOCOLS)
+    p.add_argument("--out", help="output folder or s3:// URL (default: evaluations/<model>)")
+    p.add_argument(
+        "--promote",
+        metavar="ALIAS",
+        help="compare with the version holding ALIAS; move ALIAS if better",
+    )
+    p.add_argument("--tile-images", type=at_least(1), default=256, metavar="N")
+    p.add_argument("--tile-captions", type=at_least(1), default=1024, metavar="N")
+    p.add_argument(
+        "--actors",
+        type=at_least(1),
+        metavar="N",
+        help="scoring actors (default: sized to the cluster)",
+    )
+    p.add_argument("--cpus-per-actor", type=at_least(0.01, float), metavar="CPUS")
+    p.add_argument("--gpus-per-actor", type=gpu_share, metavar="GPUS")
+    p.add_argument("--no-bf16", action="store_true", help="float32 on GPU too")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
+    p.add_argument("--exit-after-tiles", type=at_least(1), help=argparse.SUPPRESS)  # tests
+    return p
+
+
+def default_out(ref: str, split: str, protocol: str) -> str:
+    return str(Path("evaluations") / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{ref}-{split}-{protocol}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.promote is not None:
+        if args.no_mlflow:
+            p.error("--promote records its decision in MLflow: it cannot run with --no-mlflow")
+        if not args.model.startswith("models:/"):
+            p.error(f"--promote needs --model models:/NAME@ALIAS, got {args.model!r}")
+        if args.ensemble:
+            p.error("--promote evaluates one model: it cannot run with --ensemble")
+    import os
+
+    from shan.data import fs
+    from shan.eval import outputs
+    from shan.eval.job import EvalOptions, evaluate
+    from shan.eval.record import log_evaluation
+    from shan.promotion import promote
+    from shan.tracking.runs import check_reachable, tracking_uri
+
+    opts = EvalOptions(
+        split=args.split,
+        protocol=args.protocol,
+        tile_images=args.tile_images,
+        tile_captions=args.tile_captions,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        bf16=not args.no_bf16,
+    )
+    if args.exit_after_tiles:
+        opts.on_tile = lambda n: os._exit(137) if n >= args.exit_after_tiles else None
+    out = args.out or default_out(args.model, args.split, args.protocol)
+    outputs.check_out(out)
+    if not args.no_mlflow:
+        check_reachable(tracking_uri())  # before the work, not after it
+
+    def run(ref: str, where: str) -> tuple[float, str | None]:
+        result = evaluate([ref, *args.ensemble], args.data, where, opts)
+        run_id = None if args.no_mlflow else log_evaluation(result, where, opts)
+        print(f"outputs in {where}" + (f"; MLflow run {run_id}" if run_id else ""))
+        return result.rsum, run_id
+
+    if args.promote:
+
+        def versioned(ref: str) -> tuple[float, str | None]:
+            return run(ref, fs.join(out, f"v{ref.rsplit('/', 1)[1]}"))
+
+        promote(args.model, args.promote, versioned, (args.split, args.protocol))
+    else:
+        run(args.model, out)
+    return 0

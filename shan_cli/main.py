@@ -1,0 +1,53 @@
+"""``shan``: one command, a subcommand per job.
+
+    shan train [--config demo] [--data PATH] [key=value ...]
+    shan evaluate --model REF --data PATH [--out DIR] ...
+    shan data {precomp,images,synthetic,validate} ...
+
+``shan COMMAND --help`` describes each; ``jobs/<job>.py`` runs the same code by path (what
+``ray job submit -- python jobs/train.py`` needs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import shan
+from shan_cli import run_job
+
+COMMANDS = {
+    "train": ("shan_cli.train", "train SHAN on Ray Train, logged to MLflow"),
+    "evaluate": ("shan_cli.evaluate", "score a split on Ray actors; metrics, outputs, promotion"),
+    "data": ("shan_cli.prepare_data", "convert, extract, generate or validate a data set"),
+}
+
+
+def usage() -> str:
+    lines = [__doc__.strip().splitlines()[0], "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "shan COMMAND --help for its options; shan --version"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``argv`` (default: the command line) to a job's ``main``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"shan {shan.__version__}")
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"shan: unknown command {args[0]!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    sys.argv[0] = f"shan {args[0]}"  # argparse's prog: usage lines read "shan train ..."
+    return int(module.main(args[1:]) or 0)
+
+
+def run() -> None:
+    """The console entry point."""
+    run_job(main)
