@@ -28,27 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import caption_lengths, hms, random_tokens  # noqa: E402
 
-from shan.checkpoint import save_checkpoint  # noqa: E402
+from shan.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from shan.config import Config  # noqa: E402
+from shan.data.reader import SplitArrays  # noqa: E402
 from shan.eval import tiles  # noqa: E402
 from shan.model import SHAN  # noqa: E402
+from shan.runtime import Resources  # noqa: E402
 from shan.vocab import Vocabulary  # noqa: E402
 
 
-def measure(ckpt: Path, feats, counts, tokens, n_actors: int, cpus: int, tile: tuple) -> float:
+def measure(ckpt: Checkpoint, data: SplitArrays, n_actors: int, tile: tuple[int, int]) -> float:
     import ray
 
-    files = [{p.name: p.read_bytes() for p in ckpt.iterdir()}]
     # the same resources per actor (1 torch thread) in both runs: scaling, not thread count
-    pool = tiles.start_pool(files, n_actors, 0.5, 0, 1, False, None)
+    res = Resources(count=n_actors, use_gpu=False, cpus_each=0.5, gpus_each=0.0, torch_threads=1)
+    pool = tiles.start_pool([ckpt], res, bf16=False, block=None)
     ray.get([a.pid.remote() for a in pool.actors])  # started
-    order = np.argsort([len(t) for t in tokens], kind="stable").tolist()
-    plan = tiles.Plan(len(feats), len(tokens), tile[0], tile[1], order, f"bench-{n_actors}")
+    n_images, n_captions = len(data.image_ids), len(data.tokens)
+    order = np.argsort([len(t) for t in data.tokens], kind="stable").tolist()
+    plan = tiles.Plan(n_images, n_captions, tile[0], tile[1], order, f"bench-{n_actors}")
     out = tempfile.mkdtemp(prefix="shan-bench-eval-")
     try:
         t0 = time.perf_counter()
-        tiles.compute(pool, plan, tiles.TileStore(out, plan), feats, counts, tokens)
-        return len(feats) * len(tokens) / (time.perf_counter() - t0)
+        tiles.compute(pool, plan, tiles.TileStore(out, plan), data)
+        return n_images * n_captions / (time.perf_counter() - t0)
     finally:
         for a in pool.actors:
             ray.kill(a)
@@ -72,7 +75,9 @@ def main() -> None:
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            save_checkpoint(work, SHAN(cfg.model, len(vocab)), cfg, vocab)
+            model = SHAN(cfg.model, len(vocab))
+        save_checkpoint(work, Checkpoint(weights=model.state_dict(), config=cfg, vocab=vocab))
+        ckpt = load_checkpoint(work).weights_only()  # as the evaluation job loads it
         rng = np.random.default_rng(0)
         feats = rng.random((args.images, 36, 2048), dtype=np.float32).astype(np.float16)
         counts = np.full(args.images, 36)
@@ -81,8 +86,16 @@ def main() -> None:
         for name, source in (("f30k", "f30k_test_caps.txt"), ("coco", "coco_testall_caps.txt")):
             lengths, how = caption_lengths(args.captions, source=source)
             tokens = random_tokens(lengths, len(vocab))
-            one = measure(work, feats, counts, tokens, 1, cpus, tile)
-            two = measure(work, feats, counts, tokens, 2, cpus, tile)
+            data = SplitArrays(
+                image_ids=np.arange(args.images),
+                features=feats,
+                num_regions=counts,
+                tokens=tokens,
+                captions=[""] * len(tokens),
+                caption_image=np.zeros(len(tokens), dtype=np.int64),
+            )
+            one = measure(ckpt, data, 1, tile)
+            two = measure(ckpt, data, 2, tile)
             rates[name] = two
             print(
                 f"{name} caption lengths ({how}, mean {lengths.mean():.1f}): "

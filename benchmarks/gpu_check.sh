@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU checks, one short script for a machine with one CUDA GPU (run from the
 # repository root). Needs python3 with torch, numpy, pyarrow and pyyaml; no Ray or MLflow
-# (except section 5: Ray, Pillow, and torchvision for the detector).
+# (except section 5: Ray, Pillow, and torchvision for the detector; section 6 imports the
+# training worker's code, which needs pyarrow but starts no Ray).
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -45,4 +46,51 @@ $py benchmarks/eval_gpu.py --images 500 --captions 5000 --blocks 64 128
 
 echo "== 5. image features: images/s per GPU for each extractor (detector needs torchvision) =="
 $py benchmarks/extract.py --images 256 --size 448 --batch 16 --arch resnet152 --extractors grid detector || echo "extraction benchmark failed"
-$py -m pytest tests/test_features.py -q -k detector -rs || echo "detector tests failed"
+$py -m pytest tests/unit/test_features_detector.py -q -rs -p no:cacheprovider || echo "detector tests failed"
+
+echo "== 6. the library's seams on CUDA: golden training steps, checkpoint loaders, scoring =="
+CUBLAS_WORKSPACE_CONFIG=:4096:8 $py - <<'PY'
+import json, sys, tempfile, warnings
+import numpy as np, torch
+sys.path[:0] = [".", "tests/unit"]
+warnings.simplefilter("ignore")
+from test_train_golden import GOLDEN, compute_losses, golden_config, WORDS
+from shan.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from shan.model import SHAN
+from shan.scoring import score_matrix
+from shan.vocab import Vocabulary
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+want = json.loads(GOLDEN.read_text())["losses"]
+def worst(got):
+    return max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(got, want))
+cfg = golden_config(); cfg.scaling.bf16 = False
+fp32 = compute_losses(cfg, device="cuda")
+print(f"20 golden steps, CUDA float32: max relative difference to the CPU record {worst(fp32):.1e}"
+      f" (limit 1e-3): {'OK' if worst(fp32) <= 1e-3 else 'FAIL'}")
+cfg = golden_config(); cfg.scaling.bf16 = True
+bf = compute_losses(cfg, device="cuda")
+print(f"20 golden steps, CUDA bf16 autocast: finite {bool(np.isfinite(bf).all())}, "
+      f"max relative difference {worst(bf):.1e}")
+cfg, vocab = golden_config(), Vocabulary(WORDS)
+torch.manual_seed(0)
+model = SHAN(cfg.model, len(vocab))
+opt = torch.optim.Adam(model.parameters())
+with tempfile.TemporaryDirectory() as d:
+    save_checkpoint(d, Checkpoint(model.state_dict(), cfg, vocab, optimizer=opt.state_dict(), epoch=2))
+    full = load_checkpoint(d)
+    gpu = load_model(d, "cuda")
+    cpu = load_model(d, "cpu")
+print(f"loaders: training keeps the optimizer {full.optimizer is not None}, epoch {full.epoch}; "
+      f"scoring model on {next(gpu.model.parameters()).device}")
+rng = np.random.default_rng(0)
+feats = rng.normal(size=(40, 5, cfg.model.feature_dim)).astype(np.float32)
+counts = rng.integers(1, 6, size=40)
+toks = [rng.integers(4, len(vocab), size=int(rng.integers(3, 12))).tolist() for _ in range(200)]
+a = score_matrix(cpu.model, feats, counts, toks, torch.device("cpu"), image_chunk=16, caption_chunk=64)
+b = score_matrix(gpu.model, feats, counts, toks, torch.device("cuda"), image_chunk=16,
+                 caption_chunk=64, bf16=False)
+diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+print(f"whole-split scoring, CUDA float32 vs CPU: max |difference| {diff:.1e} (limit 1e-4): "
+      f"{'OK' if diff <= 1e-4 else 'FAIL'}")
+PY

@@ -42,7 +42,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log=None) -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     """Poll ``url`` until it answers 2xx; fail early if ``proc`` exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -12,6 +12,7 @@ Public API::
 """
 
 import importlib
+from typing import Any
 
 _EXPORTS = {
     "Config": "shan.config",
@@ -33,7 +34,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """Import on first use, so that data tools do not load torch."""
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)

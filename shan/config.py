@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 
     It holds one or more problems (``problems``), one line each; ``str()`` joins them."""
 
-    def __init__(self, *problems: str):
+    def __init__(self, *problems: str) -> None:
         super().__init__(*problems)
         self.problems = [str(p) for p in problems] or ["invalid config"]
 
@@ -73,7 +73,7 @@ def _show(value: Any) -> str:
 class _Problems(list):
     """The problems of one section; each check appends ``KEY must be RULE, got VALUE``."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str) -> None:
         super().__init__()
         self.prefix = prefix
 
@@ -139,7 +139,7 @@ class _Section:
             raise ConfigError(*problems)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -415,12 +415,12 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             f"unknown config key {prefix}{name!s}; known keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
         )
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name not in fields:
             continue
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.", problems)
             continue
         try:

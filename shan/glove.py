@@ -1,9 +1,10 @@
 """GloVe vectors in their text format, aligned to a :class:`~shan.vocab.Vocabulary`.
 
 Each line is ``word v1 v2 ... vD``. Words of the vocabulary that the file lacks get small random
-vectors (normal, std 0.1 times the file's own std), reproducible from ``seed``. A line with the
-wrong number of values, or values that are not finite numbers, raises :class:`GloveError`
-naming the file and line.
+vectors (normal, std 0.1 times the file's own std), seeded by the word itself, so every loader
+gives the same matrix. A word may contain spaces (a line is split at its last D spaces). A line
+with the wrong number of values, or values that are not finite numbers, raises
+:class:`GloveError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> np.ndarray:
             out[idx] = vec
             found[idx] = True
     std = float(out[found].std()) if found.any() else 1.0 / math.sqrt(dim)
-    for idx in np.flatnonzero(~found):
-        out[idx] = oov_row(vocab.idx2word[idx], dim, 0.1 * std)
+    for row in np.flatnonzero(~found):
+        out[row] = oov_row(vocab.idx2word[int(row)], dim, 0.1 * std)
     out[vocab.word2idx[PAD]] = 0.0
     return out
 

@@ -43,7 +43,7 @@ def triplet_loss(
 class TripletLoss:
     """The configured loss on the model's output dict (total score, and optionally each step)."""
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig) -> None:
         cfg.validate()
         self.cfg = cfg
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from shan.config import ModelConfig
+
+if TYPE_CHECKING:
+    from shan.vocab import Vocabulary
 
 STEPS = ("l2l", "g2l", "g2g")
 SCORES = ("total", *STEPS)  # the keys of every score dict: the total, then each step
@@ -111,7 +115,7 @@ class EncodedCaptions:
 class AttentionPool(nn.Module):
     """Self-attention pooling: ``a = softmax(w^T tanh(W_a x + b_a))``, returns ``sum a x``."""
 
-    def __init__(self, d: int, d_a: int):
+    def __init__(self, d: int, d_a: int) -> None:
         super().__init__()
         self.proj = nn.Linear(d, d_a)
         self.w = nn.Linear(d_a, 1, bias=False)
@@ -130,7 +134,7 @@ class SHAN(nn.Module):
     dict of :meth:`score`. ``glove`` is an optional ``(vocab_size, word_dim)`` matrix.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, glove: Tensor | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, glove: Tensor | None = None) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -357,6 +361,7 @@ class SHAN(nn.Module):
         region_mask: Tensor | None,
         tokens: Tensor,
         lengths: Tensor,
+        *,
         block: int | tuple[int, int] | None = None,
         checkpoint: bool = False,
     ) -> dict[str, Tensor]:
@@ -366,7 +371,7 @@ class SHAN(nn.Module):
         return self.score(images, captions, block=block, checkpoint=checkpoint)
 
 
-def _gated_fusion(own: Tensor, attended: Tensor, gate_attended: Tensor, gate_own: Tensor):
+def _gated_fusion(own: Tensor, attended: Tensor, gate_attended: Tensor, gate_own: Tensor) -> Tensor:
     """``g * own + (1 - g) * attended`` with ``g = sigmoid(gate_own + gate_attended)``.
 
     Without autograd the attended tensors (fresh per block) are overwritten, saving two
@@ -411,7 +416,7 @@ def region_mask(mask: Tensor | None, ni: int, k: int, device: torch.device) -> T
     return mask.bool()
 
 
-def build_model(cfg: ModelConfig, vocab, glove: Tensor | None = None) -> SHAN:
+def build_model(cfg: ModelConfig, vocab: Vocabulary | int, glove: Tensor | None = None) -> SHAN:
     """A SHAN for ``vocab`` (a Vocabulary or a size); loads ``cfg.glove_path`` when set."""
     size = vocab if isinstance(vocab, int) else len(vocab)
     if glove is None and cfg.glove_path is not None:

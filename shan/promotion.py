@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shan.errors import JobError
 from shan.tracking import refs
 from shan.tracking.runs import check_reachable, client, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 Evaluate = Callable[[str], tuple[float, str | None]]  # model ref -> (total rsum, eval run id)
 
@@ -28,8 +32,9 @@ def promote(
     alias: str,
     evaluate: Evaluate,
     where: tuple[str, str],
+    *,
     log: Callable[[str], None] = print,
-    c: Any = None,
+    c: MlflowClient | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``), compare it
     with the version holding ``alias`` on the same split and protocol, and move the alias when
@@ -63,7 +68,6 @@ def promote(
         )
         return {"decision": "skipped", "version": cand.version}
     rsum, run_id = evaluate(f"models:/{name}/{cand.version}")
-    c.set_model_version_tag(name, cand.version, tag, f"{rsum:.4f}")
     champion = _holder(c, name, alias)
     if champion is not None and champion.version != cand.version:
         ch_tag = (champion.tags or {}).get(tag)
@@ -74,6 +78,8 @@ def promote(
         ch_rsum = float(ch_tag)
     else:
         ch_rsum = None
+    # tagged only now: a comparison that failed above leaves the candidate to be tried again
+    c.set_model_version_tag(name, cand.version, tag, f"{rsum:.4f}")
     better = ch_rsum is None or rsum > ch_rsum
     if better:
         c.set_registered_model_alias(name, alias, cand.version)
@@ -95,7 +101,7 @@ def promote(
     return decision
 
 
-def _holder(c: Any, name: str, alias: str) -> Any:
+def _holder(c: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     try:

@@ -102,7 +102,10 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
             f"{req.what} ({num} x {per_cpu:g} CPU) exceed the cluster's {cpus:g} CPUs: lower "
             "one of them"
         )
-    threads = max(1, int(per_cpu)) if use_gpu else max(1, int(cpus // num))
+    if use_gpu or req.cpus_each:  # CPUs asked for: that many threads, never more
+        threads = max(1, int(per_cpu))
+    else:  # guessed on a CPU-only cluster: the members share every CPU's thread
+        threads = max(1, int(cpus // num))
     return Resources(num, use_gpu, per_cpu, req.gpus_each if use_gpu else 0.0, threads)
 
 

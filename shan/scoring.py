@@ -3,7 +3,8 @@ recall metrics, and the precision every scoring path uses (:func:`autocast`)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from shan.metrics import format_table, recall_metrics
 from shan.model import SCORES, SHAN
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
     """bf16 autocast on CUDA when asked; nothing on CPU."""
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -27,6 +28,7 @@ def score_matrix(
     num_regions: np.ndarray,
     tokens: list[list[int]],
     device: torch.device,
+    *,
     image_chunk: int = 256,
     caption_chunk: int = 1024,
     block: int | None = None,
@@ -56,12 +58,16 @@ def score_matrix(
     return out
 
 
-def split_metrics(sims: dict[str, np.ndarray], caption_image: np.ndarray) -> dict[str, dict]:
+def split_metrics(
+    sims: dict[str, np.ndarray], caption_image: np.ndarray
+) -> dict[str, dict[str, float]]:
     """Recall metrics of each score matrix: {"total": {...}, "l2l": {...}, ...}."""
     return {k: recall_metrics(v, caption_image) for k, v in sims.items()}
 
 
-def evaluate_split(model: SHAN, data: SplitArrays, device: torch.device, **kw) -> dict:
+def evaluate_split(
+    model: SHAN, data: SplitArrays, device: torch.device, **kw: Any
+) -> dict[str, dict[str, float]]:
     """Score a whole split and return its metrics per score."""
     sims = score_matrix(model, data.features, data.num_regions, data.tokens, device, **kw)
     return split_metrics(sims, data.caption_image)

@@ -51,7 +51,7 @@ def _split_clitic(m: re.Match) -> str:
 class Vocabulary:
     """Word <-> id mapping; unknown words map to ``<unk>``."""
 
-    def __init__(self, words: Iterable[str]):
+    def __init__(self, words: Iterable[str]) -> None:
         self.idx2word: list[str] = []
         self.word2idx: dict[str, int] = {}
         for w in SPECIALS:

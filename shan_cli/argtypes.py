@@ -23,7 +23,7 @@ def _number(kind: type, text: str) -> float | int:
 def at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]:
     """An int (or ``kind``) >= ``low``."""
 
-    def parse(text: str):
+    def parse(text: str) -> int | float:
         value = _number(kind, text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
@@ -36,7 +36,7 @@ def at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]
 def positive(kind: type = float) -> Callable[[str], int | float]:
     """A ``kind`` > 0 (and finite)."""
 
-    def parse(text: str):
+    def parse(text: str) -> int | float:
         value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")

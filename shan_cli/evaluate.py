@@ -25,7 +25,7 @@ from shan_cli.argtypes import at_least
 
 def gpu_share(text: str) -> float:
     """GPUs per actor: 0 (none), a fraction of one, or a whole number (as Ray requires)."""
-    value = at_least(0.0, float)(text)
+    value = float(at_least(0.0, float)(text))
     if value > 1 and not value.is_integer():
         raise argparse.ArgumentTypeError(f"must be at most 1 or a whole number, got {text}")
     if 0 < value < 0.01:

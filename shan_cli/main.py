@@ -51,3 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The console entry point."""
     run_job(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 from shan.data.images import convert_images
 from shan.data.precomp import convert_precomp
@@ -25,14 +26,18 @@ from shan_cli.argtypes import at_least, positive
 OVERWRITE = "replace the data set at --out (only a data set: its card present)"
 
 
-def kill_after(chunks: int | None):
+def kill_after(chunks: int | None) -> Callable[[int], None] | None:
     """Test hook: SIGKILL this process once ``chunks`` chunks are written."""
     if chunks is None:
         return None
     import os
     import signal
 
-    return lambda n: os.kill(os.getpid(), signal.SIGKILL) if n >= chunks else None
+    def kill(n: int) -> None:
+        if n >= chunks:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,7 +97,7 @@ A bad image (fails to decode, empty, smaller than --min-side) stops the job nami
 """
 
 
-def images_parser(sub) -> None:
+def images_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i = sub.add_parser(
         "images",
         help="extract features from images and captions",
@@ -130,7 +135,7 @@ def images_parser(sub) -> None:
     i.add_argument("--overwrite", action="store_true", help=OVERWRITE)
 
 
-def run_images(args) -> None:
+def run_images(args: argparse.Namespace) -> None:
     from shan.features import ExtractorSpec
 
     default_size = 600 if args.extractor == "detector" else 448
@@ -147,7 +152,7 @@ def run_images(args) -> None:
         args.images,
         args.captions,
         args.out,
-        spec,
+        spec=spec,
         image_list=args.image_list,
         split=args.split,
         vocab_path=args.vocab,

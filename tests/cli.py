@@ -1,8 +1,9 @@
 """Running the jobs through their real command line, and the bad-input case list.
 
 Every bad input the project promises to catch is a :class:`Case` in a ``CASES`` list of a
-``tests/test_bad_inputs_*.py`` module; the tests run each one as a user would (a subprocess of
-``jobs/*.py``) and ``tests/reliability.py`` turns the lists into the README's reliability table.
+``tests/integration/test_bad_inputs_*.py`` module; the tests run each one as a user would (a
+subprocess of ``jobs/*.py``, the shims of ``shan_cli``) and ``tests/reliability.py`` turns the
+lists into the README's reliability table.
 """
 
 from __future__ import annotations

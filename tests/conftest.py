@@ -1,19 +1,16 @@
 """Shared fixtures. Integration fixtures start real services on 127.0.0.1 through
-``shan.services`` (the same code as ``cluster/local.sh``), once per test session."""
+``cluster/shan_stack.py`` (the same code as ``cluster/local.sh``), once per test session.
+``shan``, ``shan_cli``, ``tests`` and ``shan_stack`` import through pytest's ``pythonpath``
+(``pyproject.toml``)."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Ray reads its authentication settings once per process, at first use: set them before any
 # test imports Ray, with a token file of this session that the session's head will use too.
@@ -22,8 +19,8 @@ _TOKEN = Path(_TOKEN_DIR, "ray_auth_token")
 _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
-# and Ray on 127.0.0.1 only, as the local stack and local runs have it (shan.services)
-from shan_stack import keep_ray_on_loopback  # noqa: E402
+# and Ray on 127.0.0.1 only, as the local stack and local runs have it
+from shan.runtime import keep_ray_on_loopback  # noqa: E402
 
 keep_ray_on_loopback()
 
@@ -81,3 +78,13 @@ def synthetic_small(tmp_path_factory):
         log=lambda s: None,
     )
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def converted_images(tmp_path_factory):
+    """(images folder, data set): 6 small pictures (4 train, 2 test) converted in this process
+    by the grid extractor (random resnet50 at 64 x 64: 4 regions of 2048-d)."""
+    from tests.helpers import convert_images_here
+
+    tmp = tmp_path_factory.mktemp("images")
+    return convert_images_here(tmp, 6, split=lambda i: "train" if i < 4 else "test")

@@ -1,7 +1,8 @@
-"""Small builders shared by the unit tests."""
+"""Small builders shared by the unit and integration tests."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,27 @@ import torch
 
 from shan.config import ModelConfig
 from shan.model import SHAN
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")  # the tests' tiny config (16-d features)
+
+
+def quiet(_line: str) -> None:
+    """A ``log`` that says nothing."""
+
+
+def save_untrained(folder: Path, vocab, config: str = TINY, seed: int = 0) -> Path:
+    """A freshly initialised SHAN of ``config`` for ``vocab`` saved as a checkpoint in
+    ``folder`` (weights only, epoch 0, step 0)."""
+    from shan.checkpoint import Checkpoint, save_checkpoint
+    from shan.config import load_config
+
+    cfg = load_config(config)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SHAN(cfg.model, len(vocab))
+    return save_checkpoint(folder, Checkpoint(weights=model.state_dict(), config=cfg, vocab=vocab))
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -19,13 +41,16 @@ def tiny_config(**kw) -> ModelConfig:
 
 def tiny_model(seed: int = 0, vocab_size: int = 30, **kw) -> SHAN:
     torch.manual_seed(seed)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SHAN(tiny_config(**kw), vocab_size).double()
     model.eval()
     return model
+
+
+def encode(model: SHAN, features, counts, tokens, lengths):
+    """(encoded images, encoded captions) of a :func:`random_batch`."""
+    return model.encode_images(features, counts), model.encode_captions(tokens, lengths)
 
 
 def random_batch(ni=3, nc=4, k=5, n=7, feature_dim=12, vocab_size=30, seed=1):
@@ -82,3 +107,17 @@ def make_images(folder: Path, n: int = 6, size: tuple[int, int] = (72, 56), spli
         rows += [f"{name},a {colour} {shape}{s}", f"{name},the {shape} is {colour}{s}"]
     (folder / "captions.csv").write_text("\n".join(rows) + "\n")
     return folder
+
+
+def convert_images_here(tmp: Path, n: int = 6, split=None) -> tuple[Path, Path]:
+    """(images folder, data set): ``n`` pictures of :func:`make_images` converted in this
+    process (grid extractor, random resnet50 at 64 x 64: 4 regions of 2048-d)."""
+    from shan.data.images import convert_images
+    from shan.features import ExtractorSpec
+
+    imgs = make_images(tmp / "imgs", n, split=split)
+    out = tmp / "data"
+    spec = ExtractorSpec(arch="resnet50", size=64, grid=2)
+    convert_images(str(imgs), str(imgs / "captions.csv"), str(out), spec=spec, min_count=1,
+                   local=True, log=quiet)  # fmt: skip
+    return imgs, out

@@ -3,7 +3,8 @@
     python tests/reliability.py            # print the table
     python tests/reliability.py --write    # replace the table in README.md
 
-``tests/test_reliability_table.py`` fails when the README's table and the cases disagree.
+The cases are the ``CASES`` lists of ``tests/integration/test_bad_inputs_*.py``;
+``tests/unit/test_reliability_table.py`` fails when the README's table and the cases disagree.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+CASE_FILES = HERE / "integration"  # test_bad_inputs_<job>.py, each with its CASES
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
 
 
 def all_cases() -> list:
-    for p in (str(HERE), str(ROOT)):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     cases = []
-    for path in sorted(HERE.glob("test_bad_inputs_*.py")):
-        cases += importlib.import_module(path.stem).CASES
+    for path in sorted(CASE_FILES.glob("test_bad_inputs_*.py")):
+        cases += importlib.import_module(f"tests.integration.{path.stem}").CASES
     return cases
 
 
@@ -52,6 +51,10 @@ def write(readme: Path = ROOT / "README.md") -> None:
 
 
 if __name__ == "__main__":
+    # run as a script: the imports pytest's `pythonpath` gives the tests (pyproject.toml)
+    for p in (str(ROOT / "cluster"), str(ROOT)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
     if "--write" in sys.argv:
         write()
     else:

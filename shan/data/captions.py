@@ -18,12 +18,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from shan.data import fs
 from shan.data.format import DataError, check_split_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# (line, image, caption, split, whether the file has a split column)
+_Row = tuple[int, str | None, str | None, str | None, bool]
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _text(path: str) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _rows_csv(path: str, text: str):
+def _rows_csv(path: str, text: str) -> Iterator[_Row]:
     reader = csv.DictReader(io.StringIO(text))
     try:
         yield from _csv_rows(path, reader)
@@ -54,7 +57,7 @@ def _rows_csv(path: str, text: str):
         raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
 
 
-def _csv_rows(path: str, reader: csv.DictReader):
+def _csv_rows(path: str, reader: csv.DictReader[str]) -> Iterator[_Row]:
     names = reader.fieldnames or []
     for col in ("image", "caption"):
         if col not in names:
@@ -64,7 +67,7 @@ def _csv_rows(path: str, reader: csv.DictReader):
         yield reader.line_num, row.get("image"), row.get("caption"), row.get("split"), has_split
 
 
-def _rows_jsonl(path: str, text: str):
+def _rows_jsonl(path: str, text: str) -> Iterator[_Row]:
     has_split = None
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -85,7 +88,7 @@ def _rows_jsonl(path: str, text: str):
         yield n, obj["image"], obj["caption"], obj.get("split"), has_split
 
 
-def _rows_scan(path: str, text: str, image_list: str | None):
+def _rows_scan(path: str, text: str, image_list: str | None) -> Iterator[_Row]:
     if image_list is None:
         raise DataError(
             f"--captions {path} is a SCAN caption file (.txt): give --image-list, one image "

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -27,7 +28,9 @@ GENERATION = re.compile(r"^gen-\d{8}T\d{6}-[0-9a-f]{8}/")  # an s3:// write's ow
 MARKER = ".shan-writing"  # in a local staging folder while it is written: host and pid
 
 
-def inspect(dest: str, overwrite: bool, log=print) -> LocalTarget | S3Target:
+def inspect(
+    dest: str, overwrite: bool, log: Callable[[str], None] = print
+) -> LocalTarget | S3Target:
     """Check ``dest`` and return the target to write it through; DataError when refused."""
     fs.check_writable(dest)
     if fs.is_remote(dest):
@@ -76,7 +79,7 @@ def _existing(dest: str, files: list[str], overwrite: bool) -> DatasetCard | Non
 
 
 # -- local folders ----------------------------------------------------------------------------
-def _local_existing(given: str, overwrite: bool, log) -> DatasetCard | None:
+def _local_existing(given: str, overwrite: bool, log: Callable[[str], None]) -> DatasetCard | None:
     dest = Path(given).resolve()  # through a link to the real folder, which is swapped
     if str(dest) != given:
         given = f"{given} ({dest})"
@@ -110,7 +113,8 @@ def _check_parent(dest: Path, given: str) -> None:
 def local_entries(folder: Path) -> tuple[list[str], list[str]]:
     """(regular files, anything else but folders: links, pipes, ...) under ``folder``, as
     relative paths; links are never followed."""
-    files, others = [], []
+    files: list[str] = []
+    others: list[str] = []
     for root, dirs, names in os.walk(folder, followlinks=False):
         for name in [*names, *(d for d in dirs if os.path.islink(os.path.join(root, d)))]:
             path = os.path.join(root, name)
@@ -124,7 +128,7 @@ def _stages(dest: Path) -> list[Path]:
     return sorted(dest.parent.glob(f".{dest.name}.partial-*"))
 
 
-def _remove_dead_stages(dest: Path, log) -> None:
+def _remove_dead_stages(dest: Path, log: Callable[[str], None]) -> None:
     """Staging folders of this destination left by a killed write on this host."""
     for stage in _stages(dest):
         try:
@@ -151,7 +155,7 @@ def _alive(pid: object) -> bool:
 class LocalTarget:
     """Built in a hidden folder beside ``dest``, swapped in when complete."""
 
-    def __init__(self, dest: str, old: DatasetCard | None):
+    def __init__(self, dest: str, old: DatasetCard | None) -> None:
         self.dest, self.old = Path(dest).resolve(), old
         self.path = self.dest.parent / f".{self.dest.name}.partial-{secrets.token_hex(4)}"
 
@@ -167,7 +171,9 @@ class LocalTarget:
     def discard(self, created: list[str]) -> None:
         shutil.rmtree(self.path, ignore_errors=True)  # the staging folder: all of it is ours
 
-    def commit(self, card: DatasetCard, created: list[str], log=print) -> None:
+    def commit(
+        self, card: DatasetCard, created: list[str], log: Callable[[str], None] = print
+    ) -> None:
         try:
             _write_durably(self.path / CARD, card.to_json().encode())
             (self.path / MARKER).unlink()
@@ -243,7 +249,7 @@ def exchange(a: Path, b: Path) -> None:
 
 
 # -- s3:// prefixes ---------------------------------------------------------------------------
-def _s3_existing(dest: str, overwrite: bool, log) -> DatasetCard | None:
+def _s3_existing(dest: str, overwrite: bool, log: Callable[[str], None]) -> DatasetCard | None:
     fsys, path = fs.filesystem(dest)
     if fsys.get_file_info(path).type == pafs.FileType.File:
         raise DataError(f"--out {dest} is an object, not a prefix; nothing was written")
@@ -267,7 +273,7 @@ def _s3_existing(dest: str, overwrite: bool, log) -> DatasetCard | None:
 class S3Target:
     """New files under a prefix of their own; the card last; then the old card's files go."""
 
-    def __init__(self, dest: str, old: DatasetCard | None):
+    def __init__(self, dest: str, old: DatasetCard | None) -> None:
         self.dest, self.old = dest.rstrip("/"), old
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.prefix = f"gen-{stamp}-{secrets.token_hex(4)}/"
@@ -282,7 +288,9 @@ class S3Target:
             except fs.StorageError:
                 pass
 
-    def commit(self, card: DatasetCard, created: list[str], log=print) -> None:
+    def commit(
+        self, card: DatasetCard, created: list[str], log: Callable[[str], None] = print
+    ) -> None:
         try:
             fs.write_bytes(fs.join(self.dest, CARD), card.to_json().encode())
         except BaseException:

@@ -203,6 +203,7 @@ def check_rows(
     image_ids: np.ndarray,
     features: np.ndarray,
     num_regions: np.ndarray,
+    *,
     captions: list[list[str]],
     seen_ids: set[int],
 ) -> None:

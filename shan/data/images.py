@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
 from shan.data import destination, fs
 from shan.data.captions import ImageCaptions, read_captions
 from shan.data.format import DataError, DatasetCard
-from shan.data.writer import DatasetWriter
+from shan.data.writer import DatasetWriter, SplitWriter
 from shan.features import ExtractorSpec
 from shan.features.pipeline import plan_resources, run_local, run_ray
 from shan.vocab import Vocabulary
@@ -55,7 +56,7 @@ class Progress:
     """Images done, images per second and time left: one line redrawn on a TTY, else a line
     every ``step`` percent."""
 
-    def __init__(self, total: int, step: int = 5, stream=None):
+    def __init__(self, total: int, step: int = 5, stream: TextIO | None = None) -> None:
         self.total, self.step, self.done = total, step, 0
         self.stream = stream or sys.stderr
         self.t0, self.tty, self.last = time.perf_counter(), self.stream.isatty(), -1
@@ -78,7 +79,9 @@ class Progress:
         self.last = pct // self.step
 
 
-def build_vocab(splits, vocab_path: str | None, min_count: int):
+def build_vocab(
+    splits: dict[str, dict[str, ImageCaptions]], vocab_path: str | None, min_count: int
+) -> tuple[Vocabulary, str]:
     if vocab_path is not None:
         return Vocabulary.load(vocab_path), str(vocab_path)
     base = "train" if "train" in splits else next(iter(splits))
@@ -92,6 +95,7 @@ def convert_images(
     images: str,
     captions: str,
     dest: str,
+    *,
     spec: ExtractorSpec | None = None,
     image_list: str | None = None,
     split: str | None = None,
@@ -138,19 +142,41 @@ def convert_images(
     )
     files = list(dict.fromkeys(f for entries in splits.values() for f in entries))
     items = [{"index": i, "uri": fs.join(root, f)} for i, f in enumerate(files)]
-    with DatasetWriter(dest, card, vocab, None, overwrite, log) as out:
+    with DatasetWriter(dest, card, vocab, overwrite=overwrite, log=log) as out:
         writers = {s: out.split(s, rows_per_file=rows_per_file) for s in splits}
         ids = {s: {f: i for i, f in enumerate(entries)} for s, entries in splits.items()}
-        batches = _batches(items, spec, batch_size, min_side, local, actors, cpus_per_actor,
-                           gpus_per_actor, log)  # fmt: skip
-        bad = _write_all(batches, files, splits, ids, writers, on_bad_image, len(items), log)
+        batches = _batches(
+            items,
+            spec,
+            batch_size=batch_size,
+            min_side=min_side,
+            local=local,
+            actors=actors,
+            cpus=cpus_per_actor,
+            gpus=gpus_per_actor,
+            log=log,
+        )
+        bad = _write_all(
+            batches, files, splits, ids, writers, on_bad=on_bad_image, total=len(items)
+        )
         if bad:
             out.add_report(BAD_IMAGES, json.dumps({"bad_images": bad}, indent=2).encode())
             log(f"left out {len(bad)} bad image(s) and their captions: listed in {BAD_IMAGES}")
     return card
 
 
-def _batches(items, spec, batch_size, min_side, local, actors, cpus, gpus, log):
+def _batches(
+    items: list[dict[str, Any]],
+    spec: ExtractorSpec,
+    *,
+    batch_size: int,
+    min_side: int,
+    local: bool,
+    actors: int | None,
+    cpus: float | None,
+    gpus: float | None,
+    log: Callable[[str], None],
+) -> Iterator[dict[str, Any]]:
     if local:
         log(f"extracting {len(items)} images in this process ({spec.name})")
         return run_local(items, spec, batch_size, min_side)
@@ -165,10 +191,19 @@ def _batches(items, spec, batch_size, min_side, local, actors, cpus, gpus, log):
     return run_ray(items, spec, res, batch_size, min_side)
 
 
-def _write_all(batches, files, splits, ids, writers, on_bad, total, log) -> list[dict]:
+def _write_all(
+    batches: Iterable[dict[str, Any]],
+    files: list[str],
+    splits: dict[str, dict[str, ImageCaptions]],
+    ids: dict[str, dict[str, int]],
+    writers: dict[str, SplitWriter],
+    *,
+    on_bad: str,
+    total: int,
+) -> list[dict[str, Any]]:
     """Write each extracted image to every split that captions it; the bad ones listed."""
     where = {f: [s for s, entries in splits.items() if f in entries] for f in files}
-    bad: list[dict] = []
+    bad: list[dict[str, Any]] = []
     progress = Progress(total)
     for batch in batches:
         rows: dict[str, list[int]] = {s: [] for s in splits}
@@ -187,20 +222,28 @@ def _write_all(batches, files, splits, ids, writers, on_bad, total, log) -> list
                 rows[s].append(r)
         for s, rs in rows.items():
             if rs:
-                _write_rows(writers[s], batch, rs, [files[int(batch["index"][r])] for r in rs],
-                            splits[s], ids[s])  # fmt: skip
+                names = [files[int(batch["index"][r])] for r in rs]
+                _write_rows(writers[s], batch, rs, names, entries=splits[s], ids=ids[s])
         progress.update(len(batch["index"]))
     return bad
 
 
-def _write_rows(writer, batch, rs, names, entries, ids) -> None:
-    rs = np.asarray(rs)
+def _write_rows(
+    writer: SplitWriter,
+    batch: dict[str, Any],
+    rs: list[int],
+    names: list[str],
+    *,
+    entries: dict[str, ImageCaptions],
+    ids: dict[str, int],
+) -> None:
+    take = np.asarray(rs)
     writer.write(
         np.array([ids[f] for f in names], dtype=np.int64),
-        batch["features"][rs],
+        batch["features"][take],
         [entries[f].captions for f in names],
-        num_regions=batch["num_regions"][rs],
-        boxes=batch["boxes"][rs],
+        num_regions=batch["num_regions"][take],
+        boxes=batch["boxes"][take],
         image_files=names,
-        image_sizes=batch["size"][rs],
+        image_sizes=batch["size"][take],
     )

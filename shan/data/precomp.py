@@ -12,13 +12,14 @@ from __future__ import annotations
 import mmap
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shan.data import destination
 from shan.data.format import DataError, DatasetCard, check_split_name
-from shan.data.writer import DatasetWriter
+from shan.data.writer import DatasetWriter, SplitWriter
 from shan.vocab import Vocabulary
 
 SPLIT_ORDER = ("train", "dev", "test", "testall")
@@ -122,7 +123,9 @@ def read_ids(path: Path, n: int) -> np.ndarray:
     return ids
 
 
-def source_vocab(src: Path, vocab_path: str | None, splits: list[str], min_count: int):
+def source_vocab(
+    src: Path, vocab_path: str | None, splits: list[str], min_count: int
+) -> tuple[Vocabulary, str]:
     if vocab_path is not None:
         return Vocabulary.load(vocab_path), str(vocab_path)
     found = sorted(src.glob("*vocab*.json"))
@@ -138,6 +141,7 @@ def source_vocab(src: Path, vocab_path: str | None, splits: list[str], min_count
 def convert_precomp(
     src: str,
     dest: str,
+    *,
     splits: list[str] | None = None,
     vocab_path: str | None = None,
     name: str | None = None,
@@ -157,9 +161,9 @@ def convert_precomp(
     if not srcp.is_dir():
         raise DataError(f"source folder {src} does not exist")
     destination.check_apart(srcp, dest)
-    for name, value in (("chunk_rows", chunk_rows), ("rows_per_file", rows_per_file)):
+    for option, value in (("chunk_rows", chunk_rows), ("rows_per_file", rows_per_file)):
         if value < 1:
-            raise DataError(f"{name} must be at least 1, got {value}")
+            raise DataError(f"{option} must be at least 1, got {value}")
     if min_count < 1:
         raise DataError(f"min_count must be at least 1, got {min_count}")
     splits = list(splits or find_splits(srcp))
@@ -201,15 +205,29 @@ def convert_precomp(
         if on_chunk is not None:
             on_chunk(chunks)
 
-    with DatasetWriter(dest, card, vocab, max_words, overwrite, log) as out:
+    with DatasetWriter(dest, card, vocab, max_words=max_words, overwrite=overwrite, log=log) as out:
         for split in splits:
             writer = out.split(split, rows_per_file=rows_per_file)
-            _convert_split(srcp, split, inputs[split], writer, chunk_rows, log, chunk_done)
+            _convert_split(inputs[split], writer, chunk_rows=chunk_rows, log=log, done=chunk_done)
     return card
 
 
-def _split_inputs(srcp: Path, split: str, ims, caps, has_boxes: bool):
-    """(features, captions, captions per image, ids, boxes or None), checked before writing."""
+@dataclass
+class _SplitInputs:
+    """One split's sources, checked before writing."""
+
+    split: str
+    path: Path  # the features' file, named in errors
+    ims: np.ndarray  # (N, R, F) memory-mapped
+    caps: list[str]
+    per: int  # captions per image
+    ids: np.ndarray
+    boxes: np.ndarray | None
+
+
+def _split_inputs(
+    srcp: Path, split: str, ims: np.ndarray, caps: list[str], has_boxes: bool
+) -> _SplitInputs:
     n = ims.shape[0]
     if n == 0 or len(caps) % n:
         raise DataError(
@@ -218,13 +236,20 @@ def _split_inputs(srcp: Path, split: str, ims, caps, has_boxes: bool):
         )
     ids = read_ids(srcp / f"{split}_ids.txt", n)
     boxes = open_boxes(srcp / f"{split}_boxes.npy", n, ims.shape[1]) if has_boxes else None
-    return ims, caps, len(caps) // n, ids, boxes
+    return _SplitInputs(split, srcp / f"{split}_ims.npy", ims, caps, len(caps) // n, ids, boxes)
 
 
-def _convert_split(srcp, split, inputs, writer, chunk_rows, log, chunk_done):
-    ims, caps, per, ids, boxes = inputs
+def _convert_split(
+    inputs: _SplitInputs,
+    writer: SplitWriter,
+    *,
+    chunk_rows: int,
+    log: Callable[[str], None],
+    done: Callable[[], None],
+) -> None:
+    split, where, ims, caps = inputs.split, inputs.path, inputs.ims, inputs.caps
+    per, ids, boxes = inputs.per, inputs.ids, inputs.boxes
     n = ims.shape[0]
-    where = srcp / f"{split}_ims.npy"
     for r0 in range(0, n, chunk_rows):
         r1 = min(n, r0 + chunk_rows)
         chunk = np.asarray(ims[r0:r1])
@@ -238,5 +263,5 @@ def _convert_split(srcp, split, inputs, writer, chunk_rows, log, chunk_done):
         except DataError as e:
             raise DataError(f"{where}: {e}") from e
         release_pages(ims)
-        chunk_done()
+        done()
     log(f"{split}: {n} images, {len(caps)} captions ({per} per image)")

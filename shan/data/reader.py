@@ -3,8 +3,9 @@ training), and the per-worker pipeline from image rows to padded training batche
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,9 @@ import torch
 
 from shan.data import fs
 from shan.data.format import DataError, DatasetCard, image_uri, load_card, split_files
+
+if TYPE_CHECKING:
+    import ray.data
 
 TRAIN_COLUMNS = ["image_id", "features", "num_regions", "tokens"]
 
@@ -92,7 +96,7 @@ def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitA
     )
 
 
-def open_split(root: str, split: str, columns: list[str] | None = None):
+def open_split(root: str, split: str, columns: list[str] | None = None) -> ray.data.Dataset:
     """``split`` as a Ray Data dataset (local or ``s3://``), one row per image."""
     import ray.data
 
@@ -132,17 +136,19 @@ class Batch:
         return self.tokens.shape[0]
 
 
-def pad_tokens(seqs: Iterable[Iterable[int]], max_len: int | None = None):
+def pad_tokens(
+    seqs: Iterable[Iterable[int]], max_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> ((B, n) int64 padded with 0, (B,) lengths).
 
     A list longer than ``max_len`` keeps its first ``max_len - 1`` ids and its last (``<end>``).
     """
-    seqs = [np.asarray(s, dtype=np.int64) for s in seqs]
+    arrays = [np.asarray(s, dtype=np.int64) for s in seqs]
     if max_len is not None:
-        seqs = [s if len(s) <= max_len else np.append(s[: max_len - 1], s[-1]) for s in seqs]
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    out = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
-    for i, s in enumerate(seqs):
+        arrays = [s if len(s) <= max_len else np.append(s[: max_len - 1], s[-1]) for s in arrays]
+    lengths = np.array([len(s) for s in arrays], dtype=np.int64)
+    out = np.zeros((len(arrays), int(lengths.max())), dtype=np.int64)
+    for i, s in enumerate(arrays):
         out[i, : len(s)] = s
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
@@ -159,15 +165,15 @@ class ExampleStream:
         batch_size: int,
         buffer: int = 2048,
         max_words: int | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         drop_last: bool = True,
-    ):
+    ) -> None:
         self.batch_size, self.buffer, self.max_words = batch_size, buffer, max_words
         self.rng = np.random.default_rng(seed)
         self.drop_last = drop_last
 
-    def __call__(self, image_batches: Iterable[dict]) -> Iterator[Batch]:
-        pool: list[tuple] = []  # (features view, num_regions, tokens, image_id)
+    def __call__(self, image_batches: Iterable[dict[str, Any]]) -> Iterator[Batch]:
+        pool: list[tuple[Any, ...]] = []  # (features view, num_regions, tokens, image_id)
         for rows in image_batches:
             feats, counts, ids = rows["features"], rows["num_regions"], rows["image_id"]
             for r, toks in enumerate(rows["tokens"]):
@@ -178,7 +184,7 @@ class ExampleStream:
         while len(pool) >= self.batch_size or (pool and not self.drop_last):
             yield self._draw(pool)
 
-    def _draw(self, pool: list[tuple]) -> Batch:
+    def _draw(self, pool: list[tuple[Any, ...]]) -> Batch:
         take = min(self.batch_size, len(pool))
         picks = []
         for _ in range(take):  # swap-remove a random example

@@ -59,7 +59,7 @@ def concept_words(n: int, rng: np.random.Generator) -> list[str]:
 class SyntheticWorld:
     """The concepts, attributes and their feature vectors, fixed by ``seed``."""
 
-    def __init__(self, feature_dim: int, concepts: int, seed: int):
+    def __init__(self, feature_dim: int, concepts: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
         self.feature_dim = feature_dim
         self.nouns = concept_words(concepts, rng)
@@ -70,12 +70,14 @@ class SyntheticWorld:
         fillers = {w for t in TEMPLATES for w in t.split() if "{" not in w}
         return Vocabulary(sorted(fillers) + list(ATTRIBUTES) + self.nouns)
 
-    def sample(self, seeds: list, regions: int, captions: int):
+    def sample(
+        self, seeds: list[list[int]], regions: int, captions: int
+    ) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """One image per seed -> features (n, regions, F), boxes (n, regions, 4), captions."""
         n = len(seeds)
         feats = np.empty((n, regions, self.feature_dim), dtype=np.float32)
         boxes = np.empty((n, regions, 4), dtype=np.float32)
-        all_caps = []
+        all_caps: list[list[str]] = []
         for i, seed in enumerate(seeds):
             rng = np.random.default_rng(seed)
             feats[i] = rng.normal(0, 0.5, (regions, self.feature_dim))
@@ -84,7 +86,7 @@ class SyntheticWorld:
             slots = rng.permutation(regions)
             r = 0
             for o, a in zip(objs, attrs):
-                for _ in range(min(rng.integers(1, 4), regions - r)):
+                for _ in range(min(int(rng.integers(1, 4)), regions - r)):
                     feats[i, slots[r]] += self.prototypes[o] + self.shifts[a]
                     r += 1
             # clutter: regions of unnamed concepts
@@ -96,7 +98,7 @@ class SyntheticWorld:
             all_caps.append([self._caption(objs, attrs, rng) for _ in range(captions)])
         return feats, boxes, all_caps
 
-    def _caption(self, objs, attrs, rng) -> str:
+    def _caption(self, objs: np.ndarray, attrs: np.ndarray, rng: np.random.Generator) -> str:
         template = TEMPLATES[rng.integers(len(TEMPLATES))]
         slots = template.count("{")
         picks = rng.choice(len(objs), size=slots, replace=slots > len(objs))
@@ -110,7 +112,15 @@ class SyntheticWorld:
 MAX_CONCEPTS = 2000  # distinct made-up nouns the syllables give comfortably
 
 
-def check_sizes(images, regions, feature_dim, concepts, captions_per_image, seed) -> None:
+def check_sizes(
+    images: dict[str, int],
+    *,
+    regions: int,
+    feature_dim: int,
+    concepts: int,
+    captions_per_image: int,
+    seed: int,
+) -> None:
     """DataError naming the first size out of range."""
     if not images or any(n < 0 for n in images.values()) or not any(images.values()):
         raise DataError(f"images per split must be >= 0 with at least one split > 0, got {images}")
@@ -128,6 +138,7 @@ def check_sizes(images, regions, feature_dim, concepts, captions_per_image, seed
 
 def generate_synthetic(
     dest: str,
+    *,
     images: dict[str, int] | None = None,
     regions: int = 16,
     feature_dim: int = 64,
@@ -142,7 +153,14 @@ def generate_synthetic(
     """Write a synthetic data set with ``images`` per split (default train 4000, dev 500,
     test 1000) to ``dest``."""
     images = {"train": 4000, "dev": 500, "test": 1000} if images is None else images
-    check_sizes(images, regions, feature_dim, concepts, captions_per_image, seed)
+    check_sizes(
+        images,
+        regions=regions,
+        feature_dim=feature_dim,
+        concepts=concepts,
+        captions_per_image=captions_per_image,
+        seed=seed,
+    )
     if chunk_rows < 1 or rows_per_file < 1:
         raise DataError(
             f"chunk_rows and rows_per_file must be >= 1, got {chunk_rows}, {rows_per_file}"

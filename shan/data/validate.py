@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ from shan.data import fs
 from shan.data.format import (
     IMAGE_COLUMNS,
     DataError,
+    DatasetCard,
     check_rows,
     load_card,
     load_vocab,
@@ -31,7 +33,7 @@ def _open(path: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from e
 
 
-def _check_schema(path: str, schema: pa.Schema, card) -> None:
+def _check_schema(path: str, schema: pa.Schema, card: DatasetCard) -> None:
     needed = REQUIRED + (IMAGE_COLUMNS if card.has_images else ())
     missing = [c for c in needed if c not in schema.names]
     if missing:
@@ -48,10 +50,11 @@ def _check_schema(path: str, schema: pa.Schema, card) -> None:
         raise DataError(f"{path}: features are {ftype.value_type}, the card says {card.dtype}")
 
 
-def validate_split(root: str, split: str, card, vocab_size: int) -> dict:
+def validate_split(root: str, split: str, card: DatasetCard, vocab_size: int) -> dict[str, Any]:
     seen: set[int] = set()
     images = captions = 0
-    regions, lengths = [], []
+    regions: list[np.ndarray] = []
+    lengths: list[int] = []
     for path in split_files(root, card, split):
         pf = _open(path)
         _check_schema(path, pf.schema_arrow, card)
@@ -86,13 +89,16 @@ def validate_split(root: str, split: str, card, vocab_size: int) -> dict:
     }
 
 
-def _check_batch(path: str, batch: pa.RecordBatch, first: int, seen: set, vocab_size: int):
+def _check_batch(
+    path: str, batch: pa.RecordBatch, first: int, seen: set[int], vocab_size: int
+) -> int:
     feats = batch.column("features").to_numpy_ndarray()
     ids = batch.column("image_id").to_numpy()
     caps = batch.column("captions").to_pylist()
     toks = batch.column("tokens").to_pylist()
+    regions = batch.column("num_regions").to_numpy()
     with np.errstate(invalid="ignore"):
-        check_rows(path, first, ids, feats, batch.column("num_regions").to_numpy(), caps, seen)
+        check_rows(path, first, ids, feats, regions, captions=caps, seen_ids=seen)
     for r, (c, t) in enumerate(zip(caps, toks)):
         if len(c) != len(t):
             raise DataError(f"{path}: row {first + r}: {len(c)} captions but {len(t)} token lists")
@@ -126,7 +132,7 @@ def _check_images(path: str, batch: pa.RecordBatch, first: int, has_boxes: bool)
             )
 
 
-def check_checksums(root: str, card) -> None:
+def check_checksums(root: str, card: DatasetCard) -> None:
     """Every file's bytes against the sha256 the card lists (cards from before checksums have
     none to check)."""
     for rel, want in card.checksums.items():
@@ -145,7 +151,7 @@ def check_checksums(root: str, card) -> None:
             raise DataError(f"{path}: its content differs from the card's checksum (changed?)")
 
 
-def validate(root: str) -> dict:
+def validate(root: str) -> dict[str, Any]:
     """Validate every split of the data set at ``root``; returns a summary dict."""
     card = load_card(root)
     vocab = load_vocab(root, card)
@@ -166,7 +172,7 @@ def validate(root: str) -> dict:
     }
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"data set {summary['name']}: features {summary['feature_shape']} {summary['dtype']}, "
         f"boxes {'yes' if summary['boxes'] else 'no'}, vocabulary {summary['vocab_size']} words",

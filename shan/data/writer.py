@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +45,10 @@ from shan.vocab import Vocabulary
 class HashingFile:
     """A writable file object that passes bytes on to a pyarrow stream and hashes them."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: Any) -> None:
         self.stream, self.sha, self.size, self.closed = stream, hashlib.sha256(), 0, False
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
         self.sha.update(view)
         self.stream.write(view)
@@ -80,7 +83,9 @@ class SplitWriter:
     """Writes one split as shards of at most ``rows_per_file`` rows, row groups of
     ``row_group_rows``; checks every chunk before it is written."""
 
-    def __init__(self, ds: DatasetWriter, split: str, rows_per_file: int, row_group_rows: int):
+    def __init__(
+        self, ds: DatasetWriter, split: str, rows_per_file: int, row_group_rows: int
+    ) -> None:
         for name, value in (("rows_per_file", rows_per_file), ("row_group_rows", row_group_rows)):
             if int(value) < 1:
                 raise DataError(f"{name} must be at least 1, got {value}")
@@ -93,7 +98,7 @@ class SplitWriter:
         self._sink: HashingFile | None = None
         self._rows_in_file = 0
 
-    def _open(self) -> None:
+    def _open(self) -> pq.ParquetWriter:
         rel = f"{self.ds.prefix}{self.split}/part-{len(self.files):05d}.parquet"
         check_relative(rel, self.ds.dest)  # never a file outside the data set
         self.files.append(rel)
@@ -103,7 +108,7 @@ class SplitWriter:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.ds.created.append(rel)
         self._sink = HashingFile(filesystem.open_output_stream(path))
-        self._writer = pq.ParquetWriter(
+        writer = pq.ParquetWriter(
             self._sink,
             self.ds.schema,
             compression="zstd",
@@ -111,13 +116,15 @@ class SplitWriter:
             write_statistics=["image_id", "num_regions"],
             use_byte_stream_split=["features.list.element"],
         )
-        self._rows_in_file = 0
+        self._writer, self._rows_in_file = writer, 0
+        return writer
 
     def write(
         self,
         image_ids: np.ndarray,
         features: np.ndarray,
         captions: list[list[str]],
+        *,
         num_regions: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
         image_files: list[str] | None = None,
@@ -139,7 +146,15 @@ class SplitWriter:
             num_regions = np.full(len(feats), card.regions, dtype=np.int32)
         num_regions = np.asarray(num_regions, dtype=np.int32)
         with np.errstate(over="ignore", invalid="ignore"):
-            check_rows(self.split, self.images, image_ids, feats, num_regions, captions, self.seen)
+            check_rows(
+                self.split,
+                self.images,
+                image_ids,
+                feats,
+                num_regions,
+                captions=captions,
+                seen_ids=self.seen,
+            )
         tokens = [[self.ds.vocab.encode(c, self.ds.max_words) for c in caps] for caps in captions]
         columns = {
             "image_id": pa.array(image_ids),
@@ -153,13 +168,13 @@ class SplitWriter:
         if card.has_images:
             columns.update(self._images(image_files, image_sizes, len(feats)))
         table = pa.table(columns, schema=self.ds.schema)
-        start = 0
+        start, writer = 0, self._writer
         while start < len(table):
-            if self._writer is None or self._rows_in_file >= self.rows_per_file:
+            if writer is None or self._rows_in_file >= self.rows_per_file:
                 self._close_file()
-                self._open()
+                writer = self._open()
             take = min(self.rows_per_file - self._rows_in_file, len(table) - start)
-            self._writer.write_table(table.slice(start, take), row_group_size=self.row_group_rows)
+            writer.write_table(table.slice(start, take), row_group_size=self.row_group_rows)
             self._rows_in_file += take
             start += take
         self.images += len(table)
@@ -178,7 +193,9 @@ class SplitWriter:
             raise DataError(f"{self.split}: boxes hold NaN or infinite values")
         return pa.FixedShapeTensorArray.from_numpy_ndarray(b)
 
-    def _images(self, files: list[str] | None, sizes: np.ndarray | None, rows: int) -> dict:
+    def _images(
+        self, files: list[str] | None, sizes: np.ndarray | None, rows: int
+    ) -> dict[str, pa.Array]:
         if files is None or sizes is None or len(files) != rows:
             raise DataError(f"{self.split}: the data set has images but no file and size each")
         wh = np.asarray(sizes, dtype=np.int32).reshape(rows, 2)
@@ -191,11 +208,11 @@ class SplitWriter:
         }
 
     def _close_file(self) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self._sink is not None:
             self._writer.close()
             self._sink.close()
             self.ds.checksums[self.files[-1]] = self._sink.sha.hexdigest()
-            self._writer = self._sink = None
+            self._writer, self._sink = None, None
 
     def abort(self) -> None:
         try:
@@ -224,10 +241,11 @@ class DatasetWriter:
         dest: str,
         card: DatasetCard,
         vocab: Vocabulary,
+        *,
         max_words: int | None = None,
         overwrite: bool = False,
-        log=print,
-    ):
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.dest, self.card, self.vocab, self.max_words = dest, card, vocab, max_words
         self.card.vocab_size, self.card.max_words = len(vocab), max_words
         self.schema = schema(
@@ -240,7 +258,7 @@ class DatasetWriter:
         self.checksums: dict[str, str] = {}
         self._splits: dict[str, SplitWriter] = {}
 
-    def split(self, name: str, rows_per_file: int = 2000, row_group_rows: int = 128):
+    def split(self, name: str, rows_per_file: int = 2000, row_group_rows: int = 128) -> SplitWriter:
         check_split_name(name, self.dest)
         if name in self._splits:
             raise DataError(f"split {name!r} is written twice")
@@ -257,7 +275,12 @@ class DatasetWriter:
     def __enter__(self) -> DatasetWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc_type is not None:
             for w in self._splits.values():
                 w.abort()

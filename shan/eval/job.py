@@ -81,7 +81,9 @@ def protocol_images(protocol: str, n: int, fold_size: int) -> int:
     return n if protocol == "plain" else need[protocol]
 
 
-def protocol_metrics(protocol: str, sims, caption_image, fold_size: int) -> dict[str, dict]:
+def protocol_metrics(
+    protocol: str, sims: dict[str, np.ndarray], caption_image: np.ndarray, fold_size: int
+) -> dict[str, dict[str, float]]:
     if protocol == "coco-1k":
         return {k: fold_metrics(v, caption_image, 5, fold_size) for k, v in sims.items()}
     return {k: recall_metrics(v, caption_image) for k, v in sims.items()}
@@ -150,12 +152,16 @@ def load_checked(ref: refs.ModelRef, root: str, card: DatasetCard, vocab: Vocabu
 def content_digest(split: SplitArrays) -> str:
     """A digest of what is scored: image ids, features, region counts and caption tokens."""
     h = hashlib.sha256()
-    for a in (split.image_ids, split.features, split.num_regions, split.caption_image):
-        a = np.ascontiguousarray(a)
+    for column in (split.image_ids, split.features, split.num_regions, split.caption_image):
+        a = np.ascontiguousarray(column)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.data.cast("B"))
     lengths = np.array([len(t) for t in split.tokens], dtype=np.int64)
-    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in split.tokens] or [[]])
+    flat = (
+        np.concatenate([np.asarray(t, dtype=np.int64) for t in split.tokens])
+        if split.tokens
+        else np.empty(0, dtype=np.int64)
+    )
     h.update(lengths.tobytes())
     h.update(flat.astype(np.int64).tobytes())
     return h.hexdigest()
@@ -219,6 +225,8 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``model_refs`` (several: an ensemble, matrices averaged) on ``data``."""
     opts = opts or EvalOptions()
+    if not model_refs:
+        raise JobError("no model to evaluate: give at least one reference")
     check_options(opts)
     outputs.check_out(out)
     card = load_card(data)
@@ -270,7 +278,7 @@ def _matrices(
     log(f"scoring on {res.describe('actor')}")
     pool = tiles.start_pool([m.weights for m in models], res, opts.bf16, opts.block)
     order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
-    total = None
+    total: dict[str, np.ndarray] | None = None
     try:
         device = tiles.device_kinds(pool, opts.start_timeout_s)
         for i in range(len(models)):
@@ -289,6 +297,7 @@ def _matrices(
     finally:
         for a in pool.actors:
             ray.kill(a)
+    assert total is not None  # evaluate() refuses an empty list of models
     sims = {k: v / len(models) for k, v in total.items()}
     tiles.check_complete(plan, sims, "the averaged matrix")
     return sims
@@ -319,9 +328,9 @@ def _write(
             models[0].model,
             job.vocab,
             split,
-            np.arange(len(split.image_ids)),
-            sims["total"],
-            split.caption_image,
+            rows=np.arange(len(split.image_ids)),
+            sims=sims["total"],
+            cap_rows=split.caption_image,
         )
     )
     meta = {
@@ -335,5 +344,6 @@ def _write(
     }
     doc = {**metrics, "meta": meta}
     table = format_table(metrics)
-    names = outputs.write_outputs(out, sims, index, doc, extra, f"{header}\n\n{table}\n")
+    recall_md = f"{header}\n\n{table}\n"
+    names = outputs.write_outputs(out, sims, index, doc, extra=extra, recall_md=recall_md)
     return EvalResult(metrics, table, names, doc, [m.ref for m in models])

@@ -21,7 +21,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from shan.data import fs
 from shan.errors import JobError
@@ -50,7 +52,7 @@ class OutLock:
         stale_s: float = STALE_S,
         heartbeat_s: float = HEARTBEAT_S,
         log: Callable[[str], None] = print,
-    ):
+    ) -> None:
         self.out, self.path = out, fs.join(out, LOCK_NAME)
         self.stale_s, self.heartbeat_s, self.log = stale_s, heartbeat_s, log
         self.token = uuid.uuid4().hex
@@ -108,7 +110,7 @@ class OutLock:
             self._fd = None
 
     # -- s3 -------------------------------------------------------------------------------------
-    def _s3(self):
+    def _s3(self) -> tuple[Any, str, str]:
         import s3fs
 
         bucket, _, key = self.path[len("s3://") :].partition("/")
@@ -213,15 +215,15 @@ class OutLock:
     def __enter__(self) -> OutLock:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _get(s3, bucket: str, key: str) -> tuple[bytes, str, object]:
+def _get(s3: Any, bucket: str, key: str) -> tuple[bytes, str, Any]:
     """(contents, ETag, LastModified) of one object, from one GET."""
     from fsspec.asyn import sync
 
-    async def get():
+    async def get() -> tuple[bytes, str, Any]:
         r = await s3._call_s3("get_object", Bucket=bucket, Key=key)
         async with r["Body"] as stream:
             data = await stream.read()
@@ -238,7 +240,7 @@ def _precondition_failed(e: OSError) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-condition" in text
 
 
-def _heartbeat(text: bytes, last_modified) -> float:
+def _heartbeat(text: bytes, last_modified: datetime | None) -> float:
     """The lock's heartbeat time; its S3 modification time when the contents are unreadable."""
     try:
         return float(json.loads(text)["heartbeat"])

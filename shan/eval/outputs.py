@@ -12,12 +12,14 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
 
 from shan.data import fs
+from shan.data.reader import SplitArrays
 from shan.errors import JobError
 from shan.metrics import i2t_ranks, t2i_ranks
 from shan.model import SCORES, SHAN
@@ -31,6 +33,8 @@ _FILE = (
     r"|tiles/model-\d+/(plan\.json|tile-r\d{5}-c\d{5}\.npz)(\.tmp-\d+)?"
 )
 OURS_FILE = re.compile(rf"^(v\d+/)?({_FILE})$")
+# one score's (i2t R@1..K, t2i R@1..K) in percent
+Curve = tuple[list[float], list[float]]
 OURS_DIR = re.compile(r"^(v\d+|(v\d+/)?tiles|(v\d+/)?tiles/model-\d+)$")
 
 
@@ -47,7 +51,7 @@ def foreign_entries(out: str) -> list[str]:
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise fs.StorageError(f"cannot list {out}: {e}") from e
-    bad = []
+    bad: list[str] = []
     for i in infos:
         rel = i.path[len(root) :].lstrip("/")
         ok = OURS_DIR if i.type == pafs.FileType.Directory else OURS_FILE
@@ -83,17 +87,19 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def recall_curves(sims: dict[str, np.ndarray], caption_image: np.ndarray, kmax: int = 50):
+def recall_curves(
+    sims: dict[str, np.ndarray], caption_image: np.ndarray, kmax: int = 50
+) -> dict[str, Curve]:
     """{score: (i2t R@1..kmax, t2i R@1..kmax)} in percent."""
     ks = np.arange(1, kmax + 1)
-    out = {}
+    out: dict[str, Curve] = {}
     for name, m in sims.items():
         ri, rt = i2t_ranks(m, caption_image), t2i_ranks(m, caption_image)
         out[name] = ([100 * (ri < k).mean() for k in ks], [100 * (rt < k).mean() for k in ks])
     return out
 
 
-def plot_recall(curves: dict, title: str) -> bytes:
+def plot_recall(curves: dict[str, Curve], title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +155,7 @@ def plot_attention(
     boxes: np.ndarray | None,
     title: str,
     image: np.ndarray | None = None,
-):
+) -> bytes:
     """Which regions each word attends to: beta (regions, words); boxes (regions, 4) in the
     image's pixels; ``image`` (H, W, 3), when given, drawn under the boxes."""
     import matplotlib
@@ -201,7 +207,8 @@ def plot_attention(
 def attention_pictures(
     model: SHAN,
     vocab: Vocabulary,
-    data,
+    data: SplitArrays,
+    *,
     rows: np.ndarray,
     sims: np.ndarray,
     cap_rows: np.ndarray,
@@ -209,7 +216,7 @@ def attention_pictures(
 ) -> dict[str, bytes]:
     """For the first ``n`` images ranked right (their best caption is a ground truth), which
     regions each word of that caption attends to."""
-    out = {}
+    out: dict[str, bytes] = {}
     for i in range(min(len(rows), 50)):
         gts = np.flatnonzero(cap_rows == i)
         best = int(gts[np.argmax(sims[i, gts])])
@@ -231,10 +238,16 @@ def attention_pictures(
 
 
 def write_outputs(
-    out: str, sims: dict, index: dict, metrics: dict, extra: dict[str, bytes], recall_md: str
+    out: str,
+    sims: dict[str, np.ndarray],
+    index: dict[str, Any],
+    metrics: dict[str, Any],
+    *,
+    extra: dict[str, bytes],
+    recall_md: str,
 ) -> list[str]:
     """Write every output, ``metrics.json`` last; returns the file names."""
-    names = []
+    names: list[str] = []
     for k in SCORES:
         if not np.isfinite(sims[k]).all():
             raise JobError(f"the {k} matrix holds NaN or infinite scores; nothing was written")

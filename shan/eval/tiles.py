@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from shan.data import fs
+from shan.data.reader import SplitArrays
 from shan.errors import JobError
 from shan.model import SCORES
 from shan.runtime import Resources
@@ -123,7 +124,7 @@ class TileStore:
         plan: Plan,
         log: Callable[[str], None] = print,
         guard: Callable[[], None] | None = None,
-    ):
+    ) -> None:
         self.root, self.plan, self.log, self.guard = root, plan, log, guard
         old, why = self._read_plan()
         if old != asdict(plan):
@@ -132,7 +133,7 @@ class TileStore:
             self.clear()
             self._write(fs.join(root, PLAN_FILE), json.dumps(asdict(plan)).encode())
 
-    def _read_plan(self) -> tuple[dict | None, str | None]:
+    def _read_plan(self) -> tuple[dict[str, Any] | None, str | None]:
         """(stored plan, None) or (None, why it is unusable); (None, None): no plan.json."""
         path = fs.join(self.root, PLAN_FILE)
         if not fs.exists(path):
@@ -190,7 +191,8 @@ class TileStore:
         if why is not None:
             raise JobError(f"tile ({r}, {c}) is not saved: {why}")
         buf = io.BytesIO()
-        np.savez(buf, **{k: sims[k] for k in SCORES})
+        # numpy's stub types every ** value as a possible ``allow_pickle`` flag
+        np.savez(buf, **{k: sims[k] for k in SCORES})  # type: ignore[arg-type]
         self._write(self._path(r, c), buf.getvalue())
 
     def load(self, r: int, c: int) -> dict[str, np.ndarray] | None:
@@ -262,7 +264,7 @@ def check_complete(plan: Plan, sims: dict[str, np.ndarray], what: str = "the mat
 class TileScorer:
     """A Ray actor holding the models; encodes chunks and scores tiles."""
 
-    def __init__(self, checkpoints: list[Any], threads: int, bf16: bool, block: int | None):
+    def __init__(self, checkpoints: list[Any], threads: int, bf16: bool, block: int | None) -> None:
         """``checkpoints``: weights-only :class:`~shan.checkpoint.Checkpoint` s (or their
         object refs), built and checked the same way the driver loaded them."""
         import ray
@@ -289,7 +291,9 @@ class TileScorer:
             return kind, "bf16" if self.bf16 else "float32"
         return "cpu", "float32"  # bf16 is used on CUDA only
 
-    def encode_images(self, m: int, features: np.ndarray, counts: np.ndarray):
+    def encode_images(
+        self, m: int, features: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         from shan.scoring import autocast
@@ -299,7 +303,7 @@ class TileScorer:
             im = self.models[m].encode_images(f, torch.from_numpy(np.array(counts)))
             return im.v.float().cpu().numpy(), im.mask.cpu().numpy()
 
-    def encode_captions(self, m: int, tokens: list[list[int]]):
+    def encode_captions(self, m: int, tokens: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         from shan.data.reader import pad_tokens
@@ -310,7 +314,12 @@ class TileScorer:
             cap = self.models[m].encode_captions(toks.to(self.device), lens.to(self.device))
             return cap.t.float().cpu().numpy(), cap.mask.cpu().numpy()
 
-    def score_tile(self, m: int, images, captions) -> dict[str, np.ndarray]:
+    def score_tile(
+        self,
+        m: int,
+        images: tuple[np.ndarray, np.ndarray],
+        captions: tuple[np.ndarray, np.ndarray],
+    ) -> dict[str, np.ndarray]:
         """images: (v (Bi, k, d), mask); captions: (t (Bc, n, d), mask) -> 4 (Bi, Bc) arrays."""
         import torch
 
@@ -327,7 +336,7 @@ class TileScorer:
 class ProgressBar:
     """Tiles done, pairs per second and time left, on one line (or a line every 10%)."""
 
-    def __init__(self, total: int, pairs_per_tile: float, skipped: int):
+    def __init__(self, total: int, pairs_per_tile: float, skipped: int) -> None:
         self.total, self.pairs, self.done, self.skipped = total, pairs_per_tile, skipped, skipped
         self.t0, self.tty, self.last = time.perf_counter(), sys.stderr.isatty(), -1
 
@@ -353,8 +362,8 @@ class ProgressBar:
 class Pool:
     """Actors and their resources."""
 
-    actors: list
-    refs: list  # the checkpoints in the object store, kept alive for actor restarts
+    actors: list[Any]  # ray actor handles of TileScorer
+    refs: list[Any]  # the checkpoints in the object store, kept alive for actor restarts
     per_actor: int = 2  # tiles in flight per actor
 
 
@@ -394,7 +403,8 @@ def compute(
     pool: Pool,
     plan: Plan,
     store: TileStore,
-    split: Any,
+    split: SplitArrays,
+    *,
     model_index: int = 0,
     on_tile: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -420,10 +430,11 @@ def compute(
     bar = ProgressBar(
         len(plan.tiles()), plan.tile_images * plan.tile_captions, len(plan.tiles()) - len(todo)
     )
-    queue, pending, finished = list(todo), {}, 0
+    queue, finished = list(todo), 0
+    pending: dict[Any, tuple[Any, tuple[int, int]]] = {}  # object ref: (actor, tile)
     alive, failures = list(a), {id(x): 0 for x in a}
 
-    def submit(actor) -> None:
+    def submit(actor: Any) -> None:
         if queue:
             r, c = queue.pop(0)
             pending[actor.score_tile.remote(model_index, img[r], cap[c])] = (actor, (r, c))
@@ -459,7 +470,7 @@ def compute(
     return sims
 
 
-def _load(pending: dict):
+def _load(pending: dict[Any, tuple[Any, tuple[int, int]]]) -> Callable[[Any], int]:
     return lambda actor: sum(1 for a, _ in pending.values() if a is actor)
 
 

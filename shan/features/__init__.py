@@ -7,8 +7,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shan.data.format import DataError
+
+if TYPE_CHECKING:
+    from shan.features.detector import DetectorExtractor
+    from shan.features.grid import GridExtractor
 
 EXTRACTORS = ("grid", "detector")
 
@@ -50,7 +55,7 @@ class ExtractorSpec:
         """Whether images keep their aspect ratio (detector) or are stretched (grid)."""
         return self.name == "detector"
 
-    def build(self, device: str | None = None):
+    def build(self, device: str | None = None) -> GridExtractor | DetectorExtractor:
         if self.name == "grid":
             from shan.features.grid import GridExtractor
 

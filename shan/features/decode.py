@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 
 from shan.data import fs
 
 
-def decode(data: bytes, size: int, letterbox: bool, min_side: int):
+def decode(
+    data: bytes, size: int, letterbox: bool, min_side: int
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int], str]:
     """One image's bytes -> (pixels (size, size, 3) uint8, (width, height), scaled (w, h),
     error: "" when fine). ``letterbox``: keep the aspect ratio, longer side ``size``, in the
     top-left corner; else stretched to ``size x size``."""
@@ -32,17 +35,27 @@ def decode(data: bytes, size: int, letterbox: bool, min_side: int):
     if min(w, h) < min_side:
         return blank, (w, h), (0, 0), f"{w}x{h} pixels, smaller than --min-side {min_side}"
     if not letterbox:
-        return np.asarray(rgb.resize((size, size), Image.BILINEAR)), (w, h), (size, size), ""
+        return (
+            np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR)),
+            (w, h),
+            (size, size),
+            "",
+        )
     scale = size / max(w, h)
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-    blank[:sh, :sw] = np.asarray(rgb.resize((sw, sh), Image.BILINEAR))
+    blank[:sh, :sw] = np.asarray(rgb.resize((sw, sh), Image.Resampling.BILINEAR))
     return blank, (w, h), (sw, sh), ""
 
 
-def decode_batch(batch: dict, size: int, letterbox: bool, min_side: int) -> dict:
+def decode_batch(
+    batch: dict[str, Any], size: int, letterbox: bool, min_side: int
+) -> dict[str, np.ndarray]:
     """Ray Data batch {"index", "uri"} -> + "pixels" (B, S, S, 3), "size" (B, 2), "scaled"
     (B, 2), "error" (B,) strings."""
-    pixels, sizes, scaled, errors = [], [], [], []
+    pixels: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
+    scaled: list[tuple[int, int]] = []
+    errors: list[str] = []
     for uri in batch["uri"]:
         try:
             data = fs.read_bytes(str(uri))

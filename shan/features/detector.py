@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from shan.data.format import DataError
-from shan.features.resnet import FEATURE_DIM, load_state
+from shan.features.resnet import FEATURE_DIM, Regions, load_state
 
 NMS_IOU = 0.3  # bottom-up attention's class-agnostic suppression threshold
 ADAPTIVE = (10, 100)
@@ -44,12 +44,12 @@ class DetectorExtractor:
         regions: int | None = 36,
         score_threshold: float = 0.2,
         device: str | None = None,
-    ):
+    ) -> None:
         check_available()
         from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
         self.adaptive = regions is None
-        self.regions = ADAPTIVE[1] if self.adaptive else int(regions)
+        self.regions = ADAPTIVE[1] if regions is None else int(regions)
         self.score_threshold = float(score_threshold)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if weights == "random":
@@ -68,7 +68,7 @@ class DetectorExtractor:
         self.model = model.to(self.device).eval()
 
     @torch.no_grad()
-    def __call__(self, pixels: np.ndarray, sizes: np.ndarray, scaled: np.ndarray):
+    def __call__(self, pixels: np.ndarray, sizes: np.ndarray, scaled: np.ndarray) -> Regions:
         """pixels (B, S, S, 3) uint8, each image in its top-left ``scaled`` (w, h) corner;
         sizes (B, 2) original (width, height)."""
         from torchvision.ops import nms, roi_align

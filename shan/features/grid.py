@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shan.features.resnet import FEATURE_DIM, MEAN, STD, build_resnet
+from shan.features.resnet import FEATURE_DIM, MEAN, STD, Regions, build_resnet
 
 
 def cell_boxes(grid: int, width: int, height: int) -> np.ndarray:
@@ -45,14 +45,16 @@ class GridExtractor:
         size: int = 448,
         grid: int = 7,
         device: str | None = None,
-    ):
+    ) -> None:
         self.size, self.grid = int(size), int(grid)
         self.regions = self.grid * self.grid
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_resnet(weights, arch).to(self.device).eval()
 
     @torch.no_grad()
-    def __call__(self, pixels: np.ndarray, sizes: np.ndarray, scaled: np.ndarray | None = None):
+    def __call__(
+        self, pixels: np.ndarray, sizes: np.ndarray, scaled: np.ndarray | None = None
+    ) -> Regions:
         """pixels (B, size, size, 3) uint8 (stretched: ``scaled`` is unused), sizes (B, 2)
         original (width, height) ->
         features (B, R, 2048) float32, boxes (B, R, 4) float32, num_regions (B,) int32."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,14 +21,14 @@ from shan.features.decode import decode_batch
 class ExtractActor:
     """Builds the extractor once, then turns decoded batches into features."""
 
-    def __init__(self, spec: ExtractorSpec, threads: int = 0):
+    def __init__(self, spec: ExtractorSpec, threads: int = 0) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.spec, self.extractor = spec, spec.build()
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         B, R, F = len(ok), self.spec.num_regions, self.extractor.feature_dim
         feats = np.zeros((B, R, F), np.float32)
@@ -49,7 +50,10 @@ class Resources:
 
 
 def plan_resources(
-    cluster: dict, actors: int | None = None, cpus: float | None = None, gpus: float | None = None
+    cluster: dict[str, float],
+    actors: int | None = None,
+    cpus: float | None = None,
+    gpus: float | None = None,
 ) -> Resources:
     """One actor per GPU when there are GPUs; else CPU actors that together leave one CPU to
     Ray Data's read and decode tasks (whole-CPU actors on a 2-CPU machine starve them)."""
@@ -62,7 +66,9 @@ def plan_resources(
     return Resources(n, per_cpu, per_gpu, threads)
 
 
-def run_local(items: list[dict], spec: ExtractorSpec, batch_size: int, min_side: int):
+def run_local(
+    items: list[dict[str, Any]], spec: ExtractorSpec, batch_size: int, min_side: int
+) -> Iterator[dict[str, Any]]:
     """The same steps in this process, without Ray (small sets, trials, tests)."""
     actor = ExtractActor(spec)
     for start in range(0, len(items), batch_size):
@@ -72,8 +78,8 @@ def run_local(items: list[dict], spec: ExtractorSpec, batch_size: int, min_side:
 
 
 def run_ray(
-    items: list[dict], spec: ExtractorSpec, res: Resources, batch_size: int, min_side: int
-) -> Iterator[dict]:
+    items: list[dict[str, Any]], spec: ExtractorSpec, res: Resources, batch_size: int, min_side: int
+) -> Iterator[dict[str, Any]]:
     """Ray Data: read + decode tasks, then the extractor's actor pool; batches in order."""
     import ray.data
 
@@ -81,9 +87,9 @@ def run_ray(
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the job prints its own
     blocks = max(1, min(len(items) // batch_size, 256))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
-        decode_batch,
+        decode_batch,  # type: ignore[arg-type]  # ray's stub leaves out fn_kwargs' arguments
         fn_kwargs={"size": spec.size, "letterbox": spec.letterbox, "min_side": min_side},
         batch_size=batch_size,
         num_cpus=0.5,

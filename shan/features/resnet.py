@@ -7,6 +7,7 @@ Shapes: images (B, 3, H, W) normalised RGB -> feature map (B, 2048, H/32, W/32).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +17,8 @@ ARCHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 
 FEATURE_DIM = 2048  # channels of the last stage: 512 * Bottleneck.expansion
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics torchvision's weights were trained with
 STD = (0.229, 0.224, 0.225)
+# an extractor's output: features (B, R, 2048), boxes (B, R, 4), num_regions (B,)
+Regions = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class Bottleneck(nn.Module):
@@ -23,7 +26,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, width: int, stride: int):
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
         super().__init__()
         c_out = width * self.expansion
         self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
@@ -51,7 +54,7 @@ class ResNet(nn.Module):
     """The convolutional trunk of a ResNet (no pooling, no classifier): ``forward`` gives the
     last feature map. ``blocks``: bottleneck blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50."""
 
-    def __init__(self, blocks: tuple[int, int, int, int] = ARCHS["resnet152"]):
+    def __init__(self, blocks: tuple[int, int, int, int] = ARCHS["resnet152"]) -> None:
         super().__init__()
         self.blocks = tuple(blocks)
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -59,12 +62,14 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         c_in = 64
+        stages = []
         for i, (n, width) in enumerate(zip(self.blocks, (64, 128, 256, 512))):
             layer = []
             for b in range(n):
                 layer.append(Bottleneck(c_in, width, 2 if (b == 0 and i > 0) else 1))
                 c_in = width * Bottleneck.expansion
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            stages.append(nn.Sequential(*layer))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -92,7 +97,7 @@ def blocks_of(state: dict[str, Tensor]) -> tuple[int, int, int, int]:
     for i in range(1, 5):
         ids = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.")}
         counts.append(max(ids) + 1 if ids else 0)
-    return tuple(counts)
+    return counts[0], counts[1], counts[2], counts[3]
 
 
 def load_state(path: str) -> dict[str, Tensor]:

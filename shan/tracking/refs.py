@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
@@ -19,7 +20,13 @@ from shan.checkpoint import MODEL_FILE
 from shan.data import fs
 from shan.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
+
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")  # MLflow's alias characters
+VERSION = re.compile(r"^[0-9]+$")  # ASCII digits only (str.isdigit takes other scripts too)
 
 
 @dataclass
@@ -120,20 +127,26 @@ def parse_registered(ref: str) -> tuple[str, str | None, str | None]:
     body = ref[len("models:/") :]
     if "@" in body:
         name, alias = body.split("@", 1)
-        return name, alias, None
-    name, _, version = body.rpartition("/")
-    if not name or not version.isdigit():
-        raise CheckpointError(f"model {ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    return name, None, version
+        if name and ALIAS.match(alias):
+            return name, alias, None
+    else:
+        name, _, version = body.rpartition("/")
+        if name and VERSION.match(version):
+            return name, None, version
+    raise CheckpointError(
+        f"model {ref}: expected models:/NAME@ALIAS (letters, digits, '_', '-') or "
+        "models:/NAME/VERSION (digits)"
+    )
 
 
-def registered_version(c, ref: str):
+def registered_version(c: MlflowClient, ref: str) -> ModelVersion:
     """The model version ``ref`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) names;
     MlflowException when the registry has no such version."""
     name, alias, version = parse_registered(ref)
-    return (
-        c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-    )
+    if alias is not None:
+        return c.get_model_version_by_alias(name, alias)
+    assert version is not None  # parse_registered gives an alias or a version
+    return c.get_model_version(name, version)
 
 
 def _registered(ref: str, uri: str | None) -> ModelRef:

@@ -23,8 +23,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shan.errors import JobError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 RUN_TAG = "shan.run_name"
 HEARTBEAT_TAG = "shan.heartbeat"  # seconds since the epoch, refreshed while the driver runs
@@ -128,25 +133,25 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         raise JobError(f"MLflow tracking server {shown} is unreachable ({reason})") from None
 
 
-def client(uri: str):
+def client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(c, name: str) -> str:
+def experiment_id(c: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created when it does not exist yet."""
     exp = c.get_experiment_by_name(name)
     return exp.experiment_id if exp else c.create_experiment(name)
 
 
-def runs_named(c, exp_id: str, run_name: str) -> list:
+def runs_named(c: MlflowClient, exp_id: str, run_name: str) -> list[Run]:
     """The MLflow runs of Ray Train run ``run_name`` in the experiment, oldest first."""
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = {quote(run_name)}")
     return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
-def heartbeat_age(run, now: float | None = None) -> float | None:
+def heartbeat_age(run: Run, now: float | None = None) -> float | None:
     """Seconds since the run's driver last said it was alive; None if it never did."""
     try:
         beat = float(run.data.tags[HEARTBEAT_TAG])
@@ -155,18 +160,18 @@ def heartbeat_age(run, now: float | None = None) -> float | None:
     return max(0.0, (time.time() if now is None else now) - beat)
 
 
-def is_alive(run, now: float | None = None) -> bool:
+def is_alive(run: Run, now: float | None = None) -> bool:
     """RUNNING with a heartbeat younger than :data:`HEARTBEAT_STALE`."""
     age = heartbeat_age(run, now)
     return run.info.status == "RUNNING" and age is not None and age < HEARTBEAT_STALE
 
 
 def config_differences(
-    stored: dict[str, str], params: dict, may_differ: tuple[str, ...] = RESUME_MAY_DIFFER
+    stored: dict[str, str], params: dict[str, Any], may_differ: tuple[str, ...] = RESUME_MAY_DIFFER
 ) -> list[tuple[str, str, str]]:
     """(key, stored value, new value) for each parameter of the run that ``params`` changes,
     leaving out the keys that may differ on resume (a key stored without a value is new)."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     for key in sorted(params):
         if key.startswith(may_differ) or key not in stored:
             continue
@@ -176,12 +181,18 @@ def config_differences(
     return out
 
 
-def _param(value) -> str:
+def _param(value: object) -> str:
     return str(value)[:6000]
 
 
 def start_run(
-    uri: str, experiment: str, run_name: str, params: dict, tags: dict, settle: float = 0.5
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    *,
+    settle: float = 0.5,
 ) -> str:
     """The MLflow run of Ray Train run ``run_name``: the existing one (continued) or a new one.
 
@@ -228,12 +239,12 @@ def start_run(
     return run_id
 
 
-def _claim(c, run_id: str, owner: str) -> None:
+def _claim(c: MlflowClient, run_id: str, owner: str) -> None:
     c.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
     c.set_tag(run_id, OWNER_TAG, owner)
 
 
-def log_params(c, run_id: str, params: dict) -> None:
+def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     items = [Param(k, _param(v)) for k, v in params.items()]
@@ -253,7 +264,7 @@ def end_run(uri: str, run_id: str, status: str, error: str | None = None, kind: 
 class Heartbeat:
     """While in its ``with`` block, a thread refreshes the run's ``shan.heartbeat`` tag."""
 
-    def __init__(self, uri: str, run_id: str, every: float = HEARTBEAT_EVERY):
+    def __init__(self, uri: str, run_id: str, every: float = HEARTBEAT_EVERY) -> None:
         self.uri, self.run_id, self.every = uri, run_id, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="shan-heartbeat", daemon=True)
@@ -270,7 +281,7 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
 
@@ -280,15 +291,15 @@ class FatalBox:
     the driver to raise as the same type. ``token`` is the driver's, so that an error left by
     an earlier training of the same run is not mistaken for one of this training."""
 
-    def __init__(self, uri: str, run_id: str, token: str):
+    def __init__(self, uri: str, run_id: str, token: str) -> None:
         self.uri, self.run_id, self.token = uri, run_id, token
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         record = {"type": str(record.get("type")), "message": str(record.get("message"))[:4000]}
         value = json.dumps({"token": self.token, **record})
         client(self.uri).set_tag(self.run_id, FATAL_TAG, value)
 
-    def read(self) -> dict | None:
+    def read(self) -> dict[str, Any] | None:
         """``{"type": ..., "message": ...}`` left by this training's workers, or None."""
         raw = client(self.uri).get_run(self.run_id).data.tags.get(FATAL_TAG)
         try:
@@ -303,7 +314,7 @@ class FatalBox:
 class MetricLogger:
     """Batched metric logging to one run (used by rank 0 only)."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str) -> None:
         self.client, self.run_id = client(uri), run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from shan.runtime import failure_line, init_ray, size_group, training_request, w
 from shan.tracking import runs as tracking
 from shan.tracking.names import unflat_metrics
 from shan.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 @dataclass
@@ -71,7 +74,7 @@ def ensure_demo_data(log: Callable[[str], None] = print) -> str:
     return str(root)
 
 
-def new_run_name(cfg: Config, taken=lambda name: False) -> str:
+def new_run_name(cfg: Config, taken: Callable[[str], bool] = lambda name: False) -> str:
     """``shan-<config>-<time>-<8 hex digits>``, one that ``taken`` does not know."""
     for _ in range(20):
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -114,7 +117,7 @@ def check_checkpoint_dir(dest: Path) -> None:
         )
 
 
-def check_data(cfg: Config, root: str):
+def check_data(cfg: Config, root: str) -> tuple[DatasetCard, Vocabulary]:
     """Card and vocabulary of ``root``, checked against the config."""
     card = load_card(root)
     for split in (cfg.data.train_split, cfg.data.val_split):
@@ -129,13 +132,18 @@ def check_data(cfg: Config, root: str):
 
 
 def run_training(
-    cfg: Config, data: str | None = None, register: str | None = None, log=print
+    cfg: Config,
+    data: str | None = None,
+    register: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> TrainingResult:
     """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set)."""
     cfg.validate()
     if cfg.tracking.run_name:  # a generated name is one whose folder does not exist
         check_checkpoint_dir(checkpoint_dir(cfg.tracking.run_name))
     root = data or cfg.data.path or ensure_demo_data(log)
+    if not fs.is_remote(root):  # the workers run in other folders: they need the whole path
+        root = str(Path(root).absolute())
     cfg.data.path = root
     card, vocab = check_data(cfg, root)
     glove = None
@@ -181,7 +189,7 @@ def _taken(cfg: Config, uri: str, storage: str, name: str) -> bool:
     return fs.exists(fs.join(storage, name)) or checkpoint_dir(name).exists()
 
 
-def _as_user_error(e: BaseException, box) -> BaseException:
+def _as_user_error(e: BaseException, box: tracking.FatalBox) -> BaseException:
     """The error to raise for training failure ``e``: a user error a worker left in the box
     (as its own type), a user error as it is, else a JobError with the failure's line."""
     if isinstance(e, (KeyboardInterrupt, *USER_ERRORS)):
@@ -198,7 +206,7 @@ def _as_user_error(e: BaseException, box) -> BaseException:
     return JobError(f"training failed: {failure_line(e)}")
 
 
-def _end_failed(uri: str, run_id: str, error: BaseException, log) -> None:
+def _end_failed(uri: str, run_id: str, error: BaseException, log: Callable[[str], None]) -> None:
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     line = "; ".join(str(error).splitlines()) or type(error).__name__
     try:
@@ -255,7 +263,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     return result
 
 
-def _best(result):
+def _best(result: Any) -> tuple[Any, dict[str, Any]]:
     pairs = [(c, m) for c, m in (result.best_checkpoints or []) if "val/rsum" in m]
     if not pairs:
         raise JobError("training ended without a checkpoint")
@@ -291,7 +299,7 @@ def _log_outcome(
     return TrainingResult(run_name, run_id, uri, saved, best_metrics, table)
 
 
-def _keep_local_copy(local: str, run_name: str, log=print) -> str:
+def _keep_local_copy(local: str, run_name: str, log: Callable[[str], None] = print) -> str:
     """Copy the checkpoint's files to ``./checkpoints/<run>``: written beside it first, then
     swapped in, replacing only a checkpoint folder of this project (checked again now)."""
     dest = checkpoint_dir(run_name)
@@ -319,7 +327,7 @@ def _keep_local_copy(local: str, run_name: str, log=print) -> str:
     return str(dest)
 
 
-def register_checkpoint(c, run_id: str, name: str) -> str:
+def register_checkpoint(c: MlflowClient, run_id: str, name: str) -> str:
     """A model version of ``name`` whose source is the run's ``checkpoint/`` artifact."""
     from mlflow.exceptions import MlflowException
 

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from shan.scoring import autocast, score_matrix, split_metrics
 from shan.tracking.names import flat_metrics
 from shan.tracking.runs import FatalBox, MetricLogger
 from shan.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from ray.data import DataIterator
 
 
 @dataclass
@@ -68,7 +71,7 @@ GO, DONE, FAIL = 2, 1, 0  # a rank's state at a step; the ranks agree on the min
 class Stop(Exception):
     """Every rank leaves the loop together: some rank raised ``error`` (None on the others)."""
 
-    def __init__(self, error: BaseException | None):
+    def __init__(self, error: BaseException | None) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -176,11 +179,11 @@ def agree(w: Worker, state: int) -> int:
     return int(flag.item())
 
 
-def first_error(w: Worker, error: BaseException | None) -> dict:
+def first_error(w: Worker, error: BaseException | None) -> dict[str, Any]:
     """The record (type, message) of the lowest rank's error, on every rank."""
     record = to_record(error) if error is not None else None
     if w.world > 1:
-        parts: list = [None] * w.world
+        parts: list[Any] = [None] * w.world
         dist.all_gather_object(parts, record)
         record = next((p for p in parts if p), None)
     return record or {"type": "JobError", "message": "a worker stopped the run"}
@@ -252,7 +255,7 @@ def train_step(w: Worker, batch: Batch) -> float:
     return loss.item()
 
 
-def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
+def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, float]:
     """One pass over this worker's share; returns mean loss, examples/s and data-wait share."""
     cfg, epoch = w.cfg, w.progress.epoch
     rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
@@ -264,7 +267,8 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
     )
     batches = stream(rows)
     w.model.train()
-    losses, examples, wait, t_start = [], 0, 0.0, time.perf_counter()
+    losses: list[float] = []
+    examples, wait, t_start = 0, 0.0, time.perf_counter()
     t_log, ex_log = t_start, 0
     while True:
         t0 = time.perf_counter()
@@ -280,6 +284,7 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
             raise Stop(error)
         if state == DONE:
             break
+        assert batch is not None  # this rank said GO: it has a batch
         lr = lr_at(cfg, epoch, w.progress.step)
         for group in w.optimizer.param_groups:
             group["lr"] = lr
@@ -287,7 +292,7 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
         losses.append(train_step(w, batch))
         examples += len(batch)
         w.progress.step += 1
-        if w.rank == 0 and len(losses) % cfg.tracking.log_every == 0:
+        if w.logger is not None and len(losses) % cfg.tracking.log_every == 0:  # rank 0
             now = time.perf_counter()
             rate = (examples - ex_log) / (now - t_log)
             t_log, ex_log = now, examples
@@ -320,7 +325,7 @@ def train_epoch(w: Worker, shard, steps_hint: int) -> dict[str, float]:
 class Validator:
     """The dev split, scored after each epoch; rows are shared out among the workers."""
 
-    def __init__(self, w: Worker, root: str):
+    def __init__(self, w: Worker, root: str) -> None:
         data = read_split(root, w.cfg.data.val_split)
         if w.cfg.data.val_max_images:
             data = data.head(w.cfg.data.val_max_images)
@@ -341,7 +346,7 @@ class Validator:
             bf16=w.cfg.scaling.bf16,
         )
         if w.world > 1:
-            parts: list = [None] * w.world
+            parts: list[Any] = [None] * w.world
             dist.all_gather_object(parts, sims)
             sims = {k: np.concatenate([p[k] for p in parts]) for k in sims}
         return flat_metrics(split_metrics(sims, d.caption_image))
@@ -405,7 +410,7 @@ def run_epochs(w: Worker, settings: LoopSettings) -> None:
         w.progress.epoch += 1
         w.progress.best_rsum = max(w.progress.best_rsum, val["val/rsum"])
         metrics = {"epoch": w.progress.epoch, "step": w.progress.step, **stats, **val}
-        if w.rank == 0:
+        if w.logger is not None:  # rank 0
             w.logger.log({k: v for k, v in metrics.items() if "/" in k}, step=w.progress.epoch)
             say(
                 f"epoch {w.progress.epoch}/{w.cfg.optim.epochs}: loss "

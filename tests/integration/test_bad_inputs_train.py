@@ -1,0 +1,116 @@
+"""Bad inputs of ``jobs/train.py``, each tried through the real command line.
+
+Every case must be refused before Ray starts or an MLflow run is touched: the cases run with
+an MLflow address where nobody listens and no Ray address, so a check that came too late would
+show up as another error ("is unreachable"). None of them starts Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from shan_stack import free_port
+
+from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.helpers import TINY
+
+
+def tiny(*args: str):
+    """argv: the tiny config, data that does not exist (never reached), and ``args``."""
+    return lambda tmp: ["--config", TINY, "--data", str(tmp / "no-data"), *args]
+
+
+def foreign_checkpoint_folder(tmp: Path) -> list[str]:
+    """``checkpoints/keep-me`` (under the job's working directory) holds a file of someone's."""
+    folder = tmp / "checkpoints" / "keep-me"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights")
+    (folder / "notes.txt").write_text("not a checkpoint file\n")
+    return tiny("--name", "keep-me")(tmp)
+
+
+CASES: list[Case] = [
+    Case("lr-negative", "train", "`optim.lr=-1`", tiny("optim.lr=-1"), ("optim.lr", "-1.0")),
+    Case("lr-nan", "train", "`optim.lr=nan`", tiny("optim.lr=nan"), ("optim.lr", "nan")),
+    Case("margin-inf", "train", "`loss.margin=inf`", tiny("loss.margin=inf"),
+         ("loss.margin", "inf")),
+    Case("grad-clip-negative", "train", "`optim.grad_clip=-1` (would flip the gradient)",
+         tiny("optim.grad_clip=-1"), ("optim.grad_clip", "-1.0")),
+    Case("margin-negative", "train", "`loss.margin=-5`", tiny("loss.margin=-5"),
+         ("loss.margin", "-5.0")),
+    Case("max-words-zero", "train", "`data.max_words=0`", tiny("data.max_words=0"),
+         ("data.max_words", "0")),
+    Case("seed-negative", "train", "`seed=-1`", tiny("seed=-1"), ("seed", "-1")),
+    Case("log-every-zero", "train", "`tracking.log_every=0`", tiny("tracking.log_every=0"),
+         ("tracking.log_every", "0")),
+    Case("gpus-per-worker-zero", "train", "`scaling.gpus_per_worker=0`",
+         tiny("scaling.gpus_per_worker=0"), ("scaling.gpus_per_worker", "0.0")),
+    Case("batch-size-one", "train", "`optim.batch_size=1`", tiny("optim.batch_size=1"),
+         ("optim.batch_size", ">= 2")),
+    Case("several-bad-values", "train", "`optim.lr=-1 model.d=big model.colour=red` together",
+         tiny("optim.lr=-1", "model.d=big", "model.colour=red"),
+         ("optim.lr", "model.d", "'big'", "model.colour"), lines=3),
+    Case("flag-workers-zero", "train", "`--workers 0`", tiny("--workers", "0"),
+         ("--workers", "0")),
+    Case("flag-gpus-zero", "train", "`--gpus-per-worker 0`", tiny("--gpus-per-worker", "0"),
+         ("--gpus-per-worker", "0")),
+    Case("flag-gpus-fraction", "train", "`--gpus-per-worker 1.5`",
+         tiny("--gpus-per-worker", "1.5"), ("scaling.gpus_per_worker", "1.5")),
+    Case("flag-cpus-nan", "train", "`--cpus-per-worker nan`", tiny("--cpus-per-worker", "nan"),
+         ("--cpus-per-worker", "nan")),
+    Case("name-absolute-path", "train", "`--name /some/abs/folder` (a path, not a name)",
+         lambda tmp: tiny("--name", str(tmp / "victim"))(tmp), ("tracking.run_name", "victim")),
+    Case("name-dot-dot", "train", "`--name ../up`", tiny("--name", "../up"),
+         ("tracking.run_name", "'../up'")),
+    Case("name-too-long", "train", "`--name` of 101 characters", tiny("--name", "x" * 101),
+         ("tracking.run_name", "at most 100")),
+    Case("checkpoint-folder-foreign", "train",
+         "`--name N` where `checkpoints/N` holds files this project did not write",
+         foreign_checkpoint_folder, ("checkpoints/keep-me", "notes.txt", "another --name")),
+]  # fmt: skip
+
+
+def case_env() -> dict:
+    """A tracking server nobody answers and no Ray address: a late check fails differently."""
+    return {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "RAY_ADDRESS": ""}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case: Case, tmp_path):
+    r = run_job(case.job, *case.argv(tmp_path), env={**case_env(), **case.env},
+                cwd=tmp_path, timeout=120)  # fmt: skip
+    assert_user_error(r, *case.names, lines=case.lines)
+    assert "unreachable" not in r.stderr and "Ray:" not in r.stdout + r.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_path_as_name_leaves_that_folder_alone(tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "a.txt").write_text("mine\n")
+    (victim / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    before = snapshot(victim)
+    r = run_job("train", *tiny("--name", str(victim))(tmp_path), env=case_env(), cwd=tmp_path,
+                timeout=120)  # fmt: skip
+    assert_user_error(r, "tracking.run_name", str(victim))
+    assert snapshot(victim) == before and len(before) == 2
+
+
+def test_a_foreign_checkpoint_folder_is_left_alone(tmp_path):
+    argv = foreign_checkpoint_folder(tmp_path)
+    folder = tmp_path / "checkpoints" / "keep-me"
+    before = snapshot(folder)
+    r = run_job("train", *argv, env=case_env(), cwd=tmp_path, timeout=120)
+    assert_user_error(r, "notes.txt")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("name", ["2024", "yes", "null"])
+def test_name_flag_is_always_a_name(name, tmp_path):
+    """``--name 2024`` is the run "2024" (not an int, bool or a fresh run): the job goes past
+    the config to the next check, the missing data set."""
+    r = run_job("train", *tiny("--name", name)(tmp_path), env=case_env(), cwd=tmp_path,
+                timeout=120)  # fmt: skip
+    assert_user_error(r, "no-data")
+    assert "tracking.run_name" not in r.stderr

@@ -1,0 +1,40 @@
+"""``prepare_data.py images`` as a job: extraction on Ray (a local instance the job starts),
+one bad image skipped, the same features as the in-process conversion for the others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shan.data.reader import read_split
+from shan.data.validate import validate
+from tests.cli import run_job
+from tests.helpers import make_images
+
+
+def test_the_job_extracts_on_ray_and_matches_the_in_process_result(
+    converted_images, tmp_path: Path
+):
+    """Real Ray (a local instance started by the job), one image of the folder bad and
+    skipped: the same features as the in-process conversion for the others."""
+    _, local_out = converted_images
+    ray_imgs = make_images(tmp_path / "imgs", 6, split=lambda i: "train" if i < 4 else "test")
+    (ray_imgs / "img5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "ray-data"
+    env = {"RAY_ADDRESS": None}  # a local instance of its own, token authentication on
+    r = run_job("prepare_data", "images", str(ray_imgs), "--captions",
+                str(ray_imgs / "captions.csv"), "--out", str(out), "--arch", "resnet50",
+                "--image-size", "64", "--grid", "2", "--min-count", "1",
+                "--on-bad-image", "skip", "--batch-size", "2", env=env, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "images 6/6 (100%)" in r.stderr and "left out 1 bad image" in r.stdout
+    summary = validate(str(out))
+    assert {s: v["images"] for s, v in summary["splits"].items()} == {"train": 4, "test": 1}
+    ray_train, local_train = read_split(str(out), "train"), read_split(str(local_out), "train")
+    np.testing.assert_array_equal(ray_train.image_ids, local_train.image_ids)
+    np.testing.assert_allclose(ray_train.features.astype(np.float32),
+                               local_train.features.astype(np.float32), atol=2e-3)  # fmt: skip
+    report = json.loads((out / "bad_images.json").read_text())["bad_images"]
+    assert [b["image"] for b in report] == ["img5.png"]

@@ -1,0 +1,300 @@
+"""The training job end to end: a real Ray head (2 workers), a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shan_stack import free_port
+
+from shan.tracking.runs import ERROR_TAG, ERROR_TYPE_TAG, RUN_TAG, quote
+from tests.helpers import ROOT, TINY
+
+
+def train(*args: str, env: dict | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def run_tiny(name: str, data: str, storage, *extra: str) -> subprocess.CompletedProcess:
+    """The tiny config on ``data`` as run ``name``, Ray Train storage under ``storage``."""
+    return train("--config", TINY, "--data", data, "--name", name,
+                 f"tracking.storage_path={storage}", *extra)  # fmt: skip
+
+
+def mlflow_runs(name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    exp = c.get_experiment_by_name("shan-tests")
+    if exp is None:
+        return c, []
+    return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = {quote(name)}")
+
+
+def check(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_path):
+    name = "tiny-basic"
+    r = run_tiny(name, synthetic_small, tmp_path)
+    check(r)
+    assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
+    out = (r.stdout + r.stderr).splitlines()
+    for epoch in (1, 2):  # each worker line reaches the driver once
+        said = [ln for ln in out if f"epoch {epoch}/2: loss" in ln]
+        assert len(said) == 1, said
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d"] == "16" and run.data.params["optim.epochs"] == "2"
+    assert len(c.get_metric_history(run.info.run_id, "train/loss")) >= 4
+    val = c.get_metric_history(run.info.run_id, "val/rsum")
+    assert sorted(m.step for m in val) == [1, 2]
+    assert "val/g2g/i2t_r1" in run.data.metrics
+    files = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.pt", "checkpoint/config.yaml", "checkpoint/vocab.json"} <= files
+    top = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"recall.md", "config.yaml", "vocab.json"} <= top
+
+
+def test_killed_worker_resumes_from_checkpoint_in_one_run(services, synthetic_small, tmp_path):
+    name = "tiny-kill"
+    marker = tmp_path / "killed"
+    # 240 images x 5 captions / (2 workers x 16) = 37 steps per epoch: step 70 is late in
+    # epoch 2, well after epoch 1's checkpoint was reported
+    r = run_tiny(
+        name,
+        synthetic_small,
+        tmp_path,
+        "debug.kill_worker_at_step=70",
+        f"debug.kill_marker={marker}",
+    )
+    check(r)
+    assert marker.is_file(), "the worker was never killed"
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rid = runs[0].info.run_id
+    assert [m.value for m in c.get_metric_history(rid, "train/resumed_at_epoch")] == [1.0]
+    assert sorted(m.step for m in c.get_metric_history(rid, "val/rsum")) == [1, 2]
+
+
+def test_rerun_by_name_continues_and_fresh_runs_do_not(services, synthetic_small, tmp_path):
+    name = "tiny-continue"
+    common = (
+        "--config",
+        TINY,
+        "--data",
+        synthetic_small,
+        f"tracking.storage_path={tmp_path}",
+        "scaling.num_workers=1",
+    )
+    check(train(*common, "--name", name, "optim.epochs=1"))
+    check(train(*common, "--name", name, "optim.epochs=2"))
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1
+    resumed = c.get_metric_history(runs[0].info.run_id, "train/resumed_at_epoch")
+    assert [m.value for m in resumed] == [1.0]
+    assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "val/rsum")) == [1, 2]
+    check(train(*common, "optim.epochs=1"))  # no name: a fresh, uniquely named run
+    exp = c.get_experiment_by_name("shan-tests")
+    (fresh,) = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                             max_results=1)  # fmt: skip
+    assert fresh.data.tags[RUN_TAG].startswith("shan-tiny-")
+    assert not c.get_metric_history(fresh.info.run_id, "train/resumed_at_epoch")
+
+
+def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    r = subprocess.run(
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            services.env["RAY_DASHBOARD_ADDRESS"],
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}}),
+            "--",
+            "python",
+            "jobs/train.py",
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--data",
+            synthetic_small,
+            "--name",
+            "tiny-submitted",
+            "scaling.num_workers=1",
+            "optim.epochs=1",
+            f"tracking.storage_path={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    _, runs = mlflow_runs("tiny-submitted")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # without the token the head refuses the client
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    denied = subprocess.run(
+        [ray_bin, "job", "list", "--address", services.env["RAY_DASHBOARD_ADDRESS"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert denied.returncode != 0
+
+
+def failed_run(name: str, line: str, kind: str):
+    """The one MLflow run of ``name``: FAILED with ``line`` and error type ``kind``, never
+    resumed (no worker group restarted from a checkpoint)."""
+    c, runs = mlflow_runs(name)
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags[ERROR_TAG] == line and run.data.tags[ERROR_TYPE_TAG] == kind
+    assert not c.get_metric_history(run.info.run_id, "train/resumed_at_epoch")
+    return c, run
+
+
+def test_non_finite_loss_fails_the_run_at_once(services, synthetic_small, tmp_path):
+    """Rank 1's loss turns NaN early in epoch 2 (37 steps per epoch), after a checkpoint: the
+    run ends FAILED with that line, and is not retried although tracking.max_failures is 2."""
+    name = "tiny-nan"
+    r = run_tiny(name, synthetic_small, tmp_path, "debug.nan_at_step=40")
+    line = "non-finite loss (nan) at epoch 2, step 40: lower optim.lr or check the data"
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert "Traceback" not in r.stderr
+    out = r.stdout + r.stderr
+    assert "resumed from the checkpoint" not in out and "epoch 1/2: loss" in out
+    assert "[FailurePolicy]" not in out  # Ray Train never saw a failure
+    c, run = failed_run(name, line, "JobError")
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/rsum")] == [1]
+
+
+def test_a_worker_user_error_crosses_as_its_type(services, synthetic_small, tmp_path):
+    """A DataError of rank 1 in the steps of epoch 2 reaches the driver as a DataError, the
+    ranks stop together and nothing is retried."""
+    name = "tiny-data-error"
+    r = run_tiny(name, synthetic_small, tmp_path, "debug.fail_with=DataError",
+                 "debug.fail_at_step=45")  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = "debug: DataError on rank 1 at step 45"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert "resumed from the checkpoint" not in r.stdout + r.stderr
+    assert "[FailurePolicy]" not in r.stdout + r.stderr
+    failed_run(name, line, "DataError")
+
+
+def test_a_user_error_outside_the_steps_is_not_retried(services, synthetic_small, tmp_path):
+    """Rank 1 raises when it starts, before the ranks can agree: its worker group fails, and
+    the one that Ray Train starts again stops at once, finding the error left in the run."""
+    name = "tiny-start-error"
+    r = train("--config", TINY, "--data", synthetic_small, "--name", name,
+              f"tracking.storage_path={tmp_path}", "debug.fail_with=CheckpointError",
+              env={"RAY_DEDUP_LOGS": "0"})  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = "debug: CheckpointError on rank 1 at start"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    failed_run(name, line, "CheckpointError")
+    out = r.stdout + r.stderr  # one restart (max_failures is 2), whose workers stop at once
+    assert out.count("[FailurePolicy] RETRY") == 1, out[-5000:]
+    assert "[FailurePolicy] RAISE" not in out
+
+
+def test_a_running_name_and_another_config_are_refused(services, synthetic_small, tmp_path):
+    name = "tiny-busy"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", TINY, "--data",
+         synthetic_small, "--name", name, f"tracking.storage_path={tmp_path}",
+         "scaling.num_workers=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not mlflow_runs(name)[1] and time.time() < deadline and first.poll() is None:
+            time.sleep(1)
+        second = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1")
+        out = first.communicate(timeout=420)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run '{name}' is running") and "--name" in last
+    assert "Ray:" not in second.stdout + second.stderr  # refused before Ray started
+    # continuing the finished run with another config names what differs
+    third = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1", "optim.lr=1e-3",
+                     "model.d_a=4")  # fmt: skip
+    assert third.returncode == 2, third.stderr[-3000:]
+    last = third.stderr.strip().splitlines()[-1]
+    assert "started with another config" in last
+    assert "optim.lr (0.002 there, 0.001 here)" in last and "model.d_a (8 there, 4 here)" in last
+    _, runs = mlflow_runs(name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "RAY_ADDRESS": ""}
+    cases = [
+        (("--config", TINY, "model.colour=red"), "unknown config key model.colour"),
+        (("--config", TINY, "--data", str(tmp_path / "nowhere")), "does not exist"),
+        (("--config", TINY, "--data", synthetic_small), "is unreachable"),
+        (("--config", TINY, "--data", synthetic_small, "model.feature_dim=32"), "feature_dim=16"),
+    ]
+    for args, message in cases:
+        r = train(*args, env=env, timeout=120)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, (args, last)
+
+
+def test_a_local_run_starts_its_own_instance_on_loopback(tmp_path):
+    """`ray start` leaves /tmp/ray/ray_current_cluster behind; a job without RAY_ADDRESS must
+    still start its own local instance instead of waiting for that cluster forever, and that
+    instance listens on 127.0.0.1 only (no setting of the caller's needed for that)."""
+    import tempfile
+
+    record = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    saved = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+    drop = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    code = ("import psutil; from shan.runtime import init_ray; r = init_ray(lambda s: None); "
+            "print('CPUS', r.cluster_resources()['CPU']); "
+            "own = {p.pid for p in psutil.Process().children(recursive=True)}; "
+            "print('LISTEN', sorted({c.laddr.ip for c in psutil.net_connections('inet') "
+            "if c.status == 'LISTEN' and c.pid in own})); r.shutdown()")  # fmt: skip
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT, env=env)  # fmt: skip
+    finally:
+        if saved is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(saved)
+    assert r.returncode == 0 and "CPUS" in r.stdout, r.stderr[-2000:]
+    listen = eval(r.stdout.split("LISTEN", 1)[1].strip().splitlines()[0])
+    assert listen and set(listen) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listen

@@ -1,0 +1,274 @@
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+
+from shan.config import (
+    CONFIG_DIR,
+    NAME_MAX,
+    USER_ERROR_NAMES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    name_problem,
+)
+from tests.helpers import TINY
+
+
+def test_defaults_follow_the_spec():
+    c = Config()
+    assert (c.model.d, c.model.d_a, c.model.lambda_l2l, c.model.mu) == (1024, 256, 9.0, 0.5)
+    assert (c.loss.margin, c.optim.lr, c.optim.grad_clip, c.optim.batch_size) == (
+        0.2,
+        2e-4,
+        2.0,
+        128,
+    )
+
+
+def test_overrides_are_typed_and_nested():
+    c = load_config(None, ["model.d=64", "optim.lr=1e-3", "loss.per_step=true", "seed=3"])
+    assert c.model.d == 64 and c.optim.lr == 1e-3 and c.loss.per_step is True and c.seed == 3
+    assert isinstance(c.optim.lr, float)
+    c = load_config(None, ["model.glove_path=/x/g.txt", "data.val_max_images=null"])
+    assert c.model.glove_path == "/x/g.txt" and c.data.val_max_images is None
+
+
+def test_text_fields_take_the_text_as_written():
+    c = load_config(None, ["data.train_split=2014", "tracking.run_name=yes", "name=1e3"])
+    assert (c.data.train_split, c.tracking.run_name, c.name) == ("2014", "yes", "1e3")
+    assert load_config(None, ["tracking.run_name=null"]).tracking.run_name is None
+
+
+def test_values_are_taken_as_they_are():
+    """The command line's typed flags: ``--name null`` is the name "null", not None."""
+    c = load_config(None, ["tracking.run_name=other"], {"tracking.run_name": "null"})
+    assert c.tracking.run_name == "null"
+    c = load_config(None, [], {"scaling.num_workers": 3, "scaling.use_gpu": True})
+    assert (c.scaling.num_workers, c.scaling.use_gpu) == (3, True)
+    with pytest.raises(ConfigError, match=r"tracking.run_name must be .*, got 2024"):
+        load_config(None, [], {"tracking.run_name": 2024})
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.dd=3", "unknown config key model.dd"),
+        ("nothing=3", "unknown config key nothing"),
+        ("model.d=big", "model.d must be an integer, got 'big'"),
+        ("model.d=true", "model.d must be an integer, got True"),
+        ("optim.epochs=2.5", "optim.epochs must be an integer, got 2.5"),
+        ("model.freeze_glove=3", "model.freeze_glove must be true or false, got 3"),
+        ("model.affinity=sum", "model.affinity must be one of cosine, dot"),
+        ("model.d", "key=value"),
+        ("=3", "empty key"),
+        ("model..d=3", "empty key"),
+        ("model.d=[1", "not a valid YAML scalar"),
+        ("model=3", "model must be a mapping, got 3"),
+        ("loss.negatives=some", "loss.negatives"),
+    ],
+)
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+# every field of every section: values just out of range are refused, naming key and value
+OUT_OF_RANGE = [
+    ("name", "''", "name must be a name"),
+    ("name", "a/b", "name must be a name"),
+    ("seed", "-1", "seed must be an integer >= 0, got -1"),
+    ("seed", "4294967296", "seed must be an integer <= 4294967295"),
+    ("model.feature_dim", "0", "model.feature_dim must be an integer >= 1, got 0"),
+    ("model.d", "-3", "model.d must be an integer >= 1, got -3"),
+    ("model.word_dim", "0", "model.word_dim must be an integer >= 1, got 0"),
+    ("model.glove_path", "' '", "model.glove_path must be a non-empty text or null"),
+    ("model.affinity", "l1", "model.affinity must be one of cosine, dot, got 'l1'"),
+    ("model.lambda_l2l", "0", "model.lambda_l2l must be > 0 and finite, got 0.0"),
+    ("model.lambda_g2l", "-inf", "model.lambda_g2l must be > 0 and finite, got -inf"),
+    ("model.mu", "1.5", "model.mu must be in [0, 1], got 1.5"),
+    ("model.mu", "nan", "model.mu must be in [0, 1], got nan"),
+    ("model.d_a", "0", "model.d_a must be an integer >= 1, got 0"),
+    ("model.w_l2l", "-0.1", "model.w_l2l must be >= 0 and finite, got -0.1"),
+    ("model.w_g2l", "inf", "model.w_g2l must be >= 0 and finite, got inf"),
+    ("model.w_g2g", "nan", "model.w_g2g must be >= 0 and finite, got nan"),
+    ("model.direction", "both", "model.direction must be one of full, i2t, t2i"),
+    ("loss.margin", "-5", "loss.margin must be >= 0 and finite, got -5.0"),
+    ("loss.margin", "nan", "loss.margin must be >= 0 and finite, got nan"),
+    ("loss.negatives", "semi", "loss.negatives must be one of hardest, all, got 'semi'"),
+    ("optim.epochs", "0", "optim.epochs must be an integer >= 1, got 0"),
+    ("optim.batch_size", "1", "optim.batch_size must be an integer >= 2, got 1"),
+    ("optim.lr", "-1", "optim.lr must be > 0 and finite, got -1.0"),
+    ("optim.lr", "0", "optim.lr must be > 0 and finite, got 0.0"),
+    ("optim.lr", "nan", "optim.lr must be > 0 and finite, got nan"),
+    ("optim.lr", ".inf", "optim.lr must be > 0 and finite, got inf"),
+    ("optim.lr_decay_epoch", "-1", "optim.lr_decay_epoch must be an integer >= 0, got -1"),
+    ("optim.lr_decay", "0", "optim.lr_decay must be in (0, 1]"),
+    ("optim.lr_decay", "2", "optim.lr_decay must be in (0, 1]"),
+    ("optim.grad_clip", "-1", "optim.grad_clip must be > 0 and finite, got -1.0"),
+    ("optim.grad_clip", "inf", "optim.grad_clip must be > 0 and finite, got inf"),
+    ("optim.warmup_steps", "-1", "optim.warmup_steps must be an integer >= 0, got -1"),
+    ("optim.weight_decay", "-0.01", "optim.weight_decay must be >= 0 and finite, got -0.01"),
+    ("data.path", "''", "data.path must be a non-empty text or null"),
+    ("data.train_split", "../x", "data.train_split must be a name"),
+    ("data.val_split", "''", "data.val_split must be a name"),
+    ("data.max_words", "0", "data.max_words must be an integer >= 1, got 0"),
+    ("data.shuffle_buffer", "-1", "data.shuffle_buffer must be an integer >= 0, got -1"),
+    ("data.val_max_images", "0", "data.val_max_images must be an integer >= 1 or null, got 0"),
+    ("scaling.num_workers", "0", "scaling.num_workers must be an integer >= 1 or null, got 0"),
+    ("scaling.cpus_per_worker", "0", "scaling.cpus_per_worker must be > 0 and finite"),
+    ("scaling.cpus_per_worker", "nan", "scaling.cpus_per_worker must be > 0 and finite"),
+    ("scaling.gpus_per_worker", "0", "scaling.gpus_per_worker must be > 0"),
+    ("scaling.gpus_per_worker", "1.5", "a fraction of at most 1 or a whole number, got 1.5"),
+    ("scaling.score_block", "0", "scaling.score_block must be an integer >= 1 or null, got 0"),
+    ("tracking.experiment", "''", "tracking.experiment must be a non-empty text"),
+    ("tracking.run_name", ".hidden", "tracking.run_name must be a name"),
+    ("tracking.storage_path", "''", "tracking.storage_path must be a non-empty text or null"),
+    ("tracking.log_every", "0", "tracking.log_every must be an integer >= 1, got 0"),
+    ("tracking.keep_checkpoints", "0", "tracking.keep_checkpoints must be an integer >= 1"),
+    ("tracking.max_failures", "-1", "tracking.max_failures must be an integer >= 0, got -1"),
+    ("debug.kill_worker_at_step", "-1", "debug.kill_worker_at_step must be an integer >= 0"),
+    ("debug.kill_marker", "''", "debug.kill_marker must be a non-empty text or null"),
+    ("debug.nan_at_step", "-1", "debug.nan_at_step must be an integer >= 0 or null, got -1"),
+    ("debug.fail_with", "KeyError", "debug.fail_with must be one of ConfigError, DataError"),
+    ("debug.fail_at_step", "-2", "debug.fail_at_step must be an integer >= 0 or null, got -2"),
+]
+
+
+@pytest.mark.parametrize("key, raw, message", OUT_OF_RANGE, ids=lambda v: str(v)[:30])
+def test_every_range_is_checked(key, raw, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={raw}"])
+    assert info.value.problems == [info.value.problems[0]], "one problem, one line"
+    assert message in info.value.problems[0]
+    assert info.value.problems[0].startswith(key)
+
+
+def test_every_field_has_a_range_case():
+    """A new config field needs its range and a line in OUT_OF_RANGE (booleans excepted)."""
+    flat = Config().flat()
+    bools = {k for k, v in flat.items() if isinstance(v, bool)}
+    bools |= {"scaling.use_gpu"}  # bool | None
+    assert set(flat) - bools - {k for k, _, _ in OUT_OF_RANGE} == set()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=1e-9", "loss.margin=0", "model.mu=0", "model.mu=1", "model.w_l2l=0",
+        "optim.lr_decay=1", "optim.lr_decay_epoch=0", "optim.batch_size=2", "seed=0",
+        "seed=4294967295", "scaling.gpus_per_worker=0.25", "scaling.gpus_per_worker=2",
+        "data.shuffle_buffer=0", "tracking.max_failures=0", "debug.fail_with=DataError",
+        "tracking.run_name=a", "tracking.run_name=_x.y-z_1", "data.train_split=train-2014",
+    ],
+)  # fmt: skip
+def test_edge_values_are_accepted(override):
+    load_config(None, [override])
+
+
+def test_the_step_weights_must_not_all_be_zero():
+    with pytest.raises(ConfigError, match="must not all be 0"):
+        load_config(None, ["model.w_l2l=0", "model.w_g2l=0", "model.w_g2g=0"])
+
+
+def test_all_problems_are_reported_together():
+    bad = ["optim.lr=-1", "optim.grad_clip=-1", "loss.margin=-5", "data.max_words=0",
+           "seed=-1", "tracking.log_every=0", "scaling.gpus_per_worker=0", "model.d=big",
+           "model.colour=red", "model.mu=nan"]  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_config(None, bad)
+    keys = [p.split()[0] for p in info.value.problems]
+    assert len(info.value.problems) == len(bad), info.value.problems
+    expected = ["optim.lr", "optim.grad_clip", "loss.margin", "data.max_words", "seed",
+                "tracking.log_every", "scaling.gpus_per_worker", "model.d", "model.mu"]  # fmt: skip
+    assert set(expected) <= set(keys)
+    assert str(info.value).count("\n") == len(bad) - 1
+
+
+def test_config_error_survives_pickling():
+    """It crosses from Ray workers to the driver with all its problems."""
+    e = pickle.loads(pickle.dumps(ConfigError("a must be 1, got 2", "b must be 3, got 4")))
+    assert e.problems == ["a must be 1, got 2", "b must be 3, got 4"]
+    assert str(ConfigError("one")) == "one"
+
+
+def test_a_config_file_is_checked_like_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: c\noptim:\n  lr: -1\n  grad_clip: .nan\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(p))
+    assert [x.split()[0] for x in info.value.problems] == ["optim.lr", "optim.grad_clip"]
+    data = Config().to_dict()
+    data["loss"]["margin"] = -5.0
+    with pytest.raises(ConfigError, match="loss.margin"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a", "run-1", "shan_demo.2", "A9", "_x", "x" * NAME_MAX, "2024", "yes", "null"],
+)
+def test_run_names(name):
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", ".hidden", "-rm", "a/b", "/abs/folder", "a..b", "../up", "a b", "tab\t",
+     "x" * (NAME_MAX + 1), "a\\b", "~home", "a:b", "é", "a\nb", None, 2024],
+)  # fmt: skip
+def test_run_names_refused(name):
+    assert name_problem(name) is not None
+
+
+def test_user_error_names_match_the_registry():
+    from shan.errors import BY_NAME
+
+    assert tuple(BY_NAME) == USER_ERROR_NAMES
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  d: 8\n  colour: red\n")
+    with pytest.raises(ConfigError, match="model.colour"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="no config named"):
+        load_config("no-such-config")
+
+
+TEST_CONFIGS = Path(TINY).parent
+ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(TEST_CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_file_loads(path):
+    c = load_config(str(path))
+    assert config_from_dict(c.to_dict()) == c
+    assert c.name == path.stem
+    assert dataclasses.asdict(c) == c.to_dict()
+
+
+def test_configs_exist():
+    assert {"demo", "f30k", "coco"} <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+
+
+def test_the_packaged_configs_are_package_data_found_by_name():
+    import shan
+
+    assert Path(shan.__file__).resolve().parent / "configs" == CONFIG_DIR
+    assert load_config("demo") == load_config(str(CONFIG_DIR / "demo.yaml"))
+    assert load_config("demo").name == "demo"
+
+
+def test_a_section_made_in_code_validates_alone():
+    """The model and the loss check the section they are given."""
+    from shan.config import LossConfig, ModelConfig
+
+    ModelConfig().validate()
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(d=0, mu=2.0).validate()
+    assert [p.split()[0] for p in info.value.problems] == ["model.d", "model.mu"]
+    with pytest.raises(ConfigError, match="loss.margin must be >= 0"):
+        LossConfig(margin=-1.0).validate()

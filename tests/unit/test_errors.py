@@ -1,0 +1,25 @@
+"""User errors (``shan.errors``): they cross processes (Ray workers, the MLflow fatal box) as
+their own type, with all their problems."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from shan.config import ConfigError
+from shan.errors import BY_NAME, USER_ERRORS, JobError, from_record, problems, to_record
+
+
+@pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda c: c.__name__)
+def test_user_errors_cross_as_their_type(cls):
+    e = cls("a must be 1, got 2") if cls is not ConfigError else cls("a bad", "b bad")
+    back = from_record(to_record(e))
+    assert type(back) is cls and problems(back) == problems(e)
+    assert type(pickle.loads(pickle.dumps(back))) is cls
+
+
+def test_an_unknown_type_becomes_a_job_error():
+    back = from_record({"type": "KeyError", "message": "x"})
+    assert type(back) is JobError and "KeyError: x" in str(back)
+    assert set(BY_NAME) == {c.__name__ for c in USER_ERRORS}

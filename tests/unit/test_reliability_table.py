@@ -1,0 +1,19 @@
+"""The README's reliability table is the bad-input case lists of the tests, word for word."""
+
+from tests import reliability
+
+
+def test_readme_table_matches_the_cases():
+    readme = (reliability.ROOT / "README.md").read_text()
+    assert reliability.readme_section(readme) == reliability.table(), (
+        "README's reliability table is stale: run `python tests/reliability.py --write`"
+    )
+
+
+def test_every_case_has_a_unique_id_and_names_what_is_wrong():
+    cases = reliability.all_cases()
+    assert len(cases) >= 30
+    assert {c.job for c in cases} == {"prepare_data", "train", "evaluate"}
+    ids = [(c.job, c.id) for c in cases]
+    assert len(ids) == len(set(ids))
+    assert all(c.names and c.input for c in cases)

@@ -1,0 +1,240 @@
+"""Sizing groups of Ray workers and actors, the loopback switch, and Ray failures on one line
+(no Ray started: clusters are dicts, failures are objects shaped like Ray's)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shan.config import ConfigError, ScalingConfig
+from shan.data.format import DataError
+from shan.eval.job import EvalOptions, actor_request
+from shan.runtime import (
+    RAY_LOOPBACK,
+    GroupRequest,
+    Resources,
+    failure_line,
+    keep_ray_on_loopback,
+    size_group,
+    training_request,
+    worker_errors,
+)
+
+
+def fields(r: Resources) -> tuple:
+    return r.count, r.use_gpu, r.cpus_each, r.gpus_each, r.torch_threads
+
+
+# -- training workers -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cpus", "want"),
+    [
+        # one worker per 4 CPUs, one CPU left to Ray Data, threads = CPUs / workers
+        (1, (1, False, 0.5, 0.0, 1)),  # half a CPU left on the smallest machine
+        (2, (1, False, 1.0, 0.0, 2)),
+        (8, (2, False, 3.5, 0.0, 4)),
+        (64, (16, False, 3.94, 0.0, 4)),  # (64 - 1) / 16 rounded to 2 places
+    ],
+)
+def test_training_on_cpus_is_guessed(cpus, want):
+    r = size_group(training_request(ScalingConfig()), {"CPU": float(cpus)})
+    assert fields(r) == want
+    assert r.cpus_each * r.count <= cpus - 0.5  # something is left for Ray Data's reads
+
+
+def test_a_huge_cpu_machine_caps_cpus_per_worker():
+    r = size_group(training_request(ScalingConfig(num_workers=2)), {"CPU": 256.0})
+    assert r.cpus_each == 8.0  # at most 8 CPUs each
+
+
+def test_training_on_gpus_counts_gpus():
+    r = size_group(training_request(ScalingConfig()), {"CPU": 64.0, "GPU": 8.0})
+    assert fields(r) == (8, True, 7.88, 1.0, 7)  # threads: the whole CPUs of each worker
+    assert r.ray_resources() == {"CPU": 7.88, "GPU": 1.0}
+
+
+def test_fractional_and_multiple_gpus_per_worker():
+    half = size_group(training_request(ScalingConfig(gpus_per_worker=0.5)), {"CPU": 8, "GPU": 2})
+    assert (half.count, half.gpus_each) == (4, 0.5)
+    two = size_group(training_request(ScalingConfig(gpus_per_worker=2.0)), {"CPU": 8, "GPU": 8})
+    assert (two.count, two.gpus_each) == (4, 2.0)
+    assert two.ray_resources()["GPU"] == 2.0
+
+
+def test_use_gpu_false_on_a_gpu_cluster_uses_cpus():
+    r = size_group(training_request(ScalingConfig(use_gpu=False)), {"CPU": 8.0, "GPU": 4.0})
+    assert fields(r) == (2, False, 3.5, 0.0, 4)
+    assert r.ray_resources() == {"CPU": 3.5}  # no GPU key at all
+
+
+def test_explicit_counts_and_cpus_are_respected():
+    sc = ScalingConfig(num_workers=2, cpus_per_worker=0.5)
+    assert fields(size_group(training_request(sc), {"CPU": 2.0})) == (2, False, 0.5, 0.0, 1)
+    sc = ScalingConfig(num_workers=3)
+    r = size_group(training_request(sc), {"CPU": 8.0})
+    assert (r.count, r.cpus_each, r.torch_threads) == (3, 2.33, 2)  # (8 - 1) / 3
+    sc = ScalingConfig(num_workers=2, cpus_per_worker=1.5, use_gpu=True)
+    r = size_group(training_request(sc), {"CPU": 16.0, "GPU": 4.0})
+    assert fields(r) == (2, True, 1.5, 1.0, 1)
+
+
+def test_a_missing_cpu_entry_counts_as_one_cpu():
+    assert fields(size_group(GroupRequest(), {})) == (1, False, 0.5, 0.0, 1)
+
+
+@pytest.mark.parametrize(
+    ("sc", "cluster", "numbers"),
+    [
+        (ScalingConfig(num_workers=4, cpus_per_worker=1.0), {"CPU": 2.0}, "(4 x 1 CPU)"),
+        (ScalingConfig(num_workers=9), {"CPU": 2.0}, "(9 x 0.25 CPU)"),  # the 0.25 floor
+        (ScalingConfig(cpus_per_worker=3.0), {"CPU": 2.0}, "(1 x 3 CPU)"),
+    ],
+)
+def test_more_cpus_than_the_cluster_is_a_config_error(sc, cluster, numbers):
+    with pytest.raises(ConfigError) as e:
+        size_group(training_request(sc), cluster)
+    text = str(e.value)
+    assert text.startswith("scaling.num_workers x scaling.cpus_per_worker")
+    assert numbers in text and "exceed the cluster's 2 CPUs" in text
+
+
+def test_training_request_maps_the_scaling_section():
+    sc = ScalingConfig(num_workers=3, use_gpu=True, cpus_per_worker=2.0, gpus_per_worker=0.5)
+    req = training_request(sc)
+    assert (req.count, req.use_gpu, req.cpus_each, req.gpus_each) == (3, True, 2.0, 0.5)
+    assert req.cpus_per_member_guess == 4
+
+
+# -- evaluation actors ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cpus", "want"),
+    [
+        (2, (1, False, 1.0, 0.0, 2)),
+        (8, (4, False, 1.75, 0.0, 2)),  # one actor per 2 CPUs
+        (64, (32, False, 1.97, 0.0, 2)),
+    ],
+)
+def test_actors_on_cpus_are_guessed(cpus, want):
+    assert fields(size_group(actor_request(EvalOptions()), {"CPU": float(cpus)})) == want
+
+
+def test_actors_on_gpus():
+    r = size_group(actor_request(EvalOptions()), {"CPU": 32.0, "GPU": 4.0})
+    assert fields(r) == (4, True, 7.75, 1.0, 7)
+    r = size_group(actor_request(EvalOptions(gpus_per_actor=0.25)), {"CPU": 32.0, "GPU": 2.0})
+    assert (r.count, r.gpus_each) == (8, 0.25)
+    assert r.ray_resources() == {"CPU": 3.88, "GPU": 0.25}
+
+
+def test_gpus_per_actor_zero_means_cpu_actors():
+    req = actor_request(EvalOptions(gpus_per_actor=0.0))
+    assert req.use_gpu is False
+    r = size_group(req, {"CPU": 8.0, "GPU": 4.0})
+    assert (r.use_gpu, r.gpus_each, r.count) == (False, 0.0, 4)
+    assert "GPU" not in r.ray_resources()
+
+
+def test_explicit_actors_and_cpus():
+    opts = EvalOptions(actors=3, cpus_per_actor=0.5)
+    r = size_group(actor_request(opts), {"CPU": 2.0})
+    assert fields(r) == (3, False, 0.5, 0.0, 1)
+    assert r.describe("actor") == "3 actor(s), each 0.5 CPU, 1 torch thread(s)"
+
+
+def test_too_many_actors_names_the_flags():
+    with pytest.raises(ConfigError, match=r"^--actors x --cpus-per-actor \(3 x 1 CPU\) exceed"):
+        size_group(actor_request(EvalOptions(actors=3, cpus_per_actor=1.0)), {"CPU": 2.0})
+
+
+def test_describe_mentions_gpus_only_on_gpu():
+    r = size_group(GroupRequest(count=2), {"CPU": 16.0, "GPU": 2.0})
+    assert r.describe() == "2 worker(s), each 1 GPU + 7.5 CPU, 7 torch thread(s)"
+
+
+# -- the loopback switch --------------------------------------------------------------------------
+KEY = next(iter(RAY_LOOPBACK))
+
+
+def test_keep_ray_on_loopback_sets_the_variable_when_absent(monkeypatch):
+    monkeypatch.setenv(KEY, "placeholder")  # recorded, so the test leaves os.environ as it was
+    monkeypatch.delenv(KEY)
+    keep_ray_on_loopback()
+    assert os.environ[KEY] == RAY_LOOPBACK[KEY] == "0"
+
+
+def test_keep_ray_on_loopback_keeps_a_value_already_set(monkeypatch):
+    monkeypatch.setenv(KEY, "1")
+    keep_ray_on_loopback()
+    assert os.environ[KEY] == "1"
+
+
+# -- Ray failures, shaped like ray.train's WorkerGroupError and ControllerError -------------------
+class UserExceptionWithTraceback(Exception):
+    """What ray.train wraps a worker's exception in: the original as ``_base_exc``."""
+
+    def __init__(self, base: BaseException):
+        super().__init__(f"Traceback (most recent call last):\n  ...\n{base!r}")
+        self._base_exc = base
+
+
+class WorkerGroupError(Exception):
+    def __init__(self, failures: dict):
+        super().__init__("Worker group failed\nsee the worker logs")
+        self.worker_failures = failures
+
+
+class ControllerError(Exception):
+    def __init__(self, cause: BaseException):
+        super().__init__("controller failed")
+        self.controller_failure = cause
+
+
+def test_worker_errors_unwrap_by_rank():
+    data_error = DataError("train/part-0.parquet: not a readable Parquet file")
+    plain = RuntimeError("CUDA out of memory\nmore details")
+    e = WorkerGroupError({3: UserExceptionWithTraceback(data_error), 1: plain})
+    assert worker_errors(e) == [(1, plain), (3, data_error)]  # sorted by rank, unwrapped
+
+
+def test_a_base_exc_that_is_not_an_exception_keeps_the_wrapper():
+    wrapper = UserExceptionWithTraceback(ValueError("x"))
+    wrapper._base_exc = "not an exception"
+    assert worker_errors(WorkerGroupError({0: wrapper})) == [(0, wrapper)]
+
+
+def test_worker_errors_of_other_exceptions_are_empty():
+    assert worker_errors(RuntimeError("boom")) == []
+    e = RuntimeError("no failures")
+    e.worker_failures = None
+    assert worker_errors(e) == []
+
+
+def test_failure_line_names_the_first_rank_and_the_first_line():
+    e = WorkerGroupError(
+        {
+            2: UserExceptionWithTraceback(MemoryError("out of memory\nat step 3")),
+            5: UserExceptionWithTraceback(ValueError("later")),
+        }
+    )
+    assert failure_line(e) == "worker rank 2: MemoryError: out of memory"
+
+
+def test_failure_line_of_an_error_without_message():
+    e = WorkerGroupError({0: UserExceptionWithTraceback(KeyboardInterrupt())})
+    assert failure_line(e) == "worker rank 0: KeyboardInterrupt"
+
+
+def test_failure_line_of_a_controller_failure_uses_its_last_line():
+    cause = RuntimeError("placement group timed out\nthe cluster has 2 CPUs, 4 requested")
+    assert failure_line(ControllerError(cause)) == (
+        "RuntimeError: the cluster has 2 CPUs, 4 requested"
+    )
+
+
+def test_failure_line_of_anything_else():
+    assert failure_line(TimeoutError("first\n\nlast line\n")) == "TimeoutError: last line"
+    assert failure_line(KeyError()) == "KeyError"
+    e = ControllerError(cause=None)
+    e.controller_failure = "not an exception"  # ignored: the error itself is described
+    assert failure_line(e) == "ControllerError: controller failed"
