@@ -11,21 +11,15 @@ for the whole COCO 5K matrix (5,000 x 25,000) and the Flickr30K test matrix (1,0
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import caption_lengths, hms, random_tokens, timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import caption_lengths, hms, random_tokens, timer  # noqa: E402
-
-from shan.config import ModelConfig  # noqa: E402
-from shan.model import SHAN  # noqa: E402
-from shan.scoring import score_matrix  # noqa: E402
+from shan.config import ModelConfig
+from shan.model import SHAN
+from shan.scoring import score_matrix
 
 
 def main() -> None:

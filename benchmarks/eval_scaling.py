@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -22,19 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import caption_lengths, hms, random_tokens
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import caption_lengths, hms, random_tokens  # noqa: E402
-
-from shan.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from shan.config import Config  # noqa: E402
-from shan.data.reader import SplitArrays  # noqa: E402
-from shan.eval import tiles  # noqa: E402
-from shan.model import SHAN  # noqa: E402
-from shan.runtime import Resources  # noqa: E402
-from shan.vocab import Vocabulary  # noqa: E402
+from shan.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shan.config import Config
+from shan.data.reader import SplitArrays
+from shan.eval import tiles
+from shan.model import SHAN
+from shan.runtime import Resources
+from shan.vocab import Vocabulary
 
 
 def measure(ckpt: Checkpoint, data: SplitArrays, n_actors: int, tile: tuple[int, int]) -> float:

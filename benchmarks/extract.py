@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shan.features import ExtractorSpec  # noqa: E402
-from shan.features.pipeline import plan_resources, run_ray  # noqa: E402
+from shan.features import ExtractorSpec
+from shan.features.pipeline import plan_resources, run_ray
 
 
 def make_images(folder: Path, n: int, size: int) -> list[dict]:
@@ -73,7 +70,8 @@ def main() -> None:
             for n in (1, 2):
                 res = plan_resources(cluster, actors=n)
                 rates[n] = rate(items, spec, res, args.batch)
-                print(f"grid on CPU, {n} actor(s) x {res.cpus:g} CPU, {res.threads} torch "
+                threads = res.torch_threads
+                print(f"grid on CPU, {n} actor(s) x {res.cpus_each:g} CPU, {threads} torch "
                       f"threads each: {rates[n]:.2f} images/s")  # fmt: skip
             print(f"ratio 2 actors / 1 actor: {rates[2] / rates[1]:.2f}")
         for name in args.extractors if gpus else []:
@@ -85,7 +83,7 @@ def main() -> None:
                 continue
             res = plan_resources(cluster)
             r = rate(items, spec, res, args.batch)
-            print(f"{name} on {gpus} GPU(s), {res.actors} actor(s): {r:.1f} images/s, "
+            print(f"{name} on {gpus} GPU(s), {res.count} actor(s): {r:.1f} images/s, "
                   f"{r / gpus:.1f} images/s per GPU")  # fmt: skip
 
 

@@ -7,13 +7,13 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's shan, installed or not
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 echo "== 1. fast scorer vs literal on CUDA (float32, padding, masks) =="
 $py - <<'PY'
-import sys, warnings, torch
-sys.path.insert(0, ".")
+import warnings, torch
 from shan.config import ModelConfig
 from shan.model import SHAN
 from shan.reference import score_literal
@@ -52,7 +52,7 @@ echo "== 6. the library's seams on CUDA: golden training steps, checkpoint loade
 CUBLAS_WORKSPACE_CONFIG=:4096:8 $py - <<'PY'
 import json, sys, tempfile, warnings
 import numpy as np, torch
-sys.path[:0] = [".", "tests/unit"]
+sys.path.insert(0, "tests/unit")
 warnings.simplefilter("ignore")
 from test_train_golden import GOLDEN, compute_losses, golden_config, WORDS
 from shan.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint

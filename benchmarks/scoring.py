@@ -11,21 +11,15 @@ next to a float32 matrix-multiply GFLOP/s measured in the same run.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from common import caption_lengths, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import caption_lengths, sync  # noqa: E402
-
-from shan.config import ModelConfig  # noqa: E402
-from shan.model import SHAN  # noqa: E402
-from shan.reference import score_literal  # noqa: E402
+from shan.config import ModelConfig
+from shan.model import SHAN
+from shan.reference import score_literal
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, reps: int = 10) -> float:

@@ -10,23 +10,17 @@ training job. Prints examples/s and peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import caption_lengths, random_tokens, timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import caption_lengths, random_tokens, timer  # noqa: E402
-
-from shan.config import load_config  # noqa: E402
-from shan.data.reader import pad_tokens  # noqa: E402
-from shan.loss import TripletLoss  # noqa: E402
-from shan.model import SHAN  # noqa: E402
-from shan.scoring import autocast  # noqa: E402
+from shan.config import load_config
+from shan.data.reader import pad_tokens
+from shan.loss import TripletLoss
+from shan.model import SHAN
+from shan.scoring import autocast
 
 
 def main() -> None:

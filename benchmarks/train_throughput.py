@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shan.config import load_config  # noqa: E402
-from shan.train.driver import run_training  # noqa: E402
+from shan.config import load_config
+from shan.train.driver import run_training
 
 
 def main() -> None:

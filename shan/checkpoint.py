@@ -50,11 +50,19 @@ class Checkpoint:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint's model, built, checked and in eval mode, with its config and vocabulary."""
+    """A checkpoint ready to score: its model (built, checked, in eval mode) and the weights-only
+    :class:`Checkpoint` it came from (config, vocabulary; what evaluation actors receive)."""
 
     model: SHAN
-    config: Config
-    vocab: Vocabulary
+    checkpoint: Checkpoint  # weights only
+
+    @property
+    def config(self) -> Config:
+        return self.checkpoint.config
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.checkpoint.vocab
 
 
 def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
@@ -145,7 +153,9 @@ def check_weights(state: dict[str, Any], where: str) -> None:
             raise CheckpointError(f"{where}: weight {name!r} holds NaN or infinite values")
 
 
-def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu", where: str = "") -> SHAN:
+def model_from_checkpoint(
+    ckpt: Checkpoint, device: str | torch.device = "cpu", where: str = ""
+) -> SHAN:
     """The model of ``ckpt`` with its weights, in eval mode on ``device``; CheckpointError
     (naming ``where``, the checkpoint folder) when the weights do not fit or are not finite."""
     cfg = dataclasses.replace(ckpt.config.model, glove_path=None)  # GloVe rows are in the weights
@@ -170,5 +180,5 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     """The checkpoint in ``folder`` ready to score (weights only: the optimizer's state is
     dropped); CheckpointError (naming the file) when anything is wrong."""
     ckpt = load_checkpoint(folder).weights_only()
-    model = build_model(ckpt, device, where=str(Path(folder)))
-    return LoadedModel(model, ckpt.config, ckpt.vocab)
+    model = model_from_checkpoint(ckpt, device, where=str(Path(folder)))
+    return LoadedModel(model, ckpt)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+STEPS = ("l2l", "g2l", "g2g")  # the alignment steps, named as in the paper
+SCORES = ("total", *STEPS)  # the keys of every score dict and matrix: the total, then each step
+
 KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
     "rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr",

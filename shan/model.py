@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from shan.config import ModelConfig
+from shan.metrics import SCORES, STEPS  # noqa: F401 (the model's score names, re-exported)
 
 if TYPE_CHECKING:
     from shan.vocab import Vocabulary
 
-STEPS = ("l2l", "g2l", "g2g")
-SCORES = ("total", *STEPS)  # the keys of every score dict: the total, then each step
 EPS = 1e-8
 
 
@@ -54,13 +53,22 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
 
 
-def _rows(encoded: EncodedImages | EncodedCaptions, idx: slice | Tensor) -> list[Tensor]:
-    """Every field of ``encoded`` indexed by ``idx`` along its first (image or caption) axis."""
-    return [getattr(encoded, f.name)[idx] for f in dataclasses.fields(encoded)]
+_E = TypeVar("_E", bound="_Encoded")
+
+
+class _Encoded:
+    """Rows of encoded images or captions: every field is indexed along its first axis."""
+
+    def __len__(self) -> int:
+        return int(getattr(self, dataclasses.fields(self)[0].name).shape[0])  # type: ignore[arg-type]
+
+    def __getitem__(self: _E, idx: slice | Tensor) -> _E:
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        return type(self)(*(getattr(self, f.name)[idx] for f in fields))
 
 
 @dataclass
-class EncodedImages:
+class EncodedImages(_Encoded):
     """Encoded regions and what the fast scorer precomputes once per image.
 
     v:    (Ni, k, d) region embeddings, unit length
@@ -76,15 +84,9 @@ class EncodedImages:
     vg: Tensor
     pv: Tensor
 
-    def __len__(self) -> int:
-        return self.v.shape[0]
-
-    def __getitem__(self, idx: slice | Tensor) -> EncodedImages:
-        return EncodedImages(*_rows(self, idx))
-
 
 @dataclass
-class EncodedCaptions:
+class EncodedCaptions(_Encoded):
     """Encoded words and what the fast scorer precomputes once per caption.
 
     t:    (Nc, n, d)  word embeddings, unit length
@@ -99,12 +101,6 @@ class EncodedCaptions:
     tp: Tensor
     tq: Tensor
     u1t: Tensor
-
-    def __len__(self) -> int:
-        return self.t.shape[0]
-
-    def __getitem__(self, idx: slice | Tensor) -> EncodedCaptions:
-        return EncodedCaptions(*_rows(self, idx))
 
     def trimmed(self) -> EncodedCaptions:
         """The same captions with padding beyond the longest one cut off."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shan.model import SHAN, EncodedCaptions, EncodedImages
+from shan.model import SCORES, SHAN, EncodedCaptions, EncodedImages
 
 
 def cos(a: Tensor, b: Tensor) -> Tensor:
@@ -58,7 +58,7 @@ def score_pair(model: SHAN, v: Tensor, t: Tensor) -> dict[str, Tensor]:
 def score_literal(model: SHAN, images: EncodedImages, captions: EncodedCaptions) -> dict:
     """Every pair, one at a time: {"total", "l2l", "g2l", "g2g"}, each (Ni, Nc)."""
     ni, nc = len(images), len(captions)
-    out = {k: torch.empty(ni, nc, device=images.v.device) for k in ("total", "l2l", "g2l", "g2g")}
+    out = {k: torch.empty(ni, nc, device=images.v.device) for k in SCORES}
     for i in range(ni):
         v = images.v[i][images.mask[i]]  # (k_i, d)
         for j in range(nc):

@@ -47,14 +47,20 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
 class GroupRequest:
     """What a config asks of a group of Ray workers or actors; None: size it from the cluster.
 
-    ``cpus_per_member_guess``: CPUs each member gets when the count is guessed on a CPU-only
-    cluster (training workers 4, evaluation actors 2)."""
+    ``cpus_per_member_guess``: CPUs per member when the count is guessed on a CPU-only cluster
+    (training workers and extraction actors 4, evaluation actors 2); ``max_cpus_each`` caps a
+    guessed share. ``reserve_for_data``: leave a CPU to Ray Data's tasks (a job that reads with
+    Ray Data while the group runs). ``check_fit``: refuse a request larger than the cluster is
+    now (off where the group may wait for Ray to find room)."""
 
     count: int | None = None
     use_gpu: bool | None = None
     cpus_each: float | None = None
     gpus_each: float = 1.0
     cpus_per_member_guess: int = 4
+    max_cpus_each: float = 8.0
+    reserve_for_data: bool = True
+    check_fit: bool = True
     what: str = "scaling.num_workers x scaling.cpus_per_worker"
 
 
@@ -85,8 +91,10 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
     """Fill in what ``req`` leaves as None from ``cluster`` (``ray.cluster_resources()``).
 
     GPU: one member per ``gpus_each`` GPUs. CPU only: one member per ``cpus_per_member_guess``
-    CPUs (at least 1), leaving at least one CPU, or half of one on the smallest machines, to Ray
-    Data's read tasks: whole-CPU members on 2 CPUs would starve them and the job would hang.
+    CPUs (at least 1). With ``reserve_for_data``, at least one CPU, or half of one on the
+    smallest machines, is left to Ray Data's tasks: whole-CPU members on 2 CPUs would starve
+    them and the job would hang. Torch threads: the CPUs asked for (at least 1), or, when the
+    share was guessed on a CPU-only cluster, the cluster's CPUs over the members.
     """
     cpus = float(cluster.get("CPU", 1))
     gpus = float(cluster.get("GPU", 0))
@@ -95,9 +103,9 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
         num = req.count or max(1, int(gpus // req.gpus_each))
     else:
         num = req.count or max(1, int(cpus // req.cpus_per_member_guess))
-    spare = 1.0 if cpus >= 2 else 0.5
-    per_cpu = round(req.cpus_each or max(0.25, min(8.0, (cpus - spare) / num)), 2)
-    if per_cpu * num > cpus:
+    spare = (1.0 if cpus >= 2 else 0.5) if req.reserve_for_data else 0.0
+    per_cpu = round(req.cpus_each or max(0.25, min(req.max_cpus_each, (cpus - spare) / num)), 2)
+    if req.check_fit and per_cpu * num > cpus:
         raise ConfigError(
             f"{req.what} ({num} x {per_cpu:g} CPU) exceed the cluster's {cpus:g} CPUs: lower "
             "one of them"

@@ -21,16 +21,22 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+def local_path(uri: str) -> Path:
+    """The local path of a path or ``file://`` URL (``file:///tmp/x`` -> ``/tmp/x``)."""
+    text = str(uri)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
 def join(root: str, *parts: str) -> str:
     if is_remote(root):
         return posixpath.join(root.rstrip("/"), *parts)
-    return str(Path(root, *parts))
+    return str(Path(local_path(root), *parts))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URL."""
+    """(filesystem, path inside it) for a local path, ``file://`` URL or remote URL."""
     if not is_remote(uri):
-        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+        return pafs.LocalFileSystem(), str(local_path(uri).absolute())
     try:
         kwargs = {}
         if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):

@@ -184,10 +184,7 @@ def _batches(
 
     ray = init_ray(log)
     res = plan_resources(ray.cluster_resources(), actors, cpus, gpus)
-    log(
-        f"extracting {len(items)} images ({spec.name}) on {res.actors} actor(s), each "
-        f"{res.cpus:g} CPU" + (f" + {res.gpus:g} GPU" if res.gpus else "")
-    )
+    log(f"extracting {len(items)} images ({spec.name}) on {res.describe('actor')}")
     return run_ray(items, spec, res, batch_size, min_side)
 
 

@@ -212,7 +212,7 @@ def convert_precomp(
     return card
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _SplitInputs:
     """One split's sources, checked before writing."""
 
@@ -236,7 +236,10 @@ def _split_inputs(
         )
     ids = read_ids(srcp / f"{split}_ids.txt", n)
     boxes = open_boxes(srcp / f"{split}_boxes.npy", n, ims.shape[1]) if has_boxes else None
-    return _SplitInputs(split, srcp / f"{split}_ims.npy", ims, caps, len(caps) // n, ids, boxes)
+    return _SplitInputs(
+        split=split, path=srcp / f"{split}_ims.npy", ims=ims, caps=caps, per=len(caps) // n,
+        ids=ids, boxes=boxes,
+    )  # fmt: skip
 
 
 def _convert_split(

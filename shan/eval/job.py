@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shan.checkpoint import Checkpoint, build_model, load_checkpoint
+from shan.checkpoint import Checkpoint, load_model
 from shan.data import fs
 from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
@@ -92,11 +92,11 @@ def protocol_metrics(
 @dataclass
 class EvalModel:
     """A resolved reference, loaded and checked on the driver: its weights-only checkpoint (for
-    the actors), the checkpoint files' bytes (for the fingerprint) and the model."""
+    the actors), the checkpoint files' sha256 digests (for the fingerprint) and the model."""
 
     ref: refs.ModelRef
     weights: Checkpoint  # weights only: the optimizer's state never reaches the actors
-    files: dict[str, bytes]
+    files: dict[str, str]  # file name -> sha256 of its bytes
     model: SHAN
 
 
@@ -132,9 +132,8 @@ class _Job:
 def load_checked(ref: refs.ModelRef, root: str, card: DatasetCard, vocab: Vocabulary) -> EvalModel:
     """Load ``ref``'s checkpoint in full (weights_only; state dict against its config; finite
     weights) and check it fits the data set: CheckpointError naming the file otherwise."""
-    ckpt = load_checkpoint(ref.path).weights_only()
-    model = build_model(ckpt, where=ref.path)
-    cfg, ck_vocab = ckpt.config, ckpt.vocab
+    loaded = load_model(ref.path)  # the one scoring loader: weights only, checked
+    cfg, ck_vocab = loaded.config, loaded.vocab
     if ck_vocab != vocab:
         raise CheckpointError(
             f"model {ref.ref}: its vocabulary ({len(ck_vocab)} words) is not the data set's "
@@ -145,8 +144,12 @@ def load_checked(ref: refs.ModelRef, root: str, card: DatasetCard, vocab: Vocabu
             f"model {ref.ref}: it takes {cfg.model.feature_dim}-d features, the data set "
             f"{root} has {card.feature_dim}-d"
         )
-    files = {p.name: p.read_bytes() for p in sorted(Path(ref.path).iterdir()) if p.is_file()}
-    return EvalModel(ref, ckpt, files, model)
+    files = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(ref.path).iterdir())
+        if p.is_file()
+    }
+    return EvalModel(ref, loaded.checkpoint, files, loaded.model)
 
 
 def content_digest(split: SplitArrays) -> str:
@@ -174,7 +177,7 @@ def data_fingerprint(card_bytes: bytes, split: SplitArrays) -> str:
 
 
 def tile_fingerprint(
-    data_fp: str, files: dict[str, bytes], job: _Job, device: tuple[str, str]
+    data_fp: str, files: dict[str, str], job: _Job, device: tuple[str, str]
 ) -> str:
     """What a model's tiles depend on: the data, every file of the checkpoint (weights,
     config.yaml, vocab.json), split, protocol, matrix size, device kind and effective
@@ -212,6 +215,8 @@ def actor_request(opts: EvalOptions) -> GroupRequest:
         cpus_each=opts.cpus_per_actor,
         gpus_each=opts.gpus_per_actor or 1.0,
         cpus_per_member_guess=2,
+        reserve_for_data=False,  # the actors read nothing through Ray Data
+        check_fit=False,  # actors wait for room; --start-timeout ends the wait
         what="--actors x --cpus-per-actor",
     )
 

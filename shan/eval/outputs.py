@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -271,8 +272,12 @@ def write_outputs(
 def local_copy(out: str, names: list[str], max_bytes: int) -> tuple[str, list[str]]:
     """Files of ``out`` under ``max_bytes`` each, in a local folder (to log to MLflow); larger
     ones are not read at all."""
-    d = tempfile.mkdtemp(prefix="shan-eval-")
     kept = [name for name in names if fs.size(fs.join(out, name)) <= max_bytes]
-    for name in kept:
-        Path(d, name).write_bytes(fs.read_bytes(fs.join(out, name)))
+    d = tempfile.mkdtemp(prefix="shan-eval-")
+    try:
+        for name in kept:
+            Path(d, name).write_bytes(fs.read_bytes(fs.join(out, name)))
+    except BaseException:  # a file that went missing: nothing of ours stays behind
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d, kept

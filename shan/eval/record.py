@@ -40,8 +40,10 @@ def log_evaluation(
         for k, v in flat_metrics(result.metrics, opts.split).items():
             c.log_metric(rid, k, v)
         local, kept = outputs.local_copy(out, result.names, int(opts.log_matrices_mb * 2**20))
-        c.log_artifacts(rid, local)
-        shutil.rmtree(local, ignore_errors=True)
+        try:
+            c.log_artifacts(rid, local)
+        finally:  # the copy is ours to remove, whether the upload worked or not
+            shutil.rmtree(local, ignore_errors=True)
         skipped = sorted(set(result.names) - set(kept))
         if skipped:
             c.set_tag(rid, "shan.not_logged", f"{', '.join(skipped)} (too large; in {out})")

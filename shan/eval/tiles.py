@@ -270,14 +270,14 @@ class TileScorer:
         import ray
         import torch
 
-        from shan.checkpoint import build_model
+        from shan.checkpoint import model_from_checkpoint
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bf16, self.block, self.models = bf16, block, []
         for i, ckpt in enumerate(checkpoints):
             ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
-            self.models.append(build_model(ckpt, self.device, where=f"model {i}"))
+            self.models.append(model_from_checkpoint(ckpt, self.device, where=f"model {i}"))
 
     def pid(self) -> int:
         return os.getpid()

@@ -9,13 +9,13 @@ Each output batch: ``index`` (B,), ``uri``, ``size`` (B, 2) original width and h
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shan.features import ExtractorSpec
 from shan.features.decode import decode_batch
+from shan.runtime import GroupRequest, Resources, size_group
 
 
 class ExtractActor:
@@ -41,29 +41,25 @@ class ExtractActor:
         return {**out, "features": feats, "boxes": boxes, "num_regions": counts}
 
 
-@dataclass
-class Resources:
-    actors: int
-    cpus: float  # per actor
-    gpus: float  # per actor
-    threads: int  # torch threads per actor
-
-
 def plan_resources(
     cluster: dict[str, float],
     actors: int | None = None,
     cpus: float | None = None,
     gpus: float | None = None,
 ) -> Resources:
-    """One actor per GPU when there are GPUs; else CPU actors that together leave one CPU to
-    Ray Data's read and decode tasks (whole-CPU actors on a 2-CPU machine starve them)."""
-    n_cpu, n_gpu = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
-    per_gpu = gpus if gpus is not None else (1.0 if n_gpu else 0.0)
-    n = actors or (max(1, int(n_gpu // per_gpu)) if per_gpu else max(1, int(n_cpu // 4)))
-    spare = max(n_cpu - 1, 0.5)
-    per_cpu = cpus or round(max(0.25, min(4.0, spare / n)), 2)
-    threads = max(1, int(round(n_cpu / n))) if not per_gpu else max(1, int(per_cpu))
-    return Resources(n, per_cpu, per_gpu, threads)
+    """The extraction actors, by the one sizing rule (:func:`shan.runtime.size_group`): one
+    actor per GPU when there are GPUs; else CPU actors (at most 4 CPUs each) that together
+    leave a CPU to Ray Data's read and decode tasks."""
+    request = GroupRequest(
+        count=actors,
+        use_gpu=None if gpus is None else gpus > 0,
+        cpus_each=cpus,
+        gpus_each=gpus or 1.0,
+        max_cpus_each=4.0,
+        check_fit=False,  # Ray Data's pool waits for room
+        what="--actors x --cpus-per-actor",
+    )
+    return size_group(request, cluster)
 
 
 def run_local(
@@ -96,10 +92,10 @@ def run_ray(
     )
     ds = ds.map_batches(
         ExtractActor,
-        fn_constructor_kwargs={"spec": spec, "threads": res.threads},
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
-        num_cpus=res.cpus,
-        num_gpus=res.gpus,
+        fn_constructor_kwargs={"spec": spec, "threads": res.torch_threads},
+        compute=ray.data.ActorPoolStrategy(size=res.count),
+        num_cpus=res.cpus_each,
+        num_gpus=res.gpus_each,
         batch_size=batch_size,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shan.model import SCORES
+from shan.metrics import SCORES
 
 
 def flat_metrics(metrics: dict[str, dict], prefix: str = "val") -> dict[str, float]:

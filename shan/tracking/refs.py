@@ -10,7 +10,7 @@ import posixpath
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,14 +25,17 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")  # MLflow's alias characters
-VERSION = re.compile(r"^[0-9]+$")  # ASCII digits only (str.isdigit takes other scripts too)
+ALIAS = re.compile(r"[A-Za-z0-9_-]+")  # MLflow's alias characters
+VERSION = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit takes other scripts too)
 
 
 @dataclass
 class ModelRef:
+    """A model reference as given (``ref``) and the local checkpoint folder it resolved to."""
+
     ref: str
     path: str  # local checkpoint folder
+    _: KW_ONLY
     train_run_id: str | None = None
     model_name: str | None = None
     version: str | None = None
@@ -127,11 +130,11 @@ def parse_registered(ref: str) -> tuple[str, str | None, str | None]:
     body = ref[len("models:/") :]
     if "@" in body:
         name, alias = body.split("@", 1)
-        if name and ALIAS.match(alias):
+        if name and ALIAS.fullmatch(alias):
             return name, alias, None
     else:
         name, _, version = body.rpartition("/")
-        if name and VERSION.match(version):
+        if name and VERSION.fullmatch(version):
             return name, None, version
     raise CheckpointError(
         f"model {ref}: expected models:/NAME@ALIAS (letters, digits, '_', '-') or "
@@ -167,4 +170,7 @@ def _registered(ref: str, uri: str | None) -> ModelRef:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    return ModelRef(ref, path, mv.run_id, mv.name, str(mv.version), dict(mv.tags or {}), temp)
+    return ModelRef(
+        ref, path, train_run_id=mv.run_id, model_name=mv.name, version=str(mv.version),
+        tags=dict(mv.tags or {}), temp=temp,
+    )  # fmt: skip

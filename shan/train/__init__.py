@@ -1,1 +1,2 @@
-"""Training on Ray Train: the per-worker loop, the driver, resources and MLflow tracking."""
+"""Training on Ray Train: the driver (``driver``) and the per-worker loop (``worker``). Sizing and
+Ray start-up are in ``shan.runtime``, MLflow helpers in ``shan.tracking``."""

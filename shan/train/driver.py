@@ -46,7 +46,7 @@ class TrainingResult:
     table: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Fit:
     """What one ``TorchTrainer.fit`` needs besides the config."""
 
@@ -141,10 +141,10 @@ def run_training(
     cfg.validate()
     if cfg.tracking.run_name:  # a generated name is one whose folder does not exist
         check_checkpoint_dir(checkpoint_dir(cfg.tracking.run_name))
-    root = data or cfg.data.path or ensure_demo_data(log)
-    if not fs.is_remote(root):  # the workers run in other folders: they need the whole path
-        root = str(Path(root).absolute())
-    cfg.data.path = root
+    given = data or cfg.data.path or ensure_demo_data(log)
+    cfg.data.path = given  # as the user gave it: logged, and compared when a run continues
+    # the workers run in other folders: they get the whole path
+    root = given if fs.is_remote(given) else str(Path(given).absolute())
     card, vocab = check_data(cfg, root)
     glove = None
     if cfg.model.glove_path:
@@ -167,7 +167,10 @@ def run_training(
     box = tracking.FatalBox(uri, run_id, secrets.token_hex(8))
     with tracking.Heartbeat(uri, run_id):
         try:
-            fit = Fit(root, storage, card, vocab, glove, uri, run_id, box.token)
+            fit = Fit(
+                root=root, storage=storage, card=card, vocab=vocab, glove=glove, uri=uri,
+                run_id=run_id, token=box.token,
+            )  # fmt: skip
             result = _fit(cfg, fit, log)
             out = _log_outcome(cfg, fit, result, register, log)
         except BaseException as e:

@@ -83,7 +83,7 @@ class Progress:
     best_rsum: float = -math.inf
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Worker:
     """What one worker holds for the whole run."""
 
@@ -120,7 +120,9 @@ def make_worker(
     wraps the model when there are several workers. The golden test builds one this way."""
     cfg = settings.config
     torch.manual_seed(cfg.seed)
-    glove = None if settings.glove is None else torch.from_numpy(settings.glove)
+    glove = (
+        None if settings.glove is None else torch.tensor(settings.glove)
+    )  # a copy: Ray's is read-only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         core = SHAN(cfg.model, len(settings.vocab), glove=glove)
@@ -129,9 +131,18 @@ def make_worker(
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     logger = MetricLogger(settings.mlflow_uri, settings.mlflow_run_id) if rank == 0 else None
     return Worker(
-        cfg, settings.vocab, model, core, optimizer, TripletLoss(cfg.loss), device, rank, world,
-        logger, Progress(),
-    )  # fmt: skip
+        cfg=cfg,
+        vocab=settings.vocab,
+        model=model,
+        core=core,
+        optimizer=optimizer,
+        loss_fn=TripletLoss(cfg.loss),
+        device=device,
+        rank=rank,
+        world=world,
+        logger=logger,
+        progress=Progress(),
+    )
 
 
 def build_worker(settings: LoopSettings) -> Worker:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -110,9 +111,9 @@ def test_training_request_maps_the_scaling_section():
 @pytest.mark.parametrize(
     ("cpus", "want"),
     [
-        (2, (1, False, 1.0, 0.0, 2)),
-        (8, (4, False, 1.75, 0.0, 2)),  # one actor per 2 CPUs
-        (64, (32, False, 1.97, 0.0, 2)),
+        (2, (1, False, 2.0, 0.0, 2)),  # no CPU kept back: actors read nothing through Ray Data
+        (8, (4, False, 2.0, 0.0, 2)),  # one actor per 2 CPUs
+        (64, (32, False, 2.0, 0.0, 2)),
     ],
 )
 def test_actors_on_cpus_are_guessed(cpus, want):
@@ -121,10 +122,10 @@ def test_actors_on_cpus_are_guessed(cpus, want):
 
 def test_actors_on_gpus():
     r = size_group(actor_request(EvalOptions()), {"CPU": 32.0, "GPU": 4.0})
-    assert fields(r) == (4, True, 7.75, 1.0, 7)
+    assert fields(r) == (4, True, 8.0, 1.0, 8)
     r = size_group(actor_request(EvalOptions(gpus_per_actor=0.25)), {"CPU": 32.0, "GPU": 2.0})
     assert (r.count, r.gpus_each) == (8, 0.25)
-    assert r.ray_resources() == {"CPU": 3.88, "GPU": 0.25}
+    assert r.ray_resources() == {"CPU": 4.0, "GPU": 0.25}
 
 
 def test_gpus_per_actor_zero_means_cpu_actors():
@@ -142,9 +143,14 @@ def test_explicit_actors_and_cpus():
     assert r.describe("actor") == "3 actor(s), each 0.5 CPU, 1 torch thread(s)"
 
 
-def test_too_many_actors_names_the_flags():
+def test_more_actors_than_fit_now_are_asked_for_and_wait():
+    """Actors wait for room (an autoscaler may add it; --start-timeout ends the wait), so the
+    request is not refused against what the cluster has now; training workers are."""
+    r = size_group(actor_request(EvalOptions(actors=3, cpus_per_actor=1.0)), {"CPU": 2.0})
+    assert (r.count, r.cpus_each) == (3, 1.0)
     with pytest.raises(ConfigError, match=r"^--actors x --cpus-per-actor \(3 x 1 CPU\) exceed"):
-        size_group(actor_request(EvalOptions(actors=3, cpus_per_actor=1.0)), {"CPU": 2.0})
+        req = actor_request(EvalOptions(actors=3, cpus_per_actor=1.0))
+        size_group(replace(req, check_fit=True), {"CPU": 2.0})
 
 
 def test_describe_mentions_gpus_only_on_gpu():

@@ -1,0 +1,128 @@
+"""Local paths and ``s3://`` URLs (``shan.data.fs``): which are remote, how they are joined, and
+the local reads, writes, listings and deletions, each failure a StorageError naming the path.
+No S3 endpoint is contacted: an S3 filesystem is only built, never used."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from shan.data import fs
+from shan.data.fs import StorageError
+
+
+@pytest.mark.parametrize(
+    "uri, remote",
+    [
+        ("s3://bucket/key", True),
+        ("gs://bucket", True),
+        ("/abs/path", False),
+        ("rel/path", False),
+        ("file:///abs/path", False),
+        ("C:\\data", False),
+    ],
+)
+def test_is_remote(uri, remote):
+    assert fs.is_remote(uri) is remote
+
+
+def test_join_local_and_remote(tmp_path):
+    assert fs.join(str(tmp_path), "a", "b.npy") == str(tmp_path / "a" / "b.npy")
+    assert fs.join("rel", "x") == os.path.join("rel", "x")
+    # a URL keeps its double slash and loses a trailing one; the parts join with "/"
+    assert fs.join("s3://bkt/pre/", "a", "b.npy") == "s3://bkt/pre/a/b.npy"
+    assert fs.join("s3://bkt", "dataset.json") == "s3://bkt/dataset.json"
+    assert fs.join("s3://bkt/pre//", "x") == "s3://bkt/pre/x"
+
+
+def test_a_local_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fsys, path = fs.filesystem("rel/x.bin")
+    assert fsys.type_name == "local" and path == str(tmp_path.resolve() / "rel" / "x.bin")
+
+
+def test_an_s3_filesystem_takes_endpoint_and_region_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    fsys, path = fs.filesystem("s3://bkt/pre/fix/")
+    assert fsys.type_name == "s3" and path == "bkt/pre/fix"
+    settings = fsys.__reduce__()[1][0]  # what pyarrow pickles: the options it was built with
+    assert settings["endpoint_override"] == "http://127.0.0.1:9"
+    assert settings["region"] == "eu-west-3"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    settings = fs.filesystem("s3://bkt")[0].__reduce__()[1][0]
+    assert settings["endpoint_override"] == "" and settings["region"] == "us-east-1"
+
+
+def test_an_unknown_scheme_is_a_storage_error_naming_the_url():
+    with pytest.raises(StorageError, match="cannot open nope://x/y"):
+        fs.filesystem("nope://x/y")
+    with pytest.raises(StorageError, match="nope://x/y"):
+        fs.read_bytes("nope://x/y")
+
+
+def test_write_read_size_exists_locally(tmp_path):
+    target = str(tmp_path / "a" / "b" / "c.bin")  # parents are made
+    assert not fs.exists(target)
+    fs.write_bytes(target, b"hello")
+    assert fs.exists(target) and fs.exists(str(tmp_path / "a"))
+    assert fs.read_bytes(target) == b"hello" and fs.size(target) == 5
+    fs.write_bytes(target, b"")  # replaced, not appended
+    assert fs.read_bytes(target) == b"" and fs.size(target) == 0
+
+
+def test_local_failures_are_storage_errors_naming_the_path(tmp_path):
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(StorageError, match=f"^{re.escape(missing)} does not exist$"):
+        fs.read_bytes(missing)
+    with pytest.raises(StorageError, match=f"{re.escape(missing)} is not a file"):
+        fs.size(missing)
+    with pytest.raises(StorageError, match=f"cannot read {re.escape(str(tmp_path))}"):
+        fs.read_bytes(str(tmp_path))  # a folder
+    with pytest.raises(StorageError, match=f"{re.escape(str(tmp_path))} is not a file"):
+        fs.size(str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    under_a_file = str(tmp_path / "file" / "child.bin")
+    with pytest.raises(StorageError, match=f"cannot write {re.escape(under_a_file)}"):
+        fs.write_bytes(under_a_file, b"x")
+    assert issubclass(StorageError, OSError)
+
+
+def test_check_writable_names_a_missing_parent(tmp_path):
+    fs.check_writable(str(tmp_path / "new.bin"))  # the parent exists: fine
+    target = str(tmp_path / "no" / "such" / "new.bin")
+    parent = str(tmp_path / "no" / "such")
+    want = f"cannot write {target}: the parent folder {parent} does not exist"
+    with pytest.raises(StorageError, match=re.escape(want)):
+        fs.check_writable(target)
+
+
+def test_list_files_is_recursive_sorted_and_relative(tmp_path):
+    for name in ("b.txt", "a/z.bin", "a/b/c.bin"):
+        fs.write_bytes(str(tmp_path / "root" / name), b"x")
+    (tmp_path / "root" / "empty").mkdir()  # folders are not listed
+    assert fs.list_files(str(tmp_path / "root")) == ["a/b/c.bin", "a/z.bin", "b.txt"]
+    assert fs.list_files(str(tmp_path / "root") + "/") == ["a/b/c.bin", "a/z.bin", "b.txt"]
+    assert fs.list_files(str(tmp_path / "nowhere")) == []
+
+
+def test_delete_file_and_tree_tolerate_what_is_gone(tmp_path):
+    root = tmp_path / "root"
+    for name in ("keep.txt", "gone.txt", "sub/x.bin"):
+        fs.write_bytes(str(root / name), b"x")
+    fs.delete_file(str(root / "gone.txt"))
+    fs.delete_file(str(root / "gone.txt"))  # already gone: fine
+    assert fs.list_files(str(root)) == ["keep.txt", "sub/x.bin"]
+    fs.delete_tree(str(root / "keep.txt"))  # a file is deleted too
+    assert fs.list_files(str(root)) == ["sub/x.bin"]
+    fs.delete_tree(str(root))
+    assert not root.exists()
+    fs.delete_tree(str(root))  # nothing there: fine
+
+
+def test_a_file_url_names_the_local_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    assert fs.read_bytes(tmp_path.as_uri() + "/a.txt") == b"abc"

@@ -1,0 +1,466 @@
+"""The training worker's loop without Ray (``shan.train.worker``): what ``make_worker`` builds
+on each rank (the MLflow logger only on rank 0, GloVe rows given by the driver), the agreement
+between ranks on a non-finite loss or a user error, the debug hooks, an epoch over a fake data
+shard, and the validator's share of the dev split. MLflow's logger and the collective calls are
+fakes; no process group is started."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import signal
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import shan.train.worker as worker
+from shan.config import Config, DataConfig, DebugConfig, ModelConfig, OptimConfig, TrackingConfig
+from shan.data.format import DataError, load_vocab
+from shan.data.reader import Batch, pad_tokens, read_split
+from shan.data.synthetic import generate_synthetic
+from shan.errors import JobError
+from shan.scoring import evaluate_split
+from shan.tracking.names import flat_metrics
+from shan.train.worker import (
+    DONE,
+    FAIL,
+    GO,
+    LoopSettings,
+    Stop,
+    Validator,
+    agree,
+    check_loss,
+    first_error,
+    forward,
+    make_worker,
+    maybe_inject_error,
+    maybe_inject_failure,
+    train_epoch,
+)
+from shan.vocab import Vocabulary
+from tests.helpers import quiet
+
+WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball", "man", "woman", "sits"]
+F = 12  # feature size
+
+
+def config(**sections) -> Config:
+    base = dict(
+        name="unit",
+        seed=3,
+        model=ModelConfig(feature_dim=F, d=16, word_dim=6, d_a=8),
+        optim=OptimConfig(epochs=2, batch_size=4, lr=1e-3, lr_decay_epoch=1, warmup_steps=2),
+        data=DataConfig(shuffle_buffer=0),
+        tracking=TrackingConfig(log_every=2),
+    )
+    return Config(**{**base, **sections}).validate()
+
+
+def settings(cfg: Config | None = None, vocab: Vocabulary | None = None, glove=None):
+    return LoopSettings(
+        config=cfg or config(),
+        vocab=vocab or Vocabulary(WORDS),
+        glove=glove,
+        mlflow_uri="http://mlflow.invalid",
+        mlflow_run_id="r" * 32,
+        fit_token="tok",
+        data_root="",
+        torch_threads=1,
+        train_captions=0,
+    )
+
+
+class FakeLogger:
+    """Stands for MetricLogger (which would reach MLflow)."""
+
+    made: list[FakeLogger] = []
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id, self.logged = uri, run_id, []
+        FakeLogger.made.append(self)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+
+@pytest.fixture(autouse=True)
+def fake_logger(monkeypatch):
+    FakeLogger.made = []
+    monkeypatch.setattr(worker, "MetricLogger", FakeLogger)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than contending for the CPUs (and restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_kill(monkeypatch):
+    """Never SIGKILL the test process: os.kill records instead."""
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(worker.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    return kills
+
+
+def build(cfg: Config | None = None, rank: int = 0, world: int = 1, **kw):
+    return make_worker(settings(cfg, **kw), torch.device("cpu"), rank=rank, world=world)
+
+
+def changed(cfg: Config, section: str, **kw) -> Config:
+    """``cfg`` with ``kw`` set in one of its sections."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **kw)})
+
+
+def debug(**kw) -> Config:
+    return dataclasses.replace(config(), debug=DebugConfig(**kw))
+
+
+# -- make_worker ----------------------------------------------------------------------------------
+def test_only_rank_0_logs_to_mlflow():
+    w0, w1 = build(rank=0, world=1), build(rank=1, world=2)
+    assert isinstance(w0.logger, FakeLogger) and w1.logger is None
+    assert len(FakeLogger.made) == 1
+    assert (w0.logger.uri, w0.logger.run_id) == ("http://mlflow.invalid", "r" * 32)
+    assert (w0.rank, w0.world, w1.rank, w1.world) == (0, 1, 1, 2)
+
+
+def test_the_model_is_wrapped_only_when_there_are_several_workers():
+    wrapped = []
+
+    def wrap(model):
+        wrapped.append(model)
+        return torch.nn.Sequential(model)
+
+    alone = make_worker(settings(), torch.device("cpu"), rank=0, world=1, wrap=wrap)
+    assert alone.model is alone.core and wrapped == []
+    two = make_worker(settings(), torch.device("cpu"), rank=1, world=2, wrap=wrap)
+    assert wrapped == [two.core] and two.model[0] is two.core
+
+
+def test_every_rank_starts_from_the_same_weights_and_optimizer_settings():
+    cfg = changed(config(), "optim", weight_decay=0.01)
+    a, b = build(cfg, rank=0, world=2), build(cfg, rank=1, world=2)
+    for (name, p), q in zip(a.core.state_dict().items(), b.core.state_dict().values()):
+        assert torch.equal(p, q), name
+    group = a.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (1e-3, 0.01)
+    assert (a.progress.epoch, a.progress.step, a.progress.best_rsum) == (0, 0, -np.inf)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_drivers_glove_rows_are_the_models(freeze):
+    vocab = Vocabulary(WORDS)
+    glove = np.random.default_rng(0).normal(size=(len(vocab), 6)).astype(np.float32)
+    glove.setflags(write=False)  # as Ray hands it over: read-only
+    cfg = changed(config(), "model", freeze_glove=freeze)
+    with warnings.catch_warnings():
+        # e.g. torch's "The given NumPy array is not writable" (torch says it once a process,
+        # so this catches it only when no earlier test made torch say it)
+        warnings.simplefilter("error")
+        w = build(cfg, vocab=vocab, glove=glove)
+    emb = w.core.glove_emb.weight
+    np.testing.assert_array_equal(emb.detach().numpy(), glove)
+    assert emb.requires_grad is not freeze
+    in_optimizer = any(p is emb for g in w.optimizer.param_groups for p in g["params"])
+    assert in_optimizer is not freeze
+    # the model holds its own copy: training it never writes into the driver's array
+    assert not np.shares_memory(emb.detach().numpy(), glove)
+
+
+def test_a_glove_matrix_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match="GloVe matrix has shape"):
+        build(glove=np.zeros((3, 6), np.float32))
+
+
+def test_loop_settings_cross_processes_by_pickle():
+    glove = np.arange(len(WORDS) * 6 + 24, dtype=np.float32).reshape(-1, 6)
+    s = settings(glove=glove)
+    back = pickle.loads(pickle.dumps(s))
+    assert back.config == s.config and back.vocab == s.vocab
+    np.testing.assert_array_equal(back.glove, glove)
+
+
+# -- agreement between ranks ----------------------------------------------------------------------
+def test_with_one_worker_agree_and_first_error_need_no_process_group():
+    w = build()
+    assert [agree(w, s) for s in (GO, DONE, FAIL)] == [GO, DONE, FAIL]
+    e = DataError("dev/part-00000.parquet: truncated")
+    assert first_error(w, e) == {"type": "DataError", "message": str(e)}
+    assert first_error(w, None) == {"type": "JobError", "message": "a worker stopped the run"}
+
+
+def test_agree_takes_the_lowest_state_of_all_ranks(monkeypatch):
+    others = [GO]
+
+    def all_reduce(t, op):
+        assert op == torch.distributed.ReduceOp.MIN
+        t.fill_(min([int(t.item()), *others]))
+
+    monkeypatch.setattr(worker.dist, "all_reduce", all_reduce)
+    w = build(rank=0, world=2)
+    assert agree(w, GO) == GO and agree(w, DONE) == DONE
+    others[:] = [FAIL]
+    assert agree(w, GO) == FAIL
+    others[:] = [DONE]
+    assert agree(w, GO) == DONE and agree(w, FAIL) == FAIL
+
+
+def test_first_error_is_the_lowest_failing_ranks_on_every_rank(monkeypatch):
+    records = [
+        None,
+        {"type": "DataError", "message": "rank 1"},
+        {"type": "JobError", "message": "rank 2"},
+    ]
+
+    def all_gather_object(parts, obj):
+        parts[:] = records
+
+    monkeypatch.setattr(worker.dist, "all_gather_object", all_gather_object)
+    w = build(rank=0, world=3)
+    assert first_error(w, None) == {"type": "DataError", "message": "rank 1"}
+    records[:] = [None, None, None]
+    assert first_error(w, None)["message"] == "a worker stopped the run"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_every_rank_naming_epoch_and_step(bad):
+    w = build()
+    w.progress.epoch, w.progress.step = 2, 17
+    check_loss(w, torch.tensor(0.5))  # finite: goes on
+    with pytest.raises(Stop) as stop:
+        check_loss(w, torch.tensor(bad))
+    assert isinstance(stop.value.error, JobError)
+    assert f"non-finite loss ({bad}) at epoch 3, step 17" in str(stop.value.error)
+    assert "lower optim.lr" in str(stop.value)
+
+
+def test_a_rank_with_a_finite_loss_stops_too_when_another_failed(monkeypatch):
+    monkeypatch.setattr(worker, "agree", lambda w, state: FAIL)
+    w = build(rank=0, world=2)
+    with pytest.raises(Stop) as stop:
+        check_loss(w, torch.tensor(0.5))
+    assert stop.value.error is None  # the failing rank's error is found by first_error
+
+
+# -- debug hooks ----------------------------------------------------------------------------------
+def test_the_error_hook_raises_on_the_last_rank_at_its_step_only():
+    maybe_inject_error(build())  # not configured: nothing
+    cfg = debug(fail_with="DataError", fail_at_step=3)
+    w = build(cfg)
+    for step in (0, 2, 4):
+        w.progress.step = step
+        maybe_inject_error(w)
+    w.progress.step = 3
+    with pytest.raises(DataError, match="debug: DataError on rank 0 at step 3"):
+        maybe_inject_error(w)
+    first = build(cfg, rank=0, world=2)  # not the last rank
+    first.progress.step = 3
+    maybe_inject_error(first)
+    last = build(cfg, rank=1, world=2)
+    last.progress.step = 3
+    with pytest.raises(DataError, match="on rank 1 at step 3"):
+        maybe_inject_error(last)
+
+
+def test_the_kill_hook_fires_once_on_the_last_rank_with_a_marker(tmp_path, no_kill):
+    marker = tmp_path / "killed"
+    maybe_inject_failure(build())  # not configured
+    no_marker = build(debug(kill_worker_at_step=0))
+    maybe_inject_failure(no_marker)
+    other_step = build(debug(kill_worker_at_step=1, kill_marker=str(marker)))
+    maybe_inject_failure(other_step)
+    other_rank = build(debug(kill_worker_at_step=0, kill_marker=str(marker)), rank=0, world=2)
+    maybe_inject_failure(other_rank)
+    assert no_kill == [] and not marker.exists()
+
+    w = build(debug(kill_worker_at_step=0, kill_marker=str(marker)), rank=1, world=2)
+    maybe_inject_failure(w)  # os.kill is the fixture's recorder
+    assert [sig for _, sig in no_kill] == [signal.SIGKILL]
+    assert marker.read_text() == "killed rank 1 at step 0\n"
+    maybe_inject_failure(w)  # the marker is there: once only
+    assert len(no_kill) == 1
+
+
+def batch(cfg: Config, vocab: Vocabulary, images=4, per=2, seed=0) -> Batch:
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(images, 5, cfg.model.feature_dim)).astype(np.float32)
+    caps = [[1, *rng.integers(4, len(vocab), size=3).tolist(), 2] for _ in range(images * per)]
+    tokens, lengths = pad_tokens(caps)
+    rows = np.repeat(np.arange(images), per)
+    return Batch(torch.from_numpy(feats[rows]), torch.full((images * per,), 5), tokens, lengths,
+                 torch.from_numpy(rows))  # fmt: skip
+
+
+def test_the_nan_hook_poisons_the_last_ranks_loss_at_its_step():
+    cfg = debug(nan_at_step=1)
+    w = build(cfg)
+    b = batch(cfg, w.vocab)
+    assert torch.isfinite(forward(w, b))  # step 0
+    w.progress.step = 1
+    assert torch.isnan(forward(w, b))
+    first = build(cfg, rank=0, world=2)
+    first.progress.step = 1
+    assert torch.isfinite(forward(first, b))
+
+
+# -- an epoch over a fake shard -------------------------------------------------------------------
+class FakeShard:
+    """What ``ray.train.get_dataset_shard`` gives: image rows in numpy batches; ``fail_after``
+    batches, the next one raises ``error`` (a damaged file)."""
+
+    def __init__(self, images=6, per=2, chunk=2, fail_after=None, error=None, seed=0):
+        rng = np.random.default_rng(seed)
+        self.rows = {
+            "image_id": np.arange(100, 100 + images),
+            "features": rng.normal(size=(images, 5, F)).astype(np.float32),
+            "num_regions": rng.integers(2, 6, size=images).astype(np.int32),
+            "tokens": [
+                [[1, *rng.integers(4, 16, size=4).tolist(), 2] for _ in range(per)]
+                for _ in range(images)
+            ],
+        }
+        self.images, self.chunk, self.fail_after, self.error = images, chunk, fail_after, error
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        assert batch_format == "numpy"
+        for n, i in enumerate(range(0, self.images, self.chunk)):
+            if n == self.fail_after:
+                raise self.error
+            yield {k: v[i : i + self.chunk] for k, v in self.rows.items()}
+
+
+def test_an_epoch_takes_every_full_batch_and_logs_on_rank_0(capsys):
+    w = build()
+    before = [p.detach().clone() for p in w.core.parameters()]
+    stats = train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)
+    assert w.progress.step == 3  # 12 examples, batches of 4
+    assert set(stats) == {"train/epoch_loss", "train/epoch_examples_per_s", "train/data_wait"}
+    assert np.isfinite(stats["train/epoch_loss"]) and 0 <= stats["train/data_wait"] <= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, w.core.parameters()))
+    ((step, logged),) = w.logger.logged  # every 2 steps: once in 3
+    assert step == 2 and set(logged) == {"train/loss", "train/lr", "train/examples_per_s"}
+    assert logged["train/lr"] == pytest.approx(1e-3)  # step 1 after a 2-step warm-up
+    assert w.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert "epoch 1/2 step 2/~3 loss" in capsys.readouterr().out
+
+
+def test_an_epoch_sets_the_warm_up_rate_of_each_step():
+    w = build()
+    rates = []
+    original = worker.train_step
+
+    def spy(w, b):
+        rates.append(w.optimizer.param_groups[0]["lr"])
+        return original(w, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(worker, "train_step", spy)
+        train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)
+    assert rates == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_a_non_finite_loss_stops_the_epoch_before_any_update():
+    w = build(debug(nan_at_step=0))
+    before = [p.detach().clone() for p in w.core.parameters()]
+    with pytest.raises(Stop) as stop:
+        train_epoch(w, FakeShard(), steps_hint=3)
+    assert "non-finite loss (nan) at epoch 1, step 0" in str(stop.value.error)
+    assert w.progress.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, w.core.parameters()))
+
+
+def test_a_damaged_file_mid_epoch_stops_with_its_error():
+    error = DataError("train/part-00001.parquet: not a readable Parquet file")
+    w = build()
+    with pytest.raises(Stop) as stop:
+        train_epoch(w, FakeShard(images=6, chunk=2, fail_after=1, error=error), steps_hint=3)
+    assert stop.value.error is error and w.progress.step == 1
+
+
+def test_the_injected_error_stops_the_epoch_at_its_step():
+    w = build(debug(fail_with="CheckpointError", fail_at_step=2))
+    with pytest.raises(Stop) as stop:
+        train_epoch(w, FakeShard(), steps_hint=3)
+    assert type(stop.value.error).__name__ == "CheckpointError" and w.progress.step == 2
+
+
+def test_a_worker_without_a_single_batch_stops_the_run():
+    w = build()
+    with pytest.raises(Stop) as stop:
+        train_epoch(w, FakeShard(images=1, per=2), steps_hint=0)  # 2 examples < batch of 4
+    assert isinstance(stop.value.error, JobError)
+    assert "smaller than workers x batch size" in str(stop.value.error)
+
+
+def test_a_programming_error_is_not_turned_into_a_stop():
+    w = build()
+    with pytest.raises(KeyError):
+        train_epoch(w, FakeShard(fail_after=1, error=KeyError("bug")), steps_hint=3)
+
+
+# -- validation -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dev_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate_synthetic(str(root), images={"train": 4, "dev": 9}, regions=4, feature_dim=F,
+                       concepts=12, captions_per_image=2, log=quiet)  # fmt: skip
+    return str(root)
+
+
+def validator_worker(root: str, rank=0, world=1, **data):
+    cfg = dataclasses.replace(config(), data=DataConfig(**data))
+    return build(cfg, rank=rank, world=world, vocab=load_vocab(root))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 9, 11])
+def test_validation_rows_are_shared_out_without_gaps_or_overlap(dev_set, world):
+    shares = [Validator(validator_worker(dev_set, r, world), dev_set).rows for r in range(world)]
+    rows = [i for s in shares for i in range(9)[s]]
+    assert rows == list(range(9))
+    sizes = [len(range(9)[s]) for s in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_the_validator_reads_the_configured_split_and_cap(dev_set):
+    v = Validator(validator_worker(dev_set, val_split="train"), dev_set)
+    assert len(v.data.image_ids) == 4
+    v = Validator(validator_worker(dev_set, val_max_images=5), dev_set)
+    assert len(v.data.image_ids) == 5 and v.rows == slice(0, 5)
+    assert v.data.caption_image.max() == 4 and len(v.data.tokens) == 10
+    with pytest.raises(DataError, match="has no split 'test'"):
+        Validator(validator_worker(dev_set, val_split="test"), dev_set)
+
+
+def test_two_ranks_shares_give_the_one_ranks_metrics(dev_set, monkeypatch):
+    w = validator_worker(dev_set)
+    alone = Validator(w, dev_set)(w)
+    want = flat_metrics(evaluate_split(w.core, read_split(dev_set, "dev"), w.device))
+    assert set(alone) == set(want) and "val/rsum" in alone and "val/l2l/rsum" in alone
+    assert alone == pytest.approx(want)
+
+    # rank 1 scores its rows first; rank 0 then "gathers" them after its own
+    pieces = {}
+
+    def gather(parts, sims):
+        if "rank0" in pieces:  # rank 0's own rows, then rank 1's
+            parts[:] = [sims, pieces["rank1"]]
+        else:  # rank 1: keep its rows; the stand-in for rank 0's is cut from them
+            pieces["rank1"] = sims
+            parts[:] = [{k: v[:4] for k, v in sims.items()}, sims]
+
+    monkeypatch.setattr(worker.dist, "all_gather_object", gather)
+    w1 = validator_worker(dev_set, rank=1, world=2)
+    w1.core.load_state_dict(w.core.state_dict())
+    Validator(w1, dev_set)(w1)
+    pieces["rank0"] = True
+    w0 = validator_worker(dev_set, rank=0, world=2)
+    w0.core.load_state_dict(w.core.state_dict())
+    v0 = Validator(w0, dev_set)
+    assert v0.rows == slice(0, 4) and pieces["rank1"]["total"].shape == (5, 18)
+    assert v0(w0) == pytest.approx(alone, rel=1e-5)
