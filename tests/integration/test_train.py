@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,17 +47,22 @@ def check(r: subprocess.CompletedProcess) -> None:
 
 
 def test_two_workers_two_epochs_logged_to_mlflow(services, synthetic_small, tmp_path):
-    name = "tiny-basic"
-    r = run_tiny(name, synthetic_small, tmp_path)
+    """An unnamed run: a fresh, uniquely named run (``shan-<config>-<time>-<hex>``), never a
+    continuation; two workers, two epochs, everything logged."""
+    r = train("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}")
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
     out = (r.stdout + r.stderr).splitlines()
     for epoch in (1, 2):  # each worker line reaches the driver once
         said = [ln for ln in out if f"epoch {epoch}/2: loss" in ln]
         assert len(said) == 1, said
+    name = next(ln for ln in out if ln.startswith("Dev recall")).split("run ")[-1].rstrip(":")
+    assert re.fullmatch(r"shan-tiny-\d{8}-\d{6}-[0-9a-f]{8}", name), name
     c, runs = mlflow_runs(name)
     assert len(runs) == 1
     run = runs[0]
+    assert run.data.tags[RUN_TAG] == name
+    assert not c.get_metric_history(run.info.run_id, "train/resumed_at_epoch")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.d"] == "16" and run.data.params["optim.epochs"] == "2"
     assert len(c.get_metric_history(run.info.run_id, "train/loss")) >= 4
@@ -108,49 +113,23 @@ def test_rerun_by_name_continues_and_fresh_runs_do_not(services, synthetic_small
     resumed = c.get_metric_history(runs[0].info.run_id, "train/resumed_at_epoch")
     assert [m.value for m in resumed] == [1.0]
     assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "val/rsum")) == [1, 2]
-    check(train(*common, "optim.epochs=1"))  # no name: a fresh, uniquely named run
-    exp = c.get_experiment_by_name("shan-tests")
-    (fresh,) = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
-                             max_results=1)  # fmt: skip
-    assert fresh.data.tags[RUN_TAG].startswith("shan-tiny-")
-    assert not c.get_metric_history(fresh.info.run_id, "train/resumed_at_epoch")
+    # a run without --name is a fresh one: test_two_workers_two_epochs_logged_to_mlflow
 
 
 def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
+    """``ray job submit --working-dir`` runs a job shim (it imports ``shan_cli`` from the
+    uploaded folder) on the head with token authentication; a client without the token is
+    refused. (A submitted training runs in test_cluster's end-to-end test.)"""
     ray_bin = str(Path(sys.executable).parent / "ray")
     r = subprocess.run(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            services.env["RAY_DASHBOARD_ADDRESS"],
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}}),
-            "--",
-            "python",
-            "jobs/train.py",
-            "--config",
-            "tests/configs/tiny.yaml",
-            "--data",
-            synthetic_small,
-            "--name",
-            "tiny-submitted",
-            "scaling.num_workers=1",
-            "optim.epochs=1",
-            f"tracking.storage_path={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ.copy(),
-    )
+        [ray_bin, "job", "submit", "--address", services.env["RAY_DASHBOARD_ADDRESS"],
+         "--working-dir", str(ROOT), "--", "python", "jobs/prepare_data.py", "validate",
+         synthetic_small],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "succeeded" in (r.stdout + r.stderr).lower()
-    _, runs = mlflow_runs("tiny-submitted")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    out = r.stdout + r.stderr
+    assert "succeeded" in out.lower() and f"{synthetic_small}: valid" in out
     # without the token the head refuses the client
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["RAY_AUTH_MODE"] = "disabled"
