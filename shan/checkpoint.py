@@ -16,15 +16,18 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from shan.config import Config, ConfigError, config_from_dict
 from shan.errors import CheckpointError
-from shan.model import SHAN
 from shan.vocab import VocabError, Vocabulary
+
+if TYPE_CHECKING:  # torch is imported where it is used: the error paths of the jobs stay light
+    import torch
+
+    from shan.model import SHAN
 
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.pt", "config.yaml", "vocab.json"
 FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE)
@@ -78,6 +81,8 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
     }
     if ckpt.optimizer is not None:
         payload["optimizer"] = ckpt.optimizer
+    import torch
+
     torch.save(payload, folder / MODEL_FILE)
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(ckpt.config.to_dict(), sort_keys=False))
     ckpt.vocab.save(folder / VOCAB_FILE)
@@ -123,6 +128,8 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     cfg, vocab = load_description(folder)
     path = folder / MODEL_FILE
+    import torch
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or crafted file
@@ -146,6 +153,8 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
 
 def check_weights(state: dict[str, Any], where: str) -> None:
     """Every entry a tensor, every floating-point weight finite."""
+    import torch
+
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{where}: weight {name!r} is not a tensor")
@@ -158,6 +167,8 @@ def model_from_checkpoint(
 ) -> SHAN:
     """The model of ``ckpt`` with its weights, in eval mode on ``device``; CheckpointError
     (naming ``where``, the checkpoint folder) when the weights do not fit or are not finite."""
+    from shan.model import SHAN
+
     cfg = dataclasses.replace(ckpt.config.model, glove_path=None)  # GloVe rows are in the weights
     where = where or "checkpoint"
     try:

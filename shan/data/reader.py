@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from shan.data import fs
 from shan.data.format import DataError, DatasetCard, image_uri, load_card, split_files
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a split needs none
     import ray.data
+    import torch
 
 TRAIN_COLUMNS = ["image_id", "features", "num_regions", "tokens"]
 
@@ -122,7 +122,11 @@ class Batch:
     lengths: torch.Tensor
     image_ids: torch.Tensor
 
-    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Batch:
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+        """The batch on ``device``, features as ``dtype`` (default float32)."""
+        import torch
+
+        dtype = dtype or torch.float32
         nb = device.type == "cuda"
         return Batch(
             self.features.to(device, non_blocking=nb).to(dtype),
@@ -150,6 +154,8 @@ def pad_tokens(
     out = np.zeros((len(arrays), int(lengths.max())), dtype=np.int64)
     for i, s in enumerate(arrays):
         out[i, : len(s)] = s
+    import torch
+
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
@@ -191,6 +197,8 @@ class ExampleStream:
             j = int(self.rng.integers(len(pool)))
             pool[j], pool[-1] = pool[-1], pool[j]
             picks.append(pool.pop())
+        import torch
+
         feats = torch.from_numpy(np.stack([p[0] for p in picks]))  # (B, R, F)
         tokens, lengths = pad_tokens((p[2] for p in picks), self._cut())
         return Batch(

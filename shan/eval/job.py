@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shan.checkpoint import Checkpoint, load_model
 from shan.data import fs
 from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
@@ -25,10 +25,13 @@ from shan.errors import CheckpointError, JobError
 from shan.eval import PROTOCOLS, outputs, tiles
 from shan.eval.lock import OutLock
 from shan.metrics import fold_metrics, format_table, recall_metrics
-from shan.model import SHAN
 from shan.runtime import GroupRequest, Resources, init_ray, size_group
 from shan.tracking import refs
 from shan.vocab import Vocabulary
+
+if TYPE_CHECKING:  # torch is imported once a checkpoint is loaded
+    from shan.checkpoint import Checkpoint
+    from shan.model import SHAN
 
 
 @dataclass
@@ -132,6 +135,8 @@ class _Job:
 def load_checked(ref: refs.ModelRef, root: str, card: DatasetCard, vocab: Vocabulary) -> EvalModel:
     """Load ``ref``'s checkpoint in full (weights_only; state dict against its config; finite
     weights) and check it fits the data set: CheckpointError naming the file otherwise."""
+    from shan.checkpoint import load_model
+
     loaded = load_model(ref.path)  # the one scoring loader: weights only, checked
     cfg, ck_vocab = loaded.config, loaded.vocab
     if ck_vocab != vocab:

@@ -13,18 +13,19 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
-import torch
 
 from shan.data import fs
-from shan.data.reader import SplitArrays
 from shan.errors import JobError
-from shan.metrics import i2t_ranks, t2i_ranks
-from shan.model import SCORES, SHAN
+from shan.metrics import SCORES, i2t_ranks, t2i_ranks
 from shan.vocab import Vocabulary
+
+if TYPE_CHECKING:  # torch only where a picture is drawn: the jobs' error paths stay light
+    from shan.data.reader import SplitArrays
+    from shan.model import SHAN
 
 # What an evaluation's --out may hold (posix paths relative to it). v<N>/ are --promote's
 # per-version evaluations; tiles/model-<i>/ the finished tiles of model i.
@@ -123,18 +124,20 @@ def plot_recall(curves: dict[str, Curve], title: str) -> bytes:
     return buf.getvalue()
 
 
-@torch.no_grad()
 def word_region_attention(
     model: SHAN, features: np.ndarray, count: int, tokens: list[int]
 ) -> np.ndarray:
     """(regions, words) L2L weights of one pair (docs/model.md §3: each column sums to 1):
     which regions each word attends to; :meth:`SHAN.l2l_attention`'s beta."""
+    import torch
+
     model.eval()
     f = torch.from_numpy(np.array(features[:count], dtype=np.float32))[None]  # (1, k, F)
     t = torch.tensor(tokens)[None]  # (1, n)
-    im = model.encode_images(f)
-    cap = model.encode_captions(t, torch.tensor([len(tokens)]))
-    beta = model.l2l_attention(im, cap)[1]  # (1, k, n)
+    with torch.no_grad():
+        im = model.encode_images(f)
+        cap = model.encode_captions(t, torch.tensor([len(tokens)]))
+        beta = model.l2l_attention(im, cap)[1]  # (1, k, n)
     return beta[0].float().numpy()
 
 

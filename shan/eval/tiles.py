@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from shan.data import fs
 from shan.data.reader import SplitArrays
 from shan.errors import JobError
-from shan.model import SCORES
+from shan.metrics import SCORES
 from shan.runtime import Resources
 
 PLAN_FILE = "plan.json"
