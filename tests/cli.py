@@ -19,6 +19,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_LINE = re.compile(r"^(\S+( \S+)?: )?error: ")
+# A line Ray forwards from one of its processes: ``(Name pid=N)``, ``(pid=gcs_server)`` or
+# ``(Name pid=N, ip=A)``, maybe in colour. Ray's own; it may come after the job's last line.
+RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\([^\n]*?pid=\w+(?:, ip=[\d.]+)?\)")
+
+
+def driver_lines(text: str) -> list[str]:
+    """The job's own lines of ``text``: without those Ray forwards from its processes (a Ray
+    Data thread may log a traceback as the run shuts down, the GCS an RPC it could not make)."""
+    return [line for line in text.splitlines() if not RAY_FORWARDED.match(line)]
+
+
+def last_line(text: str) -> str:
+    """The job's own last non-empty line of ``text``."""
+    lines = [line for line in driver_lines(text) if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.cli import Case, assert_user_error, last_line, run_job, snapshot
 from tests.helpers import make_precomp
 
 SYN = ["--train", "8", "--dev", "4", "--test", "0", "--regions", "4", "--feature-dim", "6"]
@@ -287,6 +287,6 @@ def test_a_missing_caption_file_is_the_last_line_and_writes_nothing(tmp_path: Pa
     (src / "dev_caps.txt").unlink()
     r = run_job("prepare_data", "precomp", str(src), "--out", str(tmp_path / "out"))
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: caption file")
+    assert last_line(r.stderr).startswith("error: caption file")
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 from shan_stack import free_port
 
 from shan.tracking.runs import ERROR_TAG, ERROR_TYPE_TAG, RUN_TAG, quote
+from tests.cli import driver_lines, last_line
 from tests.helpers import ROOT, TINY
 
 
@@ -40,16 +41,6 @@ def mlflow_runs(name: str):
     if exp is None:
         return c, []
     return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = {quote(name)}")
-
-
-RAY_WORKER_LINE = re.compile(r"\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\d.]+)?\)")
-
-
-def driver_lines(text: str) -> str:
-    """The job's own output: without the log lines Ray forwards from its processes, which
-    carry a ``(Name pid=N)`` prefix (a Ray Data task's thread may log a traceback as the run
-    shuts down; that is Ray's, not the job's)."""
-    return "\n".join(ln for ln in text.splitlines() if not RAY_WORKER_LINE.search(ln))
 
 
 def check(r: subprocess.CompletedProcess) -> None:
@@ -172,8 +163,8 @@ def test_non_finite_loss_fails_the_run_at_once(services, synthetic_small, tmp_pa
     r = run_tiny(name, synthetic_small, tmp_path, "debug.nan_at_step=40")
     line = "non-finite loss (nan) at epoch 2, step 40: lower optim.lr or check the data"
     assert r.returncode == 2, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
-    assert "Traceback" not in driver_lines(r.stderr)
+    assert last_line(r.stderr) == f"error: {line}"
+    assert "Traceback" not in "\n".join(driver_lines(r.stderr))
     out = r.stdout + r.stderr
     assert "resumed from the checkpoint" not in out and "epoch 1/2: loss" in out
     assert "[FailurePolicy]" not in out  # Ray Train never saw a failure
@@ -189,7 +180,7 @@ def test_a_worker_user_error_crosses_as_its_type(services, synthetic_small, tmp_
                  "debug.fail_at_step=45")  # fmt: skip
     assert r.returncode == 2, r.stderr[-3000:]
     line = "debug: DataError on rank 1 at step 45"
-    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert last_line(r.stderr) == f"error: {line}"
     assert "resumed from the checkpoint" not in r.stdout + r.stderr
     assert "[FailurePolicy]" not in r.stdout + r.stderr
     failed_run(name, line, "DataError")
@@ -204,7 +195,7 @@ def test_a_user_error_outside_the_steps_is_not_retried(services, synthetic_small
               env={"RAY_DEDUP_LOGS": "0"})  # fmt: skip
     assert r.returncode == 2, r.stderr[-3000:]
     line = "debug: CheckpointError on rank 1 at start"
-    assert r.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert last_line(r.stderr) == f"error: {line}"
     failed_run(name, line, "CheckpointError")
     out = r.stdout + r.stderr  # one restart (max_failures is 2), whose workers stop at once
     assert out.count("[FailurePolicy] RETRY") == 1, out[-5000:]
@@ -230,14 +221,14 @@ def test_a_running_name_and_another_config_are_refused(services, synthetic_small
             first.kill()
     assert first.returncode == 0, out[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
-    last = second.stderr.strip().splitlines()[-1]
+    last = last_line(second.stderr)
     assert last.startswith(f"error: run '{name}' is running") and "--name" in last
     assert "Ray:" not in second.stdout + second.stderr  # refused before Ray started
     # continuing the finished run with another config names what differs
     third = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1", "optim.lr=1e-3",
                      "model.d_a=4")  # fmt: skip
     assert third.returncode == 2, third.stderr[-3000:]
-    last = third.stderr.strip().splitlines()[-1]
+    last = last_line(third.stderr)
     assert "started with another config" in last
     assert "optim.lr (0.002 there, 0.001 here)" in last and "model.d_a (8 there, 4 here)" in last
     _, runs = mlflow_runs(name)
@@ -255,7 +246,7 @@ def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):
     for args, message in cases:
         r = train(*args, env=env, timeout=120)
         assert r.returncode == 2, (args, r.stderr[-2000:])
-        last = r.stderr.strip().splitlines()[-1]
+        last = last_line(r.stderr)
         assert last.startswith("error: ") and message in last, (args, last)
 
 
