@@ -248,14 +248,21 @@ class DataConfig(_Section):
         return list(p)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ScalingConfig(_Section):
-    """Ray resources. ``None`` means: size from the cluster."""
+    """Ray resources. On a cluster (``RAY_ADDRESS`` set) the workers are asked for as given,
+    ``None`` taking Ray's defaults (1 worker, no GPU, 1 CPU), and the job waits up to
+    ``wait_timeout`` seconds for the autoscaler; locally ``None`` means: size from the machine."""
 
     num_workers: int | None = None
     use_gpu: bool | None = None
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 1.0
+    wait_timeout: float = 1800.0  # seconds a job on a cluster waits for its workers
+    placement_strategy: str = "PACK"  # Ray's: PACK, SPREAD (one worker per node if it can)
     score_block: int | None = None  # pairs per block side in scoring; None: 8 CPU, 64 GPU
     checkpoint_blocks: bool = False  # recompute score blocks in backward (less memory)
     bf16: bool = True  # autocast on CUDA
@@ -267,6 +274,8 @@ class ScalingConfig(_Section):
         g = self.gpus_per_worker
         if not _finite(g) or g <= 0 or (g > 1 and g != int(g)):
             p.bad("gpus_per_worker", g, "> 0: a fraction of at most 1 or a whole number")
+        p.positive("wait_timeout", self.wait_timeout)
+        p.one_of("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         p.at_least("score_block", self.score_block, 1, optional=True)
         return list(p)
 
@@ -302,6 +311,7 @@ class DebugConfig(_Section):
     nan_at_step: int | None = None  # make the last rank's loss non-finite at this step
     fail_with: str | None = None  # a user error type (DataError, ...) the last rank raises
     fail_at_step: int | None = None  # ... at this global step; None: when the worker starts
+    rows_log: str | None = None  # folder: each rank writes the image rows it read each epoch
 
     def problems(self, prefix: str = "debug.") -> list[str]:
         p = _Problems(prefix)
@@ -310,6 +320,7 @@ class DebugConfig(_Section):
         p.at_least("nan_at_step", self.nan_at_step, 0, optional=True)
         p.one_of("fail_with", self.fail_with, USER_ERROR_NAMES, optional=True)
         p.at_least("fail_at_step", self.fail_at_step, 0, optional=True)
+        p.text("rows_log", self.rows_log, optional=True)
         return list(p)
 
 

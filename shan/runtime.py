@@ -1,15 +1,21 @@
-"""Ray at run time: starting or joining it, sizing a group of workers or actors, and reading
-what a failed worker left behind. One sizing rule serves training workers and evaluation
-actors (:func:`size_group`)."""
+"""Ray at run time: starting or joining it, sizing a group of workers or actors, waiting for
+the cluster to offer it, and reading what a failed worker left behind.
+
+One rule serves training workers, evaluation actors and extraction actors
+(:func:`plan_group`): on a cluster (``RAY_ADDRESS`` set, as in a submitted job) a group is
+asked for exactly as configured and the job waits for the autoscaler (:func:`wait_for_room`);
+a local instance is sized from what it has (:func:`size_group`)."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from shan.config import ConfigError, ScalingConfig
+from shan.errors import JobError
 
 # Ray replaces a node IP of 127.0.0.1 with the machine's routable address and then binds its
 # GCS, raylet, object manager and agents to that address or to every interface. Its switch for
@@ -17,6 +23,12 @@ from shan.config import ConfigError, ScalingConfig
 # binds everything to it; no other node can join such a head, which a local run never needs.
 # It must be in the environment before a process imports Ray.
 RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def on_cluster() -> bool:
+    """Whether a job joins a cluster (``RAY_ADDRESS`` set: by the user, or by Ray for a
+    submitted job) rather than starting a local instance of its own."""
+    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def keep_ray_on_loopback() -> None:
@@ -62,6 +74,7 @@ class GroupRequest:
     reserve_for_data: bool = True
     check_fit: bool = True
     what: str = "scaling.num_workers x scaling.cpus_per_worker"
+    flags: str = "--workers, --cpus-per-worker, --gpus-per-worker"
 
 
 @dataclass
@@ -86,6 +99,81 @@ class Resources:
         """Ray's ``resources_per_worker`` / actor options for one member."""
         return {"CPU": self.cpus_each, **({"GPU": self.gpus_each} if self.use_gpu else {})}
 
+    def bundles(self) -> str:
+        """``2 x {CPU: 4, GPU: 1}``: what the group asks of the cluster."""
+        each = ", ".join(f"{k}: {v:g}" for k, v in self.ray_resources().items())
+        return f"{self.count} x {{{each}}}"
+
+
+def plan_group(req: GroupRequest, cluster: dict[str, float] | None = None) -> Resources:
+    """The group for ``req``: asked as configured on a cluster (:func:`ask_group`), sized from
+    ``cluster`` (``ray.cluster_resources()`` of a local instance) otherwise."""
+    if on_cluster() or cluster is None:
+        return ask_group(req)
+    return size_group(req, cluster)
+
+
+def ask_group(req: GroupRequest) -> Resources:
+    """Exactly what ``req`` asks, never guessed from the nodes that happen to be up (on an
+    autoscaling cluster the GPU nodes may not exist yet). Unset fields take Ray's defaults:
+    one member, no GPU, one CPU each; torch threads: the CPUs asked for."""
+    use_gpu = bool(req.use_gpu)
+    cpus = round(req.cpus_each or 1.0, 2)
+    gpus = req.gpus_each if use_gpu else 0.0
+    return Resources(req.count or 1, use_gpu, cpus, gpus, max(1, int(cpus)))
+
+
+def cluster_offer(ray: Any) -> str:
+    """``CPU 2/4, GPU 0/0 free on 3 node(s)``: what the cluster has now."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    parts = [f"{k} {free.get(k, 0):g}/{total.get(k, 0):g}" for k in ("CPU", "GPU")]
+    return f"{', '.join(parts)} free on {nodes} node(s)"
+
+
+def wait_for_room(
+    res: Resources,
+    timeout: float,
+    *,
+    noun: str = "worker",
+    strategy: str = "PACK",
+    log: Callable[[str], None] = print,
+    every: float = 30.0,
+) -> float:
+    """Wait until the cluster can place ``res`` (a placement group of its bundles, which an
+    autoscaler sees as demand and adds nodes for), then release it for the group to take;
+    returns the seconds waited. A JobError naming the resources after ``timeout`` seconds."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    start = time.monotonic()
+    pg = placement_group([res.ray_resources()] * res.count, strategy=strategy)
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=min(2.0, timeout))
+        if ready:
+            return time.monotonic() - start
+        log(
+            f"waiting for the cluster to offer {res.bundles()} for {res.count} {noun}(s) "
+            f"({cluster_offer(ray)} now); --wait-timeout {timeout:g} s"
+        )
+        while not ready:
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                raise JobError(
+                    f"the cluster did not offer {res.bundles()} for {res.count} {noun}(s) within "
+                    f"--wait-timeout {timeout:g} s ({cluster_offer(ray)}): add nodes, or ask "
+                    "for less"
+                )
+            ready, _ = ray.wait([pg.ready()], timeout=min(every, timeout - waited))
+            if not ready:
+                log(f"still waiting ({waited + min(every, timeout - waited):.0f} s): "
+                    f"{cluster_offer(ray)}")  # fmt: skip
+        waited = time.monotonic() - start
+        log(f"the cluster offered {res.bundles()} after {waited:.0f} s")
+        return waited
+    finally:
+        remove_placement_group(pg)
+
 
 def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
     """Fill in what ``req`` leaves as None from ``cluster`` (``ray.cluster_resources()``).
@@ -99,6 +187,12 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
     cpus = float(cluster.get("CPU", 1))
     gpus = float(cluster.get("GPU", 0))
     use_gpu = bool(req.use_gpu if req.use_gpu is not None else gpus >= 1)
+    if use_gpu and gpus < req.gpus_each * (req.count or 1):
+        raise ConfigError(
+            f"{req.count or 1} x {req.gpus_each:g} GPU asked for, but this Ray instance has "
+            f"{gpus:g} GPU: ask for none (scaling.use_gpu=false, or no --gpus-per-* flag), or "
+            "run against a cluster with RAY_ADDRESS"
+        )
     if use_gpu:
         num = req.count or max(1, int(gpus // req.gpus_each))
     else:
@@ -120,6 +214,17 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
 def training_request(sc: ScalingConfig) -> GroupRequest:
     """The request of the ``scaling`` config section."""
     return GroupRequest(sc.num_workers, sc.use_gpu, sc.cpus_per_worker, sc.gpus_per_worker)
+
+
+def plan_training(sc: ScalingConfig, ray: Any, log: Callable[[str], None] = print) -> Resources:
+    """The training workers: asked and awaited on a cluster (``scaling.wait_timeout``), sized
+    from the local instance otherwise."""
+    req = training_request(sc)
+    if not on_cluster():
+        return size_group(req, ray.cluster_resources())
+    res = ask_group(req)
+    wait_for_room(res, sc.wait_timeout, strategy=sc.placement_strategy, log=log)
+    return res
 
 
 def worker_errors(e: BaseException) -> list[tuple[int, BaseException]]:

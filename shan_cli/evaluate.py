@@ -11,6 +11,9 @@ when every tile is scored and finite), recall.md and plots; finished tiles are k
 rerun with the same DIR skips them (tiles of other data, model, precision or device kind are
 recomputed). DIR must hold nothing but an evaluation's own files, and one evaluation at a time
 writes there (a lock: DIR/eval.lock).
+On a cluster (RAY_ADDRESS set, or a submitted job) the actors are asked for as given
+(--actors, --gpus-per-actor, --cpus-per-actor) and the job waits for the autoscaler
+(--wait-timeout); a local instance is sized from the machine.
 """
 
 from __future__ import annotations
@@ -61,10 +64,27 @@ def parser() -> argparse.ArgumentParser:
         "--actors",
         type=at_least(1),
         metavar="N",
-        help="scoring actors (default: sized to the cluster)",
+        help="scoring actors (default: 1 on a cluster; sized to a local instance)",
     )
-    p.add_argument("--cpus-per-actor", type=at_least(0.01, float), metavar="CPUS")
-    p.add_argument("--gpus-per-actor", type=gpu_share, metavar="GPUS")
+    p.add_argument(
+        "--cpus-per-actor",
+        type=at_least(0.01, float),
+        metavar="CPUS",
+        help="CPUs per actor (default: 1 on a cluster; a share of a local instance)",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=gpu_share,
+        metavar="GPUS",
+        help="GPUs per actor; 0: none (default: none on a cluster, every GPU locally)",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=at_least(1.0, float),
+        default=1800.0,
+        metavar="SECONDS",
+        help="on a cluster: how long to wait for the actors (default 1800)",
+    )
     p.add_argument("--no-bf16", action="store_true", help="float32 on GPU too")
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
     p.add_argument("--exit-after-tiles", type=at_least(1), help=argparse.SUPPRESS)  # tests
@@ -103,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
         bf16=not args.no_bf16,
+        wait_timeout_s=args.wait_timeout,
     )
     if args.exit_after_tiles:
         opts.on_tile = lambda n: os._exit(137) if n >= args.exit_after_tiles else None

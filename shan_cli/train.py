@@ -9,7 +9,10 @@ Every value is checked before anything starts; each bad one is an ``error:`` lin
 A run name is letters, digits, '.', '_' and '-' (not starting with '.' or '-', no '..').
 MLflow: ``MLFLOW_TRACKING_URI``, else ./mlflow.db (open it with the README's ``mlflow ui``);
 credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.
-Ray: ``RAY_ADDRESS`` (set for submitted jobs), else a local instance.
+Ray: ``RAY_ADDRESS`` (set for submitted jobs), else a local instance. On a cluster the workers
+are asked for as given (--workers, --gpus-per-worker, --cpus-per-worker; default 1 worker of
+1 CPU) and the job waits for the autoscaler (--wait-timeout); a local instance is sized from
+the machine.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ def parser() -> argparse.ArgumentParser:
         "--gpus-per-worker", type=positive(float), help="GPUs per worker (implies GPU use)"
     )
     p.add_argument("--cpus-per-worker", type=positive(float), help="CPUs per worker")
+    p.add_argument(
+        "--wait-timeout",
+        type=positive(float),
+        metavar="SECONDS",
+        help="on a cluster: how long to wait for the workers (default 1800)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -44,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ("workers", "scaling.num_workers"),
         ("cpus_per_worker", "scaling.cpus_per_worker"),
         ("gpus_per_worker", "scaling.gpus_per_worker"),
+        ("wait_timeout", "scaling.wait_timeout"),
         ("name", "tracking.run_name"),
     ):
         if getattr(args, flag) is not None:

@@ -25,7 +25,7 @@ from shan.errors import CheckpointError, JobError
 from shan.eval import PROTOCOLS, outputs, tiles
 from shan.eval.lock import OutLock
 from shan.metrics import fold_metrics, format_table, recall_metrics
-from shan.runtime import GroupRequest, Resources, init_ray, size_group
+from shan.runtime import GroupRequest, Resources, init_ray, on_cluster, plan_group, wait_for_room
 from shan.tracking import refs
 from shan.vocab import Vocabulary
 
@@ -48,7 +48,7 @@ class EvalOptions:
     fold_size: int = 1000
     experiment: str = "shan-eval"
     log_matrices_mb: float = 256.0  # larger sims_*.npy stay in --out, not in MLflow
-    start_timeout_s: float = 900.0  # the actors must start within this
+    wait_timeout_s: float = 1800.0  # on a cluster: how long to wait for room for the actors
     on_tile: Callable[[int], None] | None = None  # test hook
     tags: dict = field(default_factory=dict)
 
@@ -221,8 +221,9 @@ def actor_request(opts: EvalOptions) -> GroupRequest:
         gpus_each=opts.gpus_per_actor or 1.0,
         cpus_per_member_guess=2,
         reserve_for_data=False,  # the actors read nothing through Ray Data
-        check_fit=False,  # actors wait for room; --start-timeout ends the wait
+        check_fit=False,  # actors wait for room; --wait-timeout ends the wait
         what="--actors x --cpus-per-actor",
+        flags="--actors, --cpus-per-actor, --gpus-per-actor",
     )
 
 
@@ -284,13 +285,16 @@ def _matrices(
     except ConnectionError as e:
         raise JobError(f"cannot reach the Ray cluster: {e}") from e
     models, split, out, opts = job.models, job.split, job.out, job.opts
-    res: Resources = size_group(actor_request(opts), ray.cluster_resources())
+    res: Resources = plan_group(actor_request(opts), ray.cluster_resources())
+    if on_cluster():
+        wait_for_room(res, opts.wait_timeout_s, noun="actor", strategy="SPREAD", log=log)
     log(f"scoring on {res.describe('actor')}")
     pool = tiles.start_pool([m.weights for m in models], res, opts.bf16, opts.block)
     order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
     total: dict[str, np.ndarray] | None = None
     try:
-        device = tiles.device_kinds(pool, opts.start_timeout_s)
+        device = tiles.device_kinds(pool, opts.wait_timeout_s)
+        log(f"actors on nodes {', '.join(tiles.actor_nodes(pool))}")
         for i in range(len(models)):
             fp = tile_fingerprint(data_fp, models[i].files, job, device)
             plan = tiles.Plan(

@@ -282,6 +282,12 @@ class TileScorer:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The address of the node this actor runs on."""
+        import ray.util
+
+        return str(ray.util.get_node_ip_address())
+
     def device_kind(self) -> tuple[str, str]:
         """(device kind: ``cpu`` or ``cuda:<GPU name>``, effective precision)."""
         import torch
@@ -372,11 +378,22 @@ def start_pool(checkpoints: list[Any], res: Resources, bf16: bool, block: int | 
     import ray
 
     cls = ray.remote(TileScorer).options(
-        num_cpus=res.cpus_each, num_gpus=res.gpus_each, max_restarts=2, max_task_retries=2
+        num_cpus=res.cpus_each,
+        num_gpus=res.gpus_each,
+        max_restarts=2,
+        max_task_retries=2,
+        scheduling_strategy="SPREAD",  # over the nodes, where there are several
     )
     refs = [ray.put(ckpt) for ckpt in checkpoints]
     actors = [cls.remote(refs, res.torch_threads, bf16, block) for _ in range(res.count)]
     return Pool(actors, refs)
+
+
+def actor_nodes(pool: Pool) -> list[str]:
+    """The node address of each actor (they have started: see :func:`device_kinds`)."""
+    import ray
+
+    return ray.get([a.node.remote() for a in pool.actors])
 
 
 def device_kinds(pool: Pool, timeout: float) -> tuple[str, str]:

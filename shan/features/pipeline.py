@@ -15,7 +15,7 @@ import numpy as np
 
 from shan.features import ExtractorSpec
 from shan.features.decode import decode_batch
-from shan.runtime import GroupRequest, Resources, size_group
+from shan.runtime import GroupRequest, Resources, plan_group
 
 
 class ExtractActor:
@@ -47,9 +47,10 @@ def plan_resources(
     cpus: float | None = None,
     gpus: float | None = None,
 ) -> Resources:
-    """The extraction actors, by the one sizing rule (:func:`shan.runtime.size_group`): one
-    actor per GPU when there are GPUs; else CPU actors (at most 4 CPUs each) that together
-    leave a CPU to Ray Data's read and decode tasks."""
+    """The extraction actors, by the one rule (:func:`shan.runtime.plan_group`): on a cluster
+    as asked (Ray Data's pool waits for them); locally one actor per GPU when there are GPUs,
+    else CPU actors (at most 4 CPUs each) that together leave a CPU to Ray Data's read and
+    decode tasks."""
     request = GroupRequest(
         count=actors,
         use_gpu=None if gpus is None else gpus > 0,
@@ -59,7 +60,7 @@ def plan_resources(
         check_fit=False,  # Ray Data's pool waits for room
         what="--actors x --cpus-per-actor",
     )
-    return size_group(request, cluster)
+    return plan_group(request, cluster)
 
 
 def run_local(

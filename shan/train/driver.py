@@ -27,7 +27,7 @@ from shan.data.format import DatasetCard, load_card, load_vocab
 from shan.data.synthetic import demo_data_root
 from shan.errors import USER_ERRORS, JobError, from_record
 from shan.metrics import format_table
-from shan.runtime import failure_line, init_ray, size_group, training_request, worker_errors
+from shan.runtime import failure_line, init_ray, plan_training, worker_errors
 from shan.tracking import runs as tracking
 from shan.tracking.names import unflat_metrics
 from shan.vocab import Vocabulary
@@ -228,7 +228,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     from shan.train.worker import LoopSettings, train_loop_per_worker
 
     ray = init_ray(log)
-    res = size_group(training_request(cfg.scaling), ray.cluster_resources())
+    res = plan_training(cfg.scaling, ray, log)
     log(f"Ray Train: {res.describe()}")
     settings = LoopSettings(
         config=cfg,
@@ -245,7 +245,10 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
         train_loop_per_worker,
         train_loop_config={"settings": settings},
         scaling_config=RayScaling(
-            num_workers=res.count, use_gpu=res.use_gpu, resources_per_worker=res.ray_resources()
+            num_workers=res.count,
+            use_gpu=res.use_gpu,
+            resources_per_worker=res.ray_resources(),
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.tracking.run_name,

@@ -13,6 +13,7 @@ find the error in the box and stop at once. A worker that dies is restarted as b
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,9 +159,37 @@ def build_worker(settings: LoopSettings) -> Worker:
         raise BY_NAME[cfg.debug.fail_with](f"debug: {cfg.debug.fail_with} on rank {rank} at start")
     torch.set_num_threads(settings.torch_threads)
     device = ray.train.torch.get_device()
+    say(f"rank {rank} of {world} on node {node_address()} ({device}, pid {os.getpid()})")
     w = make_worker(settings, device, rank, world, wrap=ray.train.torch.prepare_model)
     restore(w)
     return w
+
+
+def node_address() -> str:
+    """The address of the Ray node this process runs on."""
+    import ray.util
+
+    return str(ray.util.get_node_ip_address())
+
+
+def recorded(rows: Iterator[dict[str, Any]], seen: list[list[int]]) -> Iterator[dict[str, Any]]:
+    """``rows`` as they are, appending ``[image_id, captions]`` of each image row to ``seen``."""
+    for batch in rows:
+        for iid, toks in zip(batch["image_id"], batch["tokens"], strict=True):
+            seen.append([int(iid), len(toks)])
+        yield batch
+
+
+def write_rows_log(w: Worker, seen: list[list[int]]) -> None:
+    """``debug.rows_log``/``epoch<E>-rank<R>.json``: the image rows (``[image_id, captions]``)
+    this rank read in epoch E (1-based), and its node's address."""
+    from shan.data import fs
+
+    folder = w.cfg.debug.rows_log
+    assert folder is not None
+    name = f"epoch{w.progress.epoch + 1}-rank{w.rank}.json"
+    record = {"rank": w.rank, "node": node_address(), "rows": seen}
+    fs.write_bytes(fs.join(folder, name), json.dumps(record).encode())
 
 
 def restore(w: Worker) -> None:
@@ -270,6 +300,9 @@ def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, fl
     """One pass over this worker's share; returns mean loss, examples/s and data-wait share."""
     cfg, epoch = w.cfg, w.progress.epoch
     rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
+    seen: list[list[int]] = []
+    if cfg.debug.rows_log:
+        rows = recorded(rows, seen)
     stream = ExampleStream(
         cfg.optim.batch_size,
         cfg.data.shuffle_buffer,
@@ -318,6 +351,8 @@ def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, fl
             )
     for _ in batches:  # drain what is left, so that the next epoch starts clean
         pass
+    if cfg.debug.rows_log:
+        write_rows_log(w, seen)
     if not losses:  # the ranks stopped at the same step, so all of them are here
         raise Stop(
             JobError(

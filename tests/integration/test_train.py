@@ -250,6 +250,36 @@ def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):
         assert last.startswith("error: ") and message in last, (args, last)
 
 
+def test_on_a_cluster_gpus_are_asked_for_and_the_wait_ends_with_one_line(
+    services, synthetic_small, tmp_path
+):
+    """The tests' head has 2 CPUs and no GPU. A training and an evaluation that ask for GPUs
+    wait for them (they never fall back to the CPUs that are there), saying what they wait for,
+    and --wait-timeout ends each wait with one line naming what they could not get."""
+    from shan.data.format import load_vocab
+    from tests.cli import run_job
+    from tests.helpers import save_untrained
+
+    r = run_tiny("tiny-wait", synthetic_small, tmp_path, "--workers", "1", "--gpus-per-worker",
+                 "1", "--wait-timeout", "4")  # fmt: skip
+    ask = "1 x {CPU: 0.5, GPU: 1} for 1 worker(s)"
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"waiting for the cluster to offer {ask} (CPU " in r.stdout, r.stdout[-3000:]
+    last = last_line(r.stderr)
+    assert last.startswith(f"error: the cluster did not offer {ask} within --wait-timeout 4 s"), (
+        last
+    )
+    assert "GPU 0/0 free on 1 node(s)" in last and "Ray Train:" not in r.stdout
+    ckpt = save_untrained(tmp_path / "ckpt", load_vocab(synthetic_small))
+    r = run_job("evaluate", "--model", str(ckpt), "--data", synthetic_small, "--out",
+                str(tmp_path / "out"), "--no-mlflow", "--actors", "2", "--gpus-per-actor", "1",
+                "--wait-timeout", "3")  # fmt: skip
+    ask = "2 x {CPU: 1, GPU: 1} for 2 actor(s)"
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert last_line(r.stderr).startswith(f"error: the cluster did not offer {ask} within")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_a_local_run_starts_its_own_instance_on_loopback(tmp_path):
     """`ray start` leaves /tmp/ray/ray_current_cluster behind; a job without RAY_ADDRESS must
     still start its own local instance instead of waiting for that cluster forever, and that

@@ -15,8 +15,11 @@ from shan.runtime import (
     RAY_LOOPBACK,
     GroupRequest,
     Resources,
+    ask_group,
     failure_line,
     keep_ray_on_loopback,
+    on_cluster,
+    plan_group,
     size_group,
     training_request,
     worker_errors,
@@ -144,7 +147,7 @@ def test_explicit_actors_and_cpus():
 
 
 def test_more_actors_than_fit_now_are_asked_for_and_wait():
-    """Actors wait for room (an autoscaler may add it; --start-timeout ends the wait), so the
+    """Actors wait for room (an autoscaler may add it; --wait-timeout ends the wait), so the
     request is not refused against what the cluster has now; training workers are."""
     r = size_group(actor_request(EvalOptions(actors=3, cpus_per_actor=1.0)), {"CPU": 2.0})
     assert (r.count, r.cpus_each) == (3, 1.0)
@@ -156,6 +159,50 @@ def test_more_actors_than_fit_now_are_asked_for_and_wait():
 def test_describe_mentions_gpus_only_on_gpu():
     r = size_group(GroupRequest(count=2), {"CPU": 16.0, "GPU": 2.0})
     assert r.describe() == "2 worker(s), each 1 GPU + 7.5 CPU, 7 torch thread(s)"
+
+
+# -- on a cluster: asked, never guessed ------------------------------------------------------------
+F30K_LIKE = ScalingConfig(num_workers=2, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=6.0)
+
+
+def test_on_a_cluster_the_request_is_taken_as_asked_whatever_is_up(monkeypatch):
+    """An autoscaling cluster whose GPU nodes scaled to zero: the job asks for its GPU workers
+    anyway (and then waits); the CPUs of the head are never used instead."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert on_cluster()
+    r = plan_group(training_request(F30K_LIKE), {"CPU": 4.0})
+    assert fields(r) == (2, True, 6.0, 1.0, 6)
+    assert r.bundles() == "2 x {CPU: 6, GPU: 1}"
+
+
+def test_on_a_cluster_unset_fields_take_rays_defaults(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    big = {"CPU": 256.0, "GPU": 8.0}  # not looked at
+    assert fields(plan_group(training_request(ScalingConfig()), big)) == (1, False, 1.0, 0.0, 1)
+    assert fields(plan_group(actor_request(EvalOptions()), big)) == (1, False, 1.0, 0.0, 1)
+    gpu = plan_group(actor_request(EvalOptions(actors=4, gpus_per_actor=0.5)), big)
+    assert fields(gpu) == (4, True, 1.0, 0.5, 1)
+    assert gpu.bundles() == "4 x {CPU: 1, GPU: 0.5}"
+
+
+def test_locally_the_group_is_sized_from_the_machine(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not on_cluster()
+    assert fields(plan_group(training_request(ScalingConfig()), {"CPU": 8.0})) == (
+        2, False, 3.5, 0.0, 4)  # fmt: skip
+    assert plan_group(training_request(ScalingConfig()), None) == ask_group(GroupRequest())
+
+
+@pytest.mark.parametrize(
+    ("sc", "gpus"),
+    [(ScalingConfig(use_gpu=True), 0.0), (ScalingConfig(num_workers=2, use_gpu=True), 1.0)],
+)
+def test_locally_a_gpu_ask_without_the_gpus_is_a_config_error(monkeypatch, sc, gpus):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(
+        ConfigError, match=rf"GPU asked for, but this Ray instance has {gpus:g} GPU"
+    ):
+        plan_group(training_request(sc), {"CPU": 8.0, "GPU": gpus})
 
 
 # -- the loopback switch --------------------------------------------------------------------------
