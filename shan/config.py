@@ -139,6 +139,10 @@ class _Section:
             raise ConfigError(*problems)
 
 
+def _whole(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -191,11 +195,13 @@ class LossConfig(_Section):
     margin: float = 0.2
     negatives: str = "hardest"  # "hardest" (VSE++) or "all" (sum over every negative)
     per_step: bool = False  # (choice) add the same loss on each step's score
+    negatives_from: str = "global"  # with DDP: the whole global batch, or each worker's share
 
     def problems(self, prefix: str = "loss.") -> list[str]:
         p = _Problems(prefix)
         p.non_negative("margin", self.margin)
         p.one_of("negatives", self.negatives, ("hardest", "all"))
+        p.one_of("negatives_from", self.negatives_from, ("global", "local"))
         return list(p)
 
 
@@ -204,7 +210,7 @@ class OptimConfig(_Section):
     """Adam with a step decay and gradient clipping (docs/model.md §7 defaults, Flickr30K)."""
 
     epochs: int = 30
-    batch_size: int = 128  # per worker
+    batch_size: int = 128  # the global batch, shared out among the workers
     lr: float = 2e-4
     lr_decay_epoch: int = 15
     lr_decay: float = 0.1
@@ -224,6 +230,23 @@ class OptimConfig(_Section):
         p.at_least("warmup_steps", self.warmup_steps, 0)
         p.non_negative("weight_decay", self.weight_decay)
         return list(p)
+
+    def worker_batch(self, workers: int) -> int:
+        """Examples each of ``workers`` workers takes per step: ``batch_size // workers`` (the
+        global batch is then ``workers`` times that); a ConfigError when it would be 0."""
+        problem = self.share_problem(workers)
+        if problem:
+            raise ConfigError(problem)
+        return self.batch_size // workers
+
+    def share_problem(self, workers: int) -> str | None:
+        """Why the global batch cannot be shared out among ``workers`` (None: it can)."""
+        if self.batch_size >= workers:
+            return None
+        return (
+            f"optim.batch_size ({self.batch_size}) is the global batch, shared out among the "
+            f"workers: it must be at least the number of workers ({workers})"
+        )
 
 
 @dataclass
@@ -349,6 +372,10 @@ class Config:
             self.model, self.loss, self.optim, self.data, self.scaling, self.tracking, self.debug,
         ):  # fmt: skip
             out += section.problems()
+        workers, batch = self.scaling.num_workers, self.optim.batch_size
+        if _whole(workers) and _whole(batch) and workers >= 1 and batch >= 2:  # else above
+            share = self.optim.share_problem(workers)  # the global batch over the workers
+            out += [share] if share else []
         return out
 
     def validate(self) -> Config:

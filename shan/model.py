@@ -177,6 +177,11 @@ class SHAN(nn.Module):
     # -- encoders ------------------------------------------------------------------------------
     def encode_images(self, features: Tensor, mask: Tensor | None = None) -> EncodedImages:
         """features: (Ni, k, F); mask: (Ni, k) bool, or (Ni,) region counts, or None (all)."""
+        return self.image_terms(*self.embed_images(features, mask))
+
+    def embed_images(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The image encoder alone: features (Ni, k, F), mask as :meth:`encode_images` ->
+        v (Ni, k, d) unit region embeddings, mask (Ni, k) bool."""
         if features.dim() != 3 or features.shape[-1] != self.cfg.feature_dim:
             raise ValueError(
                 f"features must be (Ni, k, {self.cfg.feature_dim}), got {tuple(features.shape)}"
@@ -184,9 +189,10 @@ class SHAN(nn.Module):
         ni, k, _ = features.shape
         mask = region_mask(mask, ni, k, features.device)
         v = l2norm(self.img_fc(features))  # (Ni, k, d)
-        return self.image_terms(v, mask)
+        return v, mask
 
     def image_terms(self, v: Tensor, mask: Tensor) -> EncodedImages:
+        """v: (Ni, k, d), mask: (Ni, k) -> the images with the scorer's per-image terms."""
         d = self.cfg.d
         vp = self.proj_v(v)  # (Ni, k, d)
         if self.cfg.affinity == "cosine":
@@ -200,6 +206,11 @@ class SHAN(nn.Module):
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> EncodedCaptions:
         """tokens: (Nc, n) int ids, padded with 0; lengths: (Nc,) real lengths (>= 1)."""
+        return self.caption_terms(*self.embed_captions(tokens, lengths))
+
+    def embed_captions(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The caption encoder alone: tokens, lengths as :meth:`encode_captions` ->
+        t (Nc, n, d) unit word embeddings (zero on padding), mask (Nc, n) bool."""
         nc, n = tokens.shape
         lengths = lengths.to(torch.long)
         if lengths.shape != (nc,) or lengths.min() < 1 or lengths.max() > n:
@@ -214,9 +225,10 @@ class SHAN(nn.Module):
         out = out.view(nc, n, 2, self.cfg.d).mean(dim=2)  # (Nc, n, d): mean of both directions
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
         t = l2norm(out) * mask.unsqueeze(-1)  # (Nc, n, d), zero on padding
-        return self.caption_terms(t, mask)
+        return t, mask
 
     def caption_terms(self, t: Tensor, mask: Tensor) -> EncodedCaptions:
+        """t: (Nc, n, d), mask: (Nc, n) -> the captions with the scorer's per-caption terms."""
         d = self.cfg.d
         tp = self.proj_t(t)  # (Nc, n, d)
         if self.cfg.affinity == "cosine":

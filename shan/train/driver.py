@@ -138,7 +138,7 @@ def run_training(
     log: Callable[[str], None] = print,
 ) -> TrainingResult:
     """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set)."""
-    cfg.validate()
+    cfg.validate()  # with scaling.num_workers set, the global batch's share too
     if cfg.tracking.run_name:  # a generated name is one whose folder does not exist
         check_checkpoint_dir(checkpoint_dir(cfg.tracking.run_name))
     given = data or cfg.data.path or ensure_demo_data(log)
@@ -230,6 +230,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     ray = init_ray(log)
     res = plan_training(cfg.scaling, ray, log)
     log(f"Ray Train: {res.describe()}")
+    cfg.optim.worker_batch(res.count)  # a ConfigError before Ray Train starts
     settings = LoopSettings(
         config=cfg,
         vocab=fit.vocab,

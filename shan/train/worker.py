@@ -34,7 +34,7 @@ from shan.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shan.config import Config
 from shan.data.reader import Batch, ExampleStream, read_split
 from shan.errors import BY_NAME, USER_ERRORS, JobError, to_record
-from shan.loss import TripletLoss
+from shan.loss import BatchLoss
 from shan.model import SHAN
 from shan.scoring import autocast, score_matrix, split_metrics
 from shan.tracking.names import flat_metrics
@@ -91,10 +91,9 @@ class Worker:
 
     cfg: Config
     vocab: Vocabulary
-    model: torch.nn.Module  # DDP-wrapped when there are several workers
+    model: torch.nn.Module  # the BatchLoss of ``core``, DDP-wrapped when there are several workers
     core: SHAN
     optimizer: torch.optim.Optimizer
-    loss_fn: TripletLoss
     device: torch.device
     rank: int
     world: int
@@ -119,7 +118,8 @@ def make_worker(
     wrap: Any = None,
 ) -> Worker:
     """A worker's model, optimizer and loss, without Ray: ``wrap`` (DDP's ``prepare_model``)
-    wraps the model when there are several workers. The golden test builds one this way."""
+    wraps the model's :class:`~shan.loss.BatchLoss` when there are several workers. The golden
+    test builds one this way."""
     cfg = settings.config
     torch.manual_seed(cfg.seed)
     glove = (
@@ -128,7 +128,8 @@ def make_worker(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         core = SHAN(cfg.model, len(settings.vocab), glove=glove)
-    model = wrap(core) if wrap is not None and world > 1 else core.to(device)
+    step = BatchLoss(core, cfg.loss)  # encode, gather, score, loss: one forward for DDP
+    model = wrap(step) if wrap is not None and world > 1 else step.to(device)
     params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     logger = MetricLogger(settings.mlflow_uri, settings.mlflow_run_id) if rank == 0 else None
@@ -138,7 +139,6 @@ def make_worker(
         model=model,
         core=core,
         optimizer=optimizer,
-        loss_fn=TripletLoss(cfg.loss),
         device=device,
         rank=rank,
         world=world,
@@ -253,22 +253,33 @@ def maybe_inject_error(w: Worker) -> None:
 
 
 def forward(w: Worker, batch: Batch) -> torch.Tensor:
-    """The batch's loss (not yet checked)."""
-    b = batch.to(w.device)
+    """This worker's share of the global batch -> its loss (scalar, not yet checked): with
+    ``loss.negatives_from: global`` its part of the global batch's loss, else its own share's."""
+    b = batch.to(w.device, next(w.core.parameters()).dtype)  # features as the model's weights
     sc = w.cfg.scaling
     with autocast(w.device, sc.bf16):
-        scores = w.model(
+        loss = w.model(
             b.features,
             b.num_regions,
             b.tokens,
             b.lengths,
+            image_ids=b.image_ids,
             block=sc.score_block,
             checkpoint=sc.checkpoint_blocks,
         )
-        loss = w.loss_fn(scores, b.image_ids)
     if w.cfg.debug.nan_at_step == w.progress.step and w.rank == w.world - 1:
         loss = loss * float("nan")
     return loss
+
+
+def batch_loss(w: Worker, loss: torch.Tensor) -> torch.Tensor:
+    """The global batch's loss (scalar, detached): the sum of every worker's ``loss``, the
+    number one worker would log for the whole batch. Non-finite on every rank when any rank's
+    is."""
+    total = loss.detach().clone()  # ()
+    if w.world > 1 and dist.is_initialized():
+        dist.all_reduce(total)
+    return total
 
 
 def check_loss(w: Worker, loss: torch.Tensor) -> None:
@@ -285,26 +296,33 @@ def check_loss(w: Worker, loss: torch.Tensor) -> None:
 
 
 def train_step(w: Worker, batch: Batch) -> float:
-    """One optimizer step on ``batch``: loss, agreement that every rank's is finite, backward,
-    clipping, Adam. Returns the loss."""
+    """One optimizer step on this worker's share ``batch``: loss, agreement that every rank's
+    is finite, backward, clipping, Adam. Returns the global batch's loss.
+
+    The global batch's loss is the sum of the workers' losses and DDP averages the gradients
+    over the workers, so each worker backpropagates ``world`` times its loss: the averaged
+    gradient is the gradient of the global batch's loss, as one worker would compute it.
+    """
     loss = forward(w, batch)
-    check_loss(w, loss)
+    total = batch_loss(w, loss)
+    check_loss(w, total)
     w.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * w.world).backward()
     torch.nn.utils.clip_grad_norm_(w.core.parameters(), w.cfg.optim.grad_clip)
     w.optimizer.step()
-    return loss.item()
+    return total.item()
 
 
 def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, float]:
-    """One pass over this worker's share; returns mean loss, examples/s and data-wait share."""
+    """One pass over this worker's data shard, ``optim.batch_size // world`` examples a step;
+    returns the mean loss of the global batches, examples/s and data-wait share."""
     cfg, epoch = w.cfg, w.progress.epoch
     rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
     seen: list[list[int]] = []
     if cfg.debug.rows_log:
         rows = recorded(rows, seen)
     stream = ExampleStream(
-        cfg.optim.batch_size,
+        cfg.optim.worker_batch(w.world),
         cfg.data.shuffle_buffer,
         cfg.data.max_words,
         seed=[cfg.seed, epoch, w.rank],
@@ -357,7 +375,7 @@ def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, fl
         raise Stop(
             JobError(
                 "this worker got no training batch: the train split is smaller than "
-                "workers x batch size"
+                "the global batch (optim.batch_size)"
             )
         )
     seconds = time.perf_counter() - t_start
@@ -444,14 +462,33 @@ def train(settings: LoopSettings, box: FatalBox) -> None:
             box.write(record)
 
 
+def epoch_steps(w: Worker, captions: int) -> int:
+    """About how many steps an epoch over ``captions`` training captions takes: one global
+    batch (``world`` shares of ``optim.batch_size // world``) a step."""
+    return captions // (w.cfg.optim.worker_batch(w.world) * w.world)
+
+
+def announce_batch(w: Worker) -> None:
+    """Say the batch actually used when ``optim.batch_size`` does not divide over the workers."""
+    o = w.cfg.optim
+    per = o.worker_batch(w.world)
+    if per * w.world != o.batch_size:
+        say(
+            f"optim.batch_size {o.batch_size} does not divide over {w.world} workers: each "
+            f"takes {per} examples a step, a global batch of {per * w.world}"
+        )
+
+
 def run_epochs(w: Worker, settings: LoopSettings) -> None:
     import ray.train
 
+    hint = epoch_steps(w, settings.train_captions)  # a ConfigError when batch < workers
+    if w.rank == 0:
+        announce_batch(w)
     validator = Validator(w, settings.data_root)
     shard = ray.train.get_dataset_shard("train")
-    steps_hint = settings.train_captions // (w.cfg.optim.batch_size * w.world)
     while w.progress.epoch < w.cfg.optim.epochs:
-        stats = train_epoch(w, shard, steps_hint)
+        stats = train_epoch(w, shard, hint)
         val = validator(w)
         w.progress.epoch += 1
         w.progress.best_rsum = max(w.progress.best_rsum, val["val/rsum"])

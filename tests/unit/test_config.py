@@ -10,6 +10,7 @@ from shan.config import (
     USER_ERROR_NAMES,
     Config,
     ConfigError,
+    OptimConfig,
     config_from_dict,
     load_config,
     name_problem,
@@ -98,6 +99,7 @@ OUT_OF_RANGE = [
     ("loss.margin", "-5", "loss.margin must be >= 0 and finite, got -5.0"),
     ("loss.margin", "nan", "loss.margin must be >= 0 and finite, got nan"),
     ("loss.negatives", "semi", "loss.negatives must be one of hardest, all, got 'semi'"),
+    ("loss.negatives_from", "rank", "loss.negatives_from must be one of global, local, got 'rank'"),
     ("optim.epochs", "0", "optim.epochs must be an integer >= 1, got 0"),
     ("optim.batch_size", "1", "optim.batch_size must be an integer >= 2, got 1"),
     ("optim.lr", "-1", "optim.lr must be > 0 and finite, got -1.0"),
@@ -170,6 +172,44 @@ def test_every_field_has_a_range_case():
 )  # fmt: skip
 def test_edge_values_are_accepted(override):
     load_config(None, [override])
+
+
+def test_negatives_come_from_the_global_batch_unless_asked():
+    assert Config().loss.negatives_from == "global"
+    assert load_config(None, ["loss.negatives_from=local"]).loss.negatives_from == "local"
+
+
+def test_a_bad_negatives_from_is_reported_with_the_other_loss_problems():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["loss.negatives_from=all", "loss.negatives=semi", "loss.margin=-1"])
+    keys = sorted(p.split()[0] for p in info.value.problems)
+    assert keys == ["loss.margin", "loss.negatives", "loss.negatives_from"]
+
+
+@pytest.mark.parametrize(
+    "batch, workers, each", [(128, 1, 128), (128, 4, 32), (128, 3, 42), (5, 2, 2), (4, 4, 1)]
+)
+def test_the_global_batch_is_shared_out_among_the_workers(batch, workers, each):
+    assert OptimConfig(batch_size=batch).worker_batch(workers) == each
+
+
+def test_a_global_batch_smaller_than_the_workers_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        OptimConfig(batch_size=3).worker_batch(4)
+    (line,) = info.value.problems  # one line
+    assert line.startswith("optim.batch_size (3)") and "number of workers (4)" in line
+
+
+def test_a_batch_smaller_than_the_configured_workers_is_reported_with_the_rest():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["optim.batch_size=2", "scaling.num_workers=3", "optim.lr=-1"])
+    assert [p.split()[0] for p in info.value.problems] == ["optim.lr", "optim.batch_size"]
+    assert "number of workers (3)" in info.value.problems[1]
+    load_config(None, ["optim.batch_size=3", "scaling.num_workers=3"])  # one example each
+    load_config(None, ["optim.batch_size=2"])  # workers sized from the cluster: checked then
+    with pytest.raises(ConfigError) as info:  # a batch of 1 is one problem, not two
+        load_config(None, ["optim.batch_size=1", "scaling.num_workers=3"])
+    assert len(info.value.problems) == 1 and ">= 2" in info.value.problems[0]
 
 
 def test_the_step_weights_must_not_all_be_zero():

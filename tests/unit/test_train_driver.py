@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from shan.config import load_config, name_problem
+from shan.config import (
+    Config,
+    ConfigError,
+    OptimConfig,
+    ScalingConfig,
+    load_config,
+    name_problem,
+)
 from shan.data.format import DataError
 from shan.errors import JobError
 from shan.train import driver
@@ -112,3 +119,17 @@ def test_worker_errors_come_back_by_type():
     assert type(e) is DataError and str(e) == "shard 3 is damaged"
     e = driver._as_user_error(group(RuntimeError("boom\nmore")), NoBox())
     assert type(e) is JobError and str(e) == "training failed: worker rank 1: RuntimeError: boom"
+
+
+def test_a_global_batch_smaller_than_the_workers_is_refused_before_any_run(monkeypatch):
+    """With ``scaling.num_workers`` set, the split of the global batch is checked before the
+    data set, MLflow or Ray are touched."""
+
+    def untouched(*args, **kwargs):
+        raise AssertionError("touched before the config was checked")
+
+    monkeypatch.setattr(driver, "check_data", untouched)
+    monkeypatch.setattr(driver, "ensure_demo_data", untouched)
+    cfg = Config(optim=OptimConfig(batch_size=2), scaling=ScalingConfig(num_workers=3))
+    with pytest.raises(ConfigError, match=r"optim.batch_size \(2\).*number of workers \(3\)"):
+        driver.run_training(cfg, data="unused")

@@ -16,11 +16,20 @@ import pytest
 import torch
 
 import shan.train.worker as worker
-from shan.config import Config, DataConfig, DebugConfig, ModelConfig, OptimConfig, TrackingConfig
+from shan.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DebugConfig,
+    ModelConfig,
+    OptimConfig,
+    TrackingConfig,
+)
 from shan.data.format import DataError, load_vocab
 from shan.data.reader import Batch, pad_tokens, read_split
 from shan.data.synthetic import generate_synthetic
 from shan.errors import JobError
+from shan.loss import BatchLoss
 from shan.scoring import evaluate_split
 from shan.tracking.names import flat_metrics
 from shan.train.worker import (
@@ -138,9 +147,12 @@ def test_the_model_is_wrapped_only_when_there_are_several_workers():
         return torch.nn.Sequential(model)
 
     alone = make_worker(settings(), torch.device("cpu"), rank=0, world=1, wrap=wrap)
-    assert alone.model is alone.core and wrapped == []
+    assert isinstance(alone.model, BatchLoss) and alone.model.model is alone.core
+    assert wrapped == []
     two = make_worker(settings(), torch.device("cpu"), rank=1, world=2, wrap=wrap)
-    assert wrapped == [two.core] and two.model[0] is two.core
+    # DDP wraps the whole step (encode, gather, score, loss), so all of it is in its forward
+    assert len(wrapped) == 1 and isinstance(wrapped[0], BatchLoss)
+    assert two.model[0] is wrapped[0] and wrapped[0].model is two.core
 
 
 def test_every_rank_starts_from_the_same_weights_and_optimizer_settings():
@@ -395,7 +407,72 @@ def test_a_worker_without_a_single_batch_stops_the_run():
     with pytest.raises(Stop) as stop:
         train_epoch(w, FakeShard(images=1, per=2), steps_hint=0)  # 2 examples < batch of 4
     assert isinstance(stop.value.error, JobError)
-    assert "smaller than workers x batch size" in str(stop.value.error)
+    assert "smaller than the global batch (optim.batch_size)" in str(stop.value.error)
+
+
+# -- the global batch shared out among the workers ------------------------------------------------
+@pytest.mark.parametrize("batch_size, world, each", [(4, 1, 4), (4, 2, 2), (5, 2, 2), (6, 3, 2)])
+def test_each_worker_takes_its_share_of_the_global_batch(monkeypatch, batch_size, world, each):
+    """``optim.batch_size`` is the global batch: each worker's steps take ``batch_size //
+    world`` examples (the other ranks agree, as they would through the process group)."""
+    monkeypatch.setattr(worker.dist, "all_reduce", lambda t, op: None)
+    sizes = []
+    original = worker.train_step
+
+    def spy(w, b):
+        sizes.append(len(b))
+        return original(w, b)
+
+    monkeypatch.setattr(worker, "train_step", spy)
+    w = build(changed(config(), "optim", batch_size=batch_size), rank=0, world=world)
+    train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)  # 12 examples
+    assert sizes == [each] * (12 // each)
+
+
+@pytest.mark.parametrize(
+    "batch_size, world, hint", [(4, 1, 25), (4, 2, 25), (5, 2, 25), (7, 3, 16)]
+)
+def test_the_steps_hint_counts_global_batches(batch_size, world, hint):
+    w = build(changed(config(), "optim", batch_size=batch_size), rank=0, world=world)
+    assert worker.epoch_steps(w, 100) == 100 // ((batch_size // world) * world) == hint
+
+
+def test_a_global_batch_that_does_not_divide_is_announced_once_with_what_is_used(capsys):
+    even = build(changed(config(), "optim", batch_size=6), rank=0, world=3)
+    worker.announce_batch(even)
+    assert capsys.readouterr().out == ""
+    odd = build(changed(config(), "optim", batch_size=7), rank=0, world=3)
+    worker.announce_batch(odd)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "optim.batch_size 7" in line and "3 workers" in line
+    assert "each takes 2 examples" in line and "global batch of 6" in line
+
+
+def test_a_global_batch_smaller_than_the_workers_stops_before_training():
+    w = build(changed(config(), "optim", batch_size=2), rank=0, world=3)
+    with pytest.raises(ConfigError, match=r"optim.batch_size \(2\).*number of workers \(3\)"):
+        worker.epoch_steps(w, 100)
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        train_epoch(w, FakeShard(), steps_hint=3)
+
+
+def test_the_logged_loss_is_the_global_batchs(monkeypatch):
+    """Each worker's loss is its share's part; the step returns their sum (all-reduced), and
+    every rank checks that sum, so a non-finite share stops every rank."""
+    w = build(rank=0, world=2)
+    share = forward(w, batch(w.cfg, w.vocab))  # no process group: this worker's share alone
+    others = [0.25]  # the other rank's share
+
+    def all_reduce(t, op=torch.distributed.ReduceOp.SUM):
+        assert op == torch.distributed.ReduceOp.SUM
+        t += others[0]
+
+    monkeypatch.setattr(worker.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(worker.dist, "all_reduce", all_reduce)
+    total = worker.batch_loss(w, share)
+    assert total.item() == pytest.approx(share.item() + 0.25) and not total.requires_grad
+    others[0] = float("nan")
+    assert torch.isnan(worker.batch_loss(w, share))
 
 
 def test_a_programming_error_is_not_turned_into_a_stop():
