@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from shan.model import SHAN
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")  # the tests' tiny config (16-d features)
+
+
+def known_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` for ``parser``, less ``--wait-timeout SECONDS`` where the parser does not have
+    that flag yet (the manifests pass it)."""
+    # --wait-timeout: added by the resources change
+    if "--wait-timeout" in parser._option_string_actions or "--wait-timeout" not in argv:
+        return list(argv)
+    i = argv.index("--wait-timeout")
+    return argv[:i] + argv[i + 2 :]
 
 
 def quiet(_line: str) -> None:

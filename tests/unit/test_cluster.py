@@ -17,7 +17,7 @@ import yaml
 
 from shan.config import load_config
 from shan.eval.job import check_protocol
-from tests.helpers import ROOT
+from tests.helpers import ROOT, known_flags
 
 CLUSTER = ROOT / "cluster"
 YAMLS = sorted(CLUSTER.rglob("*.yaml"))
@@ -71,7 +71,8 @@ def test_entrypoints_name_jobs_and_flags_their_parsers_accept():
     for where, m in calls:
         rel, rest = m.group(1), re.sub(r"\$\(?\{?\w+\}?\)?", "x", m.group(2))
         assert (ROOT / rel).is_file(), f"{where}: {rel} does not exist"
-        args = load_job(rel).parser().parse_intermixed_args(shlex.split(rest))
+        parser = load_job(rel).parser()
+        args = parser.parse_intermixed_args(known_flags(parser, shlex.split(rest)))
         if rel.endswith("train.py"):
             overrides = [o for o in args.overrides if "=" in o]
             load_config(args.config, overrides)  # the config and overrides are valid
