@@ -85,7 +85,8 @@ class NetnsCluster:
     servers: list[subprocess.Popen] = field(default_factory=list)
 
     def save(self) -> None:
-        """``state/cluster.json``: what a driver in the head's namespace needs to act on it."""
+        """``state/cluster.json``: what a driver in the head's namespace needs to act on it
+        (and, once it made nodes of its own, what :meth:`down` must stop)."""
         fields = {"tag": self.tag, "namespaces": self.namespaces, "addresses": self.addresses,
                   "token_path": str(self.token_path)}  # fmt: skip
         (self.state / "cluster.json").write_text(json.dumps(fields))
@@ -106,6 +107,7 @@ class NetnsCluster:
         ip("-n", ns, "addr", "add", f"{HEAD_IP}/24", "dev", BRIDGE)
         ip("-n", ns, "link", "set", BRIDGE, "up")
         self.addresses["head"] = HEAD_IP
+        self.save()
 
     def make_node(self, name: str) -> str:
         """A worker node's namespace joined to the head's bridge; returns its address."""
@@ -119,12 +121,14 @@ class NetnsCluster:
         ip("-n", ns, "link", "set", NODE_IF, "up")
         ip("-n", self.namespaces["head"], "link", "set", host_end, "master", BRIDGE, "up")
         self.addresses[name] = address
+        self.save()
         return address
 
     def _add_ns(self, name: str) -> str:
         ns = f"shan-{self.tag}-{name}"
         ip("netns", "add", ns)
         self.namespaces[name] = ns
+        self.save()  # a driver that makes nodes leaves them known to whoever tears down
         ip("-n", ns, "link", "set", "lo", "up")  # else the head cannot reach its own GCS
         return ns
 
@@ -238,9 +242,14 @@ class NetnsCluster:
 
     # -- teardown ------------------------------------------------------------------------------
     def down(self) -> list[str]:
-        """Stop every process in every namespace made here (SIGTERM, then SIGKILL after 10 s),
-        delete the namespaces (their veths and the bridge go with them) and Ray's temp dirs.
-        Returns what could not be removed."""
+        """Stop every process in every namespace of this cluster (SIGTERM, then SIGKILL after
+        10 s), and any process still using one of its Ray temp dirs; delete the namespaces
+        (their veths and the bridge go with them) and the temp dirs. Namespaces made by a
+        driver (:meth:`save`) count too. Returns what could not be removed."""
+        if (self.state / "cluster.json").exists():
+            self.namespaces.update(NetnsCluster.load(self.state).namespaces)
+        for ns in namespaces_left(self.tag):
+            self.namespaces.setdefault(ns.removeprefix(f"shan-{self.tag}-"), ns)
         for proc in self.servers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -252,6 +261,10 @@ class NetnsCluster:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and any(map(ns_pids, self.namespaces.values())):
                 time.sleep(0.2)
+        strays = self._strays()
+        for p in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
         left = [f"{ns}: pids {ns_pids(ns)}" for ns in self.namespaces.values() if ns_pids(ns)]
         for ns in self.namespaces.values():
             r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
@@ -266,6 +279,22 @@ class NetnsCluster:
                 shutil.rmtree(line, ignore_errors=True)
         forget_cluster()
         return left
+
+    def _strays(self) -> list[int]:
+        """Processes whose command line names one of this cluster's Ray temp dirs."""
+        import psutil
+
+        mark = f"{tempfile.gettempdir()}/shan-{self.tag}-"
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if any(mark in part for part in p.info["cmdline"] or []) and p.pid != os.getpid():
+                found.append(p.pid)
+        return found
+
+    def processes_left(self) -> list[int]:
+        """Processes of this cluster still alive: in its namespaces, or using its temp dirs."""
+        in_ns = [p for ns in self.namespaces.values() for p in ns_pids(ns)]
+        return in_ns + self._strays() + [p.pid for p in self.servers if p.poll() is None]
 
     @staticmethod
     def _check(r: subprocess.CompletedProcess, what: str) -> None:

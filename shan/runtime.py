@@ -216,17 +216,6 @@ def training_request(sc: ScalingConfig) -> GroupRequest:
     return GroupRequest(sc.num_workers, sc.use_gpu, sc.cpus_per_worker, sc.gpus_per_worker)
 
 
-def plan_training(sc: ScalingConfig, ray: Any, log: Callable[[str], None] = print) -> Resources:
-    """The training workers: asked and awaited on a cluster (``scaling.wait_timeout``), sized
-    from the local instance otherwise."""
-    req = training_request(sc)
-    if not on_cluster():
-        return size_group(req, ray.cluster_resources())
-    res = ask_group(req)
-    wait_for_room(res, sc.wait_timeout, strategy=sc.placement_strategy, log=log)
-    return res
-
-
 def worker_errors(e: BaseException) -> list[tuple[int, BaseException]]:
     """(rank, exception) of each worker of a Ray Train ``WorkerGroupError``, by type: Ray
     hands the worker's own exception back, wrapped with its traceback text."""

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 # Ray reads its authentication settings once per process, at first use: set them before any
 # test imports Ray, with a token file of this session that the session's head will use too.
 _TOKEN_DIR = tempfile.mkdtemp(prefix="shan-tests-")
+atexit.register(shutil.rmtree, _TOKEN_DIR, True)
 _TOKEN = Path(_TOKEN_DIR, "ray_auth_token")
 _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_MODE"] = "token"

@@ -27,7 +27,15 @@ from shan.data.format import DatasetCard, load_card, load_vocab
 from shan.data.synthetic import demo_data_root
 from shan.errors import USER_ERRORS, JobError, from_record
 from shan.metrics import format_table
-from shan.runtime import failure_line, init_ray, plan_training, worker_errors
+from shan.runtime import (
+    failure_line,
+    init_ray,
+    on_cluster,
+    plan_group,
+    training_request,
+    wait_for_room,
+    worker_errors,
+)
 from shan.tracking import runs as tracking
 from shan.tracking.names import unflat_metrics
 from shan.vocab import Vocabulary
@@ -228,9 +236,12 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     from shan.train.worker import LoopSettings, train_loop_per_worker
 
     ray = init_ray(log)
-    res = plan_training(cfg.scaling, ray, log)
+    sc = cfg.scaling
+    res = plan_group(training_request(sc), ray.cluster_resources())
+    cfg.optim.worker_batch(res.count)  # a ConfigError before any wait or Ray Train
+    if on_cluster():
+        wait_for_room(res, sc.wait_timeout, strategy=sc.placement_strategy, log=log)
     log(f"Ray Train: {res.describe()}")
-    cfg.optim.worker_batch(res.count)  # a ConfigError before Ray Train starts
     settings = LoopSettings(
         config=cfg,
         vocab=fit.vocab,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ STORAGE = f"s3://{BUCKET}/multinode-runs"  # Ray Train's, shared by every node
 # 2 of a node's 3 CPUs: one worker per node, and a CPU left there to Ray Data's read tasks
 WORKERS = ("--workers", "2", "--cpus-per-worker", "2", "scaling.placement_strategy=SPREAD")
 NODE_CPUS = 3
+TRAIN_IMAGES = 120  # 600 captions: 18 steps of 32 an epoch
 
 
 class Scenario:
@@ -101,13 +103,14 @@ def train(s: Scenario) -> str:
     s.note("worker nodes up")
     s.wait_for("offer", s.line(job, "the cluster offered"), job, 120)
     s.note("training starts")
-    from shan.data import fs
-
-    def checkpointed() -> bool:
-        files = fs.list_files(fs.join(STORAGE, name)) if s.line(job, "epoch 1/2: loss")() else []
-        return any(f.startswith("checkpoint_") and f.endswith("model.pt") for f in files)
-
-    s.wait_for("first checkpoint", checkpointed, job, 300)
+    s.wait_for("ranks", s.line(job, "rank 1 of 2 on node"), job, 300)
+    s.note("ranks up")
+    s.wait_for("first steps", s.line(job, "epoch 1/2 step 5/"), job, 300)
+    s.note("first steps")
+    s.wait_for("first epoch", s.line(job, "epoch 1/2: loss"), job, 300)
+    s.note("first epoch")
+    # Ray Train knows the checkpoint of epoch 1 once the ranks went on past its report
+    s.wait_for("epoch 2 under way", s.line(job, "epoch 2/2 step 5/"), job, 300)
     killed = s.cluster.kill_node("w2")
     t_kill = time.monotonic()
     s.note("w2 killed", killed_processes=killed)
@@ -177,35 +180,44 @@ def mlflow_view(s: Scenario, name: str) -> None:
     ]  # fmt: skip
 
 
-def intruder(s: Scenario) -> None:
-    """A node with another token: it must not join."""
+def intruder(s: Scenario) -> threading.Thread:
+    """A node with another token tries to join, while the training runs: it must not."""
     wrong = s.state / "wrong_token"
     wrong.write_text("0" * 64)
-    r = s.cluster.start_node("intruder", cpus=1, token=wrong, timeout=120)
+    s.cluster.make_node("intruder")
+
+    def attempt() -> None:
+        r = s.cluster.start_node("intruder", cpus=1, token=wrong, timeout=120)
+        s.seen["intruder"] = {"returncode": r.returncode, "output": (r.stdout + r.stderr)[-1500:],
+                              "address": s.cluster.addresses["intruder"]}  # fmt: skip
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    return thread
+
+
+def nodes(s: Scenario) -> None:
     import ray.util.state
 
-    nodes = ray.util.state.list_nodes(address=f"http://{HEAD_IP}:{DASHBOARD_PORT}")
-    s.note(
-        "intruder tried",
-        intruder={"returncode": r.returncode, "output": (r.stdout + r.stderr)[-1500:],
-                  "address": s.cluster.addresses["intruder"]},
-        nodes=[[n.node_ip, n.state] for n in nodes],
-    )  # fmt: skip
+    found = ray.util.state.list_nodes(address=f"http://{HEAD_IP}:{DASHBOARD_PORT}")
+    s.seen["nodes"] = [[n.node_ip, n.state] for n in found]
 
 
 def main(state: Path) -> None:
     from shan.data.synthetic import generate_synthetic
 
     s = Scenario(state)
-    generate_synthetic(DATA, images={"train": 240, "dev": 40, "test": 60}, regions=6,
-                       feature_dim=16, concepts=30, rows_per_file=60, chunk_rows=30,
+    generate_synthetic(DATA, images={"train": TRAIN_IMAGES, "dev": 40, "test": 60}, regions=6,
+                       feature_dim=16, concepts=30, rows_per_file=30, chunk_rows=30,
                        log=lambda line: None)  # fmt: skip
     s.note("data set in S3")
     try:
+        attempt = intruder(s)
         name = train(s)
         mlflow_view(s, name)
         evaluate(s, name)
-        intruder(s)
+        attempt.join(timeout=120)
+        nodes(s)
     finally:
         (state / "scenario.json").write_text(json.dumps(s.seen, indent=1))
 

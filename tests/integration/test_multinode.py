@@ -28,6 +28,7 @@ import pytest
 from netns_cluster import NetnsCluster, namespaces_left, why_not_here
 
 from tests.helpers import ROOT
+from tests.integration.multinode_scenario import TRAIN_IMAGES
 
 REASON = why_not_here()
 pytestmark = [
@@ -45,8 +46,8 @@ def rows_of(folder: Path, epoch: int) -> dict[int, dict]:
 def check_rows(logs: dict[int, dict]) -> None:
     """Every train image (and so each of its 5 captions) reached exactly one rank."""
     ids = [iid for log in logs.values() for iid, _ in log["rows"]]
-    assert sorted(ids) == list(range(240)), "an image was read twice or not at all"
-    assert sum(n for log in logs.values() for _, n in log["rows"]) == 1200
+    assert sorted(ids) == list(range(TRAIN_IMAGES)), "an image was read twice or not at all"
+    assert sum(n for log in logs.values() for _, n in log["rows"]) == 5 * TRAIN_IMAGES
     assert all(log["rows"] for log in logs.values()), "a rank read nothing"
 
 
@@ -63,8 +64,9 @@ def test_two_nodes_train_lose_one_resume_evaluate(tmp_path, capsys):
         seen = json.loads((tmp_path / "scenario.json").read_text())
     finally:
         left = c.down()
+    at = NetnsCluster.load(tmp_path).addresses  # with the nodes the scenario made
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    workers = {c.addresses["w1"], c.addresses["w2"]}
+    workers = {at["w1"], at["w2"]}
 
     # scale from zero: it waited for exactly what it asked, and started when the nodes came
     assert "2 x {CPU: 2} for 2 worker(s)" in seen["waiting"]
@@ -79,7 +81,7 @@ def test_two_nodes_train_lose_one_resume_evaluate(tmp_path, capsys):
     assert {log["node"] for log in epoch1.values()} == workers
     check_rows(epoch1)
     epoch2 = rows_of(rows, 2)  # after the resume: the surviving node and the replacement
-    assert {log["node"] for log in epoch2.values()} == {c.addresses["w1"], c.addresses["w3"]}
+    assert {log["node"] for log in epoch2.values()} == {at["w1"], at["w3"]}
     check_rows(epoch2)
 
     # the lost node: resumed from the checkpoint of epoch 1, one run, FINISHED
@@ -92,18 +94,17 @@ def test_two_nodes_train_lose_one_resume_evaluate(tmp_path, capsys):
     assert seen["eval_status"] == "SUCCEEDED", seen["eval_log"][-4000:]
     nodes = re.search(r"actors on nodes ([\d., ]+)", seen["eval_log"])
     assert nodes, seen["eval_log"][-3000:]
-    assert set(nodes.group(1).strip().split(", ")) == {c.addresses["w1"], c.addresses["w3"]}
+    assert set(nodes.group(1).strip().split(", ")) == {at["w1"], at["w3"]}
     assert max(seen["max_diff"].values()) < 1e-5, seen["max_diff"]
 
     # the wrong token: refused, never a node
     bad = seen["intruder"]
     assert bad["returncode"] != 0 and "InvalidAuthToken" in bad["output"], bad
     alive = {ip for ip, state in seen["nodes"] if state == "ALIVE"}
-    assert bad["address"] not in alive and alive == {c.addresses[n] for n in ("head", "w1", "w3")}
+    assert bad["address"] not in alive and alive == {at[n] for n in ("head", "w1", "w3")}
 
     # teardown: no namespace, interface or process left
-    assert left == [] and namespaces_left(c.tag) == []
-    assert all(p.poll() is not None for p in c.servers)
+    assert left == [] and namespaces_left(c.tag) == [] and c.processes_left() == []
     with capsys.disabled():
         print(f"\nmulti-node: rank 0 on {first['0']}, rank 1 on {first['1']}; node killed -> "
               f"resumed epoch in {seen['kill_to_resume_s']} s; evaluation actors on "

@@ -5,6 +5,7 @@ and the attention pictures drawn over the real image."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,11 @@ def test_files_too_large_for_mlflow_stay_out_of_the_local_copy(tmp_path):
     (tmp_path / "small.json").write_bytes(b"x" * 10)
     (tmp_path / "sims_total.npy").write_bytes(b"x" * 100)
     local, kept = outputs.local_copy(str(tmp_path), ["small.json", "sims_total.npy"], max_bytes=50)
-    assert kept == ["small.json"]
-    assert sorted(p.name for p in Path(local).iterdir()) == ["small.json"]
+    try:
+        assert kept == ["small.json"]
+        assert sorted(p.name for p in Path(local).iterdir()) == ["small.json"]
+    finally:
+        shutil.rmtree(local)
     with pytest.raises(StorageError, match="missing.npy"):
         outputs.local_copy(str(tmp_path), ["missing.npy"], max_bytes=50)
 
