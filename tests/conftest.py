@@ -66,13 +66,14 @@ def s3_root(services):
 
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory):
-    """A small local synthetic data set (train 240, dev 40, test 60 images)."""
+    """A small local synthetic data set (train 120, dev 40, test 60 images): the tiny config
+    (a global batch of 32) takes 18 steps an epoch."""
     from shan.data.synthetic import generate_synthetic
 
     root = tmp_path_factory.mktemp("data") / "synthetic"
     generate_synthetic(
         str(root),
-        images={"train": 240, "dev": 40, "test": 60},
+        images={"train": 120, "dev": 40, "test": 60},
         regions=6,
         feature_dim=16,
         concepts=30,

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,7 +172,7 @@ def node_address() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-def recorded(rows: Iterator[dict[str, Any]], seen: list[list[int]]) -> Iterator[dict[str, Any]]:
+def recorded(rows: Iterable[Any], seen: list[list[int]]) -> Iterator[Any]:
     """``rows`` as they are, appending ``[image_id, captions]`` of each image row to ``seen``."""
     for batch in rows:
         for iid, toks in zip(batch["image_id"], batch["tokens"], strict=True):

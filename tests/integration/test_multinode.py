@@ -89,6 +89,7 @@ def test_two_nodes_train_lose_one_resume_evaluate(tmp_path, capsys):
     (run,) = seen["runs"]
     assert run["status"] == "FINISHED" and run["resumed_at_epoch"] == [1.0]
     assert run["val_rsum_steps"] == [1, 2]
+    assert seen["secrets_in_run"] == []  # neither the S3 keys nor the Ray token
 
     # the evaluation: actors on two nodes, the matrix of one node
     assert seen["eval_status"] == "SUCCEEDED", seen["eval_log"][-4000:]
