@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -76,6 +77,7 @@ def main() -> None:
         left = c.down()
         if left:
             print(f"left behind: {left}")
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

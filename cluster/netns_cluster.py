@@ -49,7 +49,9 @@ def why_not_here() -> str | None:
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if r.returncode:
         return f"ip netns add failed: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    r = subprocess.run(["ip", "netns", "del", probe], capture_output=True, text=True)
+    if r.returncode:
+        return f"ip netns del failed: {r.stderr.strip()}"
     return None
 
 
@@ -243,7 +245,7 @@ class NetnsCluster:
     # -- teardown ------------------------------------------------------------------------------
     def down(self) -> list[str]:
         """Stop every process in every namespace of this cluster (SIGTERM, then SIGKILL after
-        10 s), and any process still using one of its Ray temp dirs; delete the namespaces
+        3 s), and any process still using one of its Ray temp dirs; delete the namespaces
         (their veths and the bridge go with them) and the temp dirs. Namespaces made by a
         driver (:meth:`save`) count too. Returns what could not be removed."""
         if (self.state / "cluster.json").exists():
@@ -253,7 +255,7 @@ class NetnsCluster:
         for proc in self.servers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
             for ns in self.namespaces.values():
                 for pid in ns_pids(ns):
                     with contextlib.suppress(ProcessLookupError):

@@ -232,13 +232,22 @@ def up(
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a process that exited and waits to be reaped (a zombie: a child
+    of ours, or an orphan of an init that does not reap) has stopped."""
     if pid <= 0:
         return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # ours: reap it
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    return True
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def ray_processes(address: str) -> list:
@@ -268,10 +277,15 @@ def _stop_ray(address: str) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    # the GCS and raylet of Ray 2.60 let SIGTERM wait (ray stop waits 16 s, then kills); the
+    # head holds nothing that outlives it, so 5 s is grace enough
+    deadline = time.time() + 5
+    while time.time() < deadline and any(_alive(p.pid) for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        if _alive(p.pid):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def _forget_cluster(address: str) -> None:

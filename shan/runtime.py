@@ -8,6 +8,7 @@ a local instance is sized from what it has (:func:`size_group`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -27,8 +28,9 @@ RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 def on_cluster() -> bool:
     """Whether a job joins a cluster (``RAY_ADDRESS`` set: by the user, or by Ray for a
-    submitted job) rather than starting a local instance of its own."""
-    return bool(os.environ.get("RAY_ADDRESS"))
+    submitted job) rather than starting a local instance of its own (no ``RAY_ADDRESS``, or
+    ``local``)."""
+    return os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local")
 
 
 def keep_ray_on_loopback() -> None:
@@ -43,12 +45,12 @@ def keep_ray_on_loopback() -> None:
 def init_ray(log: Callable[[str], None] = print) -> Any:
     """The ``ray`` module, connected to ``RAY_ADDRESS`` (a cluster, or a submitted job) or to a
     new local instance that listens on 127.0.0.1 only."""
-    if not os.environ.get("RAY_ADDRESS"):
+    if not on_cluster():
         keep_ray_on_loopback()
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        address = os.environ.get("RAY_ADDRESS") if on_cluster() else None
         log(f"Ray: connecting to {address}" if address else "Ray: starting a local instance")
         # "local": always a new instance, never a stale cluster that `ray start` left recorded
         ray.init(address=address or "local", log_to_driver=True)
@@ -74,7 +76,7 @@ class GroupRequest:
     reserve_for_data: bool = True
     check_fit: bool = True
     what: str = "scaling.num_workers x scaling.cpus_per_worker"
-    flags: str = "--workers, --cpus-per-worker, --gpus-per-worker"
+    gpu_off: str = "scaling.use_gpu=false, without --gpus-per-worker"
 
 
 @dataclass
@@ -148,8 +150,9 @@ def wait_for_room(
 
     start = time.monotonic()
     pg = placement_group([res.ray_resources()] * res.count, strategy=strategy)
+    placed = pg.ready()
     try:
-        ready, _ = ray.wait([pg.ready()], timeout=min(2.0, timeout))
+        ready, _ = ray.wait([placed], timeout=min(2.0, timeout))
         if ready:
             return time.monotonic() - start
         log(
@@ -164,7 +167,7 @@ def wait_for_room(
                     f"--wait-timeout {timeout:g} s ({cluster_offer(ray)}): add nodes, or ask "
                     "for less"
                 )
-            ready, _ = ray.wait([pg.ready()], timeout=min(every, timeout - waited))
+            ready, _ = ray.wait([placed], timeout=min(every, timeout - waited))
             if not ready:
                 log(f"still waiting ({waited + min(every, timeout - waited):.0f} s): "
                     f"{cluster_offer(ray)}")  # fmt: skip
@@ -172,7 +175,8 @@ def wait_for_room(
         log(f"the cluster offered {res.bundles()} after {waited:.0f} s")
         return waited
     finally:
-        remove_placement_group(pg)
+        with contextlib.suppress(Exception):  # Ray gone: the error that brought us here counts
+            remove_placement_group(pg)
 
 
 def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
@@ -190,8 +194,8 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
     if use_gpu and gpus < req.gpus_each * (req.count or 1):
         raise ConfigError(
             f"{req.count or 1} x {req.gpus_each:g} GPU asked for, but this Ray instance has "
-            f"{gpus:g} GPU: ask for none (scaling.use_gpu=false, or no --gpus-per-* flag), or "
-            "run against a cluster with RAY_ADDRESS"
+            f"{gpus:g} GPU: ask for none ({req.gpu_off}), or run against a cluster with "
+            "RAY_ADDRESS"
         )
     if use_gpu:
         num = req.count or max(1, int(gpus // req.gpus_each))

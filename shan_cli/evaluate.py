@@ -83,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
         type=at_least(1.0, float),
         default=1800.0,
         metavar="SECONDS",
-        help="on a cluster: how long to wait for the actors (default 1800)",
+        help="how long to wait for the actors: on a cluster for room, locally to start "
+        "(default 1800)",
     )
     p.add_argument("--no-bf16", action="store_true", help="float32 on GPU too")
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")

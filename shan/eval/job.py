@@ -223,7 +223,7 @@ def actor_request(opts: EvalOptions) -> GroupRequest:
         reserve_for_data=False,  # the actors read nothing through Ray Data
         check_fit=False,  # actors wait for room; --wait-timeout ends the wait
         what="--actors x --cpus-per-actor",
-        flags="--actors, --cpus-per-actor, --gpus-per-actor",
+        gpu_off="--gpus-per-actor 0",
     )
 
 
@@ -286,14 +286,16 @@ def _matrices(
         raise JobError(f"cannot reach the Ray cluster: {e}") from e
     models, split, out, opts = job.models, job.split, job.out, job.opts
     res: Resources = plan_group(actor_request(opts), ray.cluster_resources())
+    start_within = opts.wait_timeout_s  # the actors start within this (locally: they wait)
     if on_cluster():
-        wait_for_room(res, opts.wait_timeout_s, noun="actor", strategy="SPREAD", log=log)
+        waited = wait_for_room(res, opts.wait_timeout_s, noun="actor", strategy="SPREAD", log=log)
+        start_within = max(120.0, opts.wait_timeout_s - waited)
     log(f"scoring on {res.describe('actor')}")
     pool = tiles.start_pool([m.weights for m in models], res, opts.bf16, opts.block)
     order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
     total: dict[str, np.ndarray] | None = None
     try:
-        device = tiles.device_kinds(pool, opts.wait_timeout_s)
+        device = tiles.device_kinds(pool, start_within)
         log(f"actors on nodes {', '.join(tiles.actor_nodes(pool))}")
         for i in range(len(models)):
             fp = tile_fingerprint(data_fp, models[i].files, job, device)

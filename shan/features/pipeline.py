@@ -59,6 +59,7 @@ def plan_resources(
         max_cpus_each=4.0,
         check_fit=False,  # Ray Data's pool waits for room
         what="--actors x --cpus-per-actor",
+        gpu_off="--gpus-per-actor 0",
     )
     return plan_group(request, cluster)
 

@@ -8,6 +8,7 @@ data set, the tracking server, the local checkpoint folder, the run's name and s
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shan.checkpoint import FILES as CHECKPOINT_FILES  # all a local checkpoint copy holds
-from shan.config import Config
+from shan.config import Config, ConfigError, ScalingConfig
 from shan.data import fs
 from shan.data.format import DatasetCard, load_card, load_vocab
 from shan.data.synthetic import demo_data_root
@@ -125,6 +126,21 @@ def check_checkpoint_dir(dest: Path) -> None:
         )
 
 
+def check_local_gpus(sc: ScalingConfig) -> None:
+    """A local run (no cluster) that asks for GPUs this machine does not have is refused
+    before anything starts (the ``f30k`` and ``coco`` configs ask for one)."""
+    if on_cluster() or not sc.use_gpu:
+        return
+    import torch
+
+    have, want = torch.cuda.device_count(), sc.gpus_per_worker * (sc.num_workers or 1)
+    if have < want:
+        raise ConfigError(
+            f"scaling.use_gpu is true ({want:g} GPU asked for) but this machine has {have} "
+            "CUDA GPU(s): add scaling.use_gpu=false, or run against a cluster with RAY_ADDRESS"
+        )
+
+
 def check_data(cfg: Config, root: str) -> tuple[DatasetCard, Vocabulary]:
     """Card and vocabulary of ``root``, checked against the config."""
     card = load_card(root)
@@ -147,6 +163,7 @@ def run_training(
 ) -> TrainingResult:
     """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set)."""
     cfg.validate()  # with scaling.num_workers set, the global batch's share too
+    check_local_gpus(cfg.scaling)
     if cfg.tracking.run_name:  # a generated name is one whose folder does not exist
         check_checkpoint_dir(checkpoint_dir(cfg.tracking.run_name))
     given = data or cfg.data.path or ensure_demo_data(log)
@@ -265,7 +282,14 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
         run_config=RunConfig(
             name=cfg.tracking.run_name,
             storage_path=fit.storage,
-            failure_config=FailureConfig(max_failures=cfg.tracking.max_failures),
+            # a worker group that cannot start (its node died, no replacement came) is
+            # retried by Ray Train's controller every 60 s: at most for about --wait-timeout
+            # (Ray Train v2's FailureConfig, which ray.train gives at run time; the type
+            # stubs resolve ray.train.FailureConfig to v1's, without the argument)
+            failure_config=FailureConfig(  # type: ignore[call-arg]
+                max_failures=cfg.tracking.max_failures,
+                controller_failure_limit=max(1, math.ceil(sc.wait_timeout / 60)),
+            ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.tracking.keep_checkpoints,
                 checkpoint_score_attribute="val/rsum",

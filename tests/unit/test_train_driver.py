@@ -133,3 +133,22 @@ def test_a_global_batch_smaller_than_the_workers_is_refused_before_any_run(monke
     cfg = Config(optim=OptimConfig(batch_size=2), scaling=ScalingConfig(num_workers=3))
     with pytest.raises(ConfigError, match=r"optim.batch_size \(2\).*number of workers \(3\)"):
         driver.run_training(cfg, data="unused")
+
+
+@pytest.mark.parametrize(("address", "refused"), [(None, True), ("local", True), ("auto", False)])
+def test_a_local_gpu_ask_without_a_gpu_is_refused_before_anything(monkeypatch, address, refused):
+    """f30k asks for a GPU worker: locally, on a machine without one, that is one config
+    error before Ray, MLflow or the data are touched; on a cluster the job asks and waits."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    if address is not None:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    cfg = load_config("f30k")
+    if refused:
+        with pytest.raises(ConfigError, match=r"scaling.use_gpu is true \(1 GPU asked for\)"):
+            driver.check_local_gpus(cfg.scaling)
+    else:
+        driver.check_local_gpus(cfg.scaling)
+    cfg.scaling.use_gpu = False
+    driver.check_local_gpus(cfg.scaling)  # asks for none: fine anywhere
