@@ -9,11 +9,17 @@ import atexit
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+# Bytecode caches for what the tests import, in this process and in every job, Ray worker and
+# server they start: with PYTHONDONTWRITEBYTECODE set, each of those would compile what it
+# imports from source again, every time.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 # Ray reads its authentication settings once per process, at first use: set them before any
 # test imports Ray, with a token file of this session that the session's head will use too.
 _TOKEN_DIR = tempfile.mkdtemp(prefix="shan-tests-")
