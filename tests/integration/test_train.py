@@ -50,8 +50,9 @@ def check(r: subprocess.CompletedProcess) -> None:
 def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tmp_path):
     """An unnamed run is a fresh, uniquely named run (``shan-<config>-<time>-<hex>``), never a
     continuation: two workers, one epoch, everything logged. Given that name (``--name``) and
-    more epochs, a second job continues it from its checkpoint, in the same MLflow run. (A run
-    whose node dies resumes the same way: test_multinode.)"""
+    more epochs, a second job continues it from its checkpoint, in the same MLflow run; a third
+    of that name is refused while the second runs, and a fourth with another config after it.
+    (A run whose node dies resumes the same way: test_multinode.)"""
     r = train("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
               "optim.epochs=1")  # fmt: skip
     check(r)
@@ -73,10 +74,28 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     assert {"checkpoint/model.pt", "checkpoint/config.yaml", "checkpoint/vocab.json"} <= files
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"recall.md", "config.yaml", "vocab.json"} <= top
-    # continued by name, to epoch 2
-    r = run_tiny(name, synthetic_small, tmp_path, "optim.epochs=2")
-    check(r)
-    out = r.stdout + r.stderr
+    # continued by name, to epoch 2; while it runs, the same name is refused
+    cont = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", TINY, "--data",
+         synthetic_small, "--name", name, f"tracking.storage_path={tmp_path}", "optim.epochs=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and cont.poll() is None:
+            if mlflow_runs(name)[1][0].info.status == "RUNNING":
+                break
+            time.sleep(0.5)
+        busy = run_tiny(name, synthetic_small, tmp_path, "optim.epochs=2")
+        out = cont.communicate(timeout=420)[0]
+    finally:
+        if cont.poll() is None:
+            cont.kill()
+    assert cont.returncode == 0, out[-3000:]
+    assert busy.returncode == 2, busy.stderr[-3000:]
+    last = last_line(busy.stderr)
+    assert last.startswith(f"error: run '{name}' is running") and "--name" in last
+    assert "Ray:" not in busy.stdout + busy.stderr  # refused before Ray started
     assert "resumed from the checkpoint of epoch 1" in out and "epoch 2/2: loss" in out
     assert "epoch 1/2: loss" not in out
     c, runs = mlflow_runs(name)
@@ -84,6 +103,13 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     rid = runs[0].info.run_id
     assert [m.value for m in c.get_metric_history(rid, "train/resumed_at_epoch")] == [1.0]
     assert sorted(m.step for m in c.get_metric_history(rid, "val/rsum")) == [1, 2]
+    # continuing the finished run with another config names what differs
+    other = run_tiny(name, synthetic_small, tmp_path, "optim.lr=1e-3", "model.d_a=4")
+    assert other.returncode == 2, other.stderr[-3000:]
+    last = last_line(other.stderr)
+    assert "started with another config" in last
+    assert "optim.lr (0.002 there, 0.001 here)" in last and "model.d_a (8 there, 4 here)" in last
+    assert mlflow_runs(name)[1][0].info.status == "FINISHED"
 
 
 def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):
@@ -169,39 +195,6 @@ def test_a_user_error_outside_the_steps_is_not_retried(services, synthetic_small
     out = r.stdout + r.stderr  # one restart (max_failures is 2), whose workers stop at once
     assert out.count("[FailurePolicy] RETRY") == 1, out[-5000:]
     assert "[FailurePolicy] RAISE" not in out
-
-
-def test_a_running_name_and_another_config_are_refused(services, synthetic_small, tmp_path):
-    name = "tiny-busy"
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", TINY, "--data",
-         synthetic_small, "--name", name, f"tracking.storage_path={tmp_path}",
-         "scaling.num_workers=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while not mlflow_runs(name)[1] and time.time() < deadline and first.poll() is None:
-            time.sleep(1)
-        second = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1")
-        out = first.communicate(timeout=420)[0]
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0, out[-3000:]
-    assert second.returncode == 2, second.stderr[-3000:]
-    last = last_line(second.stderr)
-    assert last.startswith(f"error: run '{name}' is running") and "--name" in last
-    assert "Ray:" not in second.stdout + second.stderr  # refused before Ray started
-    # continuing the finished run with another config names what differs
-    third = run_tiny(name, synthetic_small, tmp_path, "scaling.num_workers=1", "optim.lr=1e-3",
-                     "model.d_a=4")  # fmt: skip
-    assert third.returncode == 2, third.stderr[-3000:]
-    last = last_line(third.stderr)
-    assert "started with another config" in last
-    assert "optim.lr (0.002 there, 0.001 here)" in last and "model.d_a (8 there, 4 here)" in last
-    _, runs = mlflow_runs(name)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
 def test_bad_input_exits_non_zero_with_one_error(tmp_path, synthetic_small):

@@ -1,0 +1,165 @@
+"""Screenshots of the MLflow UI over a finished demo run, with headless Chromium.
+
+    python benchmarks/ui_screenshots.py                  # a short demo run, then the pictures
+    python benchmarks/ui_screenshots.py --work DIR       # reuse DIR's store when it has runs
+
+It trains the demo config (``--epochs``, default 2) registering ``shan-demo``, evaluates
+version 1 on the demo test split, starts ``mlflow server`` on 127.0.0.1 over that store and
+takes, with Debian's ``chromium`` (installed with apt-get when it is missing and we are root):
+
+- ``mlflow_run_overview.png``: the training run's overview (description, data set, source,
+  logged model, parameters);
+- ``mlflow_run_metrics.png``: its model metrics (``train/loss``, ``val/rsum``, ...);
+- ``mlflow_run_system_metrics.png``: its system metrics;
+- ``mlflow_eval_plots.png``: the evaluation run's recall-at-K plot in the artifact viewer.
+
+The pictures go to ``--out`` (default ``docs/images``); the README shows the overview. Every
+process started here is stopped by its id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "shan-demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium() -> str:
+    """The chromium binary, installed from Debian when it is missing and we may."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        sys.exit("error: chromium is not installed (apt-get install chromium)")
+    print("installing chromium (apt-get install -y chromium) ...", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True)
+    return shutil.which("chromium") or sys.exit("error: chromium did not install")
+
+
+def job(work: Path, env: dict, *args: str) -> None:
+    print("+ python", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=work, env=env, check=True)
+
+
+def demo_runs(work: Path, env: dict, epochs: int) -> None:
+    """A finished demo training registered as MODEL, and an evaluation of its version 1."""
+    job(work, env, str(ROOT / "jobs" / "train.py"), "--name", "ui-demo", "--register", MODEL,
+        f"optim.epochs={epochs}")  # fmt: skip
+    job(work, env, str(ROOT / "jobs" / "evaluate.py"), "--model", f"models:/{MODEL}/1",
+        "--data", env["SHAN_DEMO_DATA"], "--split", "test", "--out", str(work / "eval"))  # fmt: skip
+
+
+def find_runs(uri: str) -> tuple[str, str, str]:
+    """(experiment id, training run id, evaluation run id) of the store's newest runs."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    mv = c.get_model_version(MODEL, "1")
+    train = c.get_run(mv.run_id)
+    evals = c.search_runs(
+        [train.info.experiment_id, *[e.experiment_id for e in c.search_experiments()]],
+        filter_string="tags.`mlflow.runName` LIKE 'eval%'",
+        order_by=["attributes.start_time DESC"],
+    )
+    if not evals:  # the evaluation's runs are named after the model; take any non-training run
+        evals = [
+            r
+            for e in c.search_experiments()
+            for r in c.search_runs([e.experiment_id], order_by=["attributes.start_time DESC"])
+            if r.info.run_id != train.info.run_id
+        ]
+    return train.info.experiment_id, train.info.run_id, evals[0].info.run_id
+
+
+def serve(work: Path, uri: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen(
+        [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+         str(port), "--workers", "1"],
+        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2):
+                return proc, base
+        except OSError:
+            time.sleep(0.5)
+    stop(proc)
+    sys.exit("error: the MLflow server did not answer in 60 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def shoot(browser: str, url: str, dest: Path, profile: Path) -> None:
+    subprocess.run(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--user-data-dir={profile}", "--window-size=1600,1100",
+         "--virtual-time-budget=8000", f"--screenshot={dest}", url],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+    )  # fmt: skip  (a longer virtual-time budget can hang: the UI keeps polling)
+    print(f"{dest}  <-  {url}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", help="working folder (its mlflow.db is reused when it has runs)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "images"), help="where pictures go")
+    p.add_argument("--epochs", type=int, default=2, help="demo training epochs")
+    args = p.parse_args()
+    browser = chromium()
+    work = Path(args.work or tempfile.mkdtemp(prefix="shan-ui-")).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SHAN_DEMO_DATA": str(work / "demo-data")}
+    env.pop("RAY_ADDRESS", None)  # a local Ray instance of the job's own
+    if not (work / "mlflow.db").is_file():
+        demo_runs(work, env, args.epochs)
+    exp, train, evaluation = find_runs(uri)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    proc, base = serve(work, uri)
+    try:
+        with tempfile.TemporaryDirectory(prefix="shan-chromium-") as profile:
+            run = f"{base}/#/experiments/{exp}/runs"
+            shots = {
+                "mlflow_run_overview.png": f"{run}/{train}",
+                "mlflow_run_metrics.png": f"{run}/{train}/model-metrics",
+                "mlflow_run_system_metrics.png": f"{run}/{train}/system-metrics",
+                "mlflow_eval_plots.png": f"{run}/{evaluation}/artifacts/recall_at_k.png",
+            }
+            for name, url in shots.items():
+                shoot(browser, url, out / name, Path(profile))
+    finally:
+        stop(proc)
+    print(f"store: {uri}")
+
+
+if __name__ == "__main__":
+    main()
