@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,20 @@ NAME_RULE = (
     f"a name of letters, digits, '.', '_' and '-' (not starting with '.' or '-', no '..', "
     f"at most {NAME_MAX} characters)"
 )
+
+
+# enumerations: the one tuple of allowed values that problems() checks and --help lists
+AFFINITIES = ("cosine", "dot")
+DIRECTIONS = ("full", "i2t", "t2i")
+NEGATIVES = ("hardest", "all")
+NEGATIVES_FROM = ("global", "local")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def _key(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
+    """A config field: its default, its meaning (``help``, shown by ``--help``) and, for an
+    enumeration, its allowed values (the tuple that the section's ``problems()`` checks)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 class ConfigError(ValueError):
@@ -151,27 +166,29 @@ def _finite(value: Any) -> TypeGuard[float]:
 class ModelConfig(_Section):
     """SHAN's architecture (docs/model.md §2–§6). Fields marked (choice): docs/model.md §11."""
 
-    feature_dim: int = 2048  # region feature size from the detector
-    d: int = 1024  # joint embedding size
-    word_dim: int = 300  # GloVe and learnable word embedding size (each)
-    glove_path: str | None = None  # GloVe text file; None: a second learnable embedding
-    freeze_glove: bool = True
-    affinity: str = "cosine"  # (choice) "cosine" normalises projected rows; "dot" does not
-    lambda_l2l: float = 9.0  # (choice) L2L softmax temperature, SCAN's value
-    lambda_g2l: float = 9.0  # (choice) G2L softmax temperature
-    mu: float = 0.5  # (choice) L2L weight of the image-side total
-    d_a: int = 256  # self-attention pooling width
-    w_l2l: float = 1.0 / 3  # (choice) step weights of the total score
-    w_g2l: float = 1.0 / 3
-    w_g2g: float = 1.0 / 3
-    direction: str = "full"  # "full", "i2t" or "t2i" (the paper's variants)
+    feature_dim: int = _key(2048, "region feature size from the detector")
+    d: int = _key(1024, "joint embedding size")
+    word_dim: int = _key(300, "GloVe and learnable word embedding size (each)")
+    glove_path: str | None = _key(None, "GloVe text file; null: a second learnable embedding")
+    freeze_glove: bool = _key(True, "keep the GloVe rows fixed (false: fine-tune them)")
+    affinity: str = _key(
+        "cosine", '(choice) "cosine" normalises projected rows; "dot" does not', AFFINITIES
+    )
+    lambda_l2l: float = _key(9.0, "(choice) L2L softmax temperature, SCAN's value")
+    lambda_g2l: float = _key(9.0, "(choice) G2L softmax temperature")
+    mu: float = _key(0.5, "(choice) L2L weight of the image-side total, in [0, 1]")
+    d_a: int = _key(256, "self-attention pooling width")
+    w_l2l: float = _key(1.0 / 3, "(choice) L2L step weight of the total score")
+    w_g2l: float = _key(1.0 / 3, "(choice) G2L step weight of the total score")
+    w_g2g: float = _key(1.0 / 3, "(choice) G2G step weight of the total score")
+    direction: str = _key("full", "both directions, or one (the paper's variants)", DIRECTIONS)
 
     def problems(self, prefix: str = "model.") -> list[str]:
         p = _Problems(prefix)
         for name in ("feature_dim", "d", "word_dim", "d_a"):
             p.at_least(name, getattr(self, name), 1)
         p.text("glove_path", self.glove_path, optional=True)
-        p.one_of("affinity", self.affinity, ("cosine", "dot"))
+        p.one_of("affinity", self.affinity, AFFINITIES)
         p.positive("lambda_l2l", self.lambda_l2l)
         p.positive("lambda_g2l", self.lambda_g2l)
         p.within("mu", self.mu, 0.0, 1.0)
@@ -184,7 +201,7 @@ class ModelConfig(_Section):
                 f"{prefix}w_l2l, {prefix}w_g2l and {prefix}w_g2g must not all be 0, "
                 f"got {values[0]}, {values[1]}, {values[2]}"
             )
-        p.one_of("direction", self.direction, ("full", "i2t", "t2i"))
+        p.one_of("direction", self.direction, DIRECTIONS)
         return list(p)
 
 
@@ -192,16 +209,20 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     """Hinge triplet loss (docs/model.md §7)."""
 
-    margin: float = 0.2
-    negatives: str = "hardest"  # "hardest" (VSE++) or "all" (sum over every negative)
-    per_step: bool = False  # (choice) add the same loss on each step's score
-    negatives_from: str = "global"  # with DDP: the whole global batch, or each worker's share
+    margin: float = _key(0.2, "hinge margin")
+    negatives: str = _key(
+        "hardest", '"hardest" (VSE++) or "all" (sum over every negative)', NEGATIVES
+    )
+    per_step: bool = _key(False, "(choice) add the same loss on each step's score")
+    negatives_from: str = _key(
+        "global", "with DDP: the whole global batch, or each worker's share", NEGATIVES_FROM
+    )
 
     def problems(self, prefix: str = "loss.") -> list[str]:
         p = _Problems(prefix)
         p.non_negative("margin", self.margin)
-        p.one_of("negatives", self.negatives, ("hardest", "all"))
-        p.one_of("negatives_from", self.negatives_from, ("global", "local"))
+        p.one_of("negatives", self.negatives, NEGATIVES)
+        p.one_of("negatives_from", self.negatives_from, NEGATIVES_FROM)
         return list(p)
 
 
@@ -209,14 +230,14 @@ class LossConfig(_Section):
 class OptimConfig(_Section):
     """Adam with a step decay and gradient clipping (docs/model.md §7 defaults, Flickr30K)."""
 
-    epochs: int = 30
-    batch_size: int = 128  # the global batch, shared out among the workers
-    lr: float = 2e-4
-    lr_decay_epoch: int = 15
-    lr_decay: float = 0.1
-    grad_clip: float = 2.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    epochs: int = _key(30, "training epochs")
+    batch_size: int = _key(128, "the global batch, shared out among the workers")
+    lr: float = _key(2e-4, "Adam's learning rate")
+    lr_decay_epoch: int = _key(15, "the epoch from which the rate is multiplied by lr_decay")
+    lr_decay: float = _key(0.1, "the step decay's factor, in (0, 1]")
+    grad_clip: float = _key(2.0, "gradient norm clipped to this")
+    warmup_steps: int = _key(0, "steps of linear warm-up of the rate; 0: none")
+    weight_decay: float = _key(0.0, "Adam's weight decay")
 
     def problems(self, prefix: str = "optim.") -> list[str]:
         p = _Problems(prefix)
@@ -253,12 +274,14 @@ class OptimConfig(_Section):
 class DataConfig(_Section):
     """Where the data set is and how it is read."""
 
-    path: str | None = None  # data set root (local or s3://); None: the generated demo set
-    train_split: str = "train"
-    val_split: str = "dev"
-    max_words: int = 80  # longer captions are cut (after <start>, before padding)
-    shuffle_buffer: int = 2048  # examples held for the per-worker shuffle
-    val_max_images: int | None = None  # cap on dev images scored after each epoch
+    path: str | None = _key(
+        None, "data set root (local or s3://; --data); null: the generated demo set"
+    )
+    train_split: str = _key("train", "the split trained on")
+    val_split: str = _key("dev", "the split scored after each epoch")
+    max_words: int = _key(80, "longer captions are cut (after <start>, before padding)")
+    shuffle_buffer: int = _key(2048, "examples held for the per-worker shuffle")
+    val_max_images: int | None = _key(None, "cap on dev images scored after each epoch; null: all")
 
     def problems(self, prefix: str = "data.") -> list[str]:
         p = _Problems(prefix)
@@ -271,24 +294,27 @@ class DataConfig(_Section):
         return list(p)
 
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
 @dataclass
 class ScalingConfig(_Section):
     """Ray resources. On a cluster (``RAY_ADDRESS`` set) the workers are asked for as given,
     ``None`` taking Ray's defaults (1 worker, no GPU, 1 CPU), and the job waits up to
     ``wait_timeout`` seconds for the autoscaler; locally ``None`` means: size from the machine."""
 
-    num_workers: int | None = None
-    use_gpu: bool | None = None
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 1.0
-    wait_timeout: float = 1800.0  # seconds a job on a cluster waits for its workers
-    placement_strategy: str = "PACK"  # Ray's: PACK, SPREAD (one worker per node if it can)
-    score_block: int | None = None  # pairs per block side in scoring; None: 8 CPU, 64 GPU
-    checkpoint_blocks: bool = False  # recompute score blocks in backward (less memory)
-    bf16: bool = True  # autocast on CUDA
+    num_workers: int | None = _key(None, "training workers (--workers); null: see above")
+    use_gpu: bool | None = _key(None, "train on GPUs; null: see above")
+    cpus_per_worker: float | None = _key(None, "CPUs per worker; null: see above")
+    gpus_per_worker: float = _key(1.0, "GPUs per worker when use_gpu: <= 1, or a whole number")
+    wait_timeout: float = _key(1800.0, "seconds a job on a cluster waits for its workers")
+    placement_strategy: str = _key(
+        "PACK",
+        "Ray's placement of the workers (SPREAD: one a node if it can)",
+        PLACEMENT_STRATEGIES,
+    )
+    score_block: int | None = _key(
+        None, "pairs per block side in scoring; null: 8 on CPU, 64 on GPU"
+    )
+    checkpoint_blocks: bool = _key(False, "recompute score blocks in backward (less memory)")
+    bf16: bool = _key(True, "bfloat16 autocast on CUDA")
 
     def problems(self, prefix: str = "scaling.") -> list[str]:
         p = _Problems(prefix)
@@ -307,12 +333,14 @@ class ScalingConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow and run naming."""
 
-    experiment: str = "shan"
-    run_name: str | None = None  # Ray Train run name; reuse one to continue that run
-    storage_path: str | None = None  # Ray Train storage (local dir or s3://); None: ~/ray_results
-    log_every: int = 20  # steps between train/loss points
-    keep_checkpoints: int = 2
-    max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
+    experiment: str = _key("shan", "MLflow experiment")
+    run_name: str | None = _key(None, "Ray Train run name (--name); reuse one to continue that run")
+    storage_path: str | None = _key(
+        None, "Ray Train storage (local dir or s3://); null: ~/ray_results"
+    )
+    log_every: int = _key(20, "steps between train/loss points")
+    keep_checkpoints: int = _key(2, "checkpoints Ray Train keeps (the best by val/rsum)")
+    max_failures: int = _key(3, "worker-group restarts from the last checkpoint before giving up")
 
     def problems(self, prefix: str = "tracking.") -> list[str]:
         p = _Problems(prefix)
@@ -329,12 +357,12 @@ class TrackingConfig(_Section):
 class DebugConfig(_Section):
     """Test hooks. Never set in real configs."""
 
-    kill_worker_at_step: int | None = None  # SIGKILL rank 1 (or 0) at this global step, once
-    kill_marker: str | None = None  # file created before the kill, so it happens only once
-    nan_at_step: int | None = None  # make the last rank's loss non-finite at this step
-    fail_with: str | None = None  # a user error type (DataError, ...) the last rank raises
-    fail_at_step: int | None = None  # ... at this global step; None: when the worker starts
-    rows_log: str | None = None  # folder: each rank writes the image rows it read each epoch
+    kill_worker_at_step: int | None = _key(None, "SIGKILL rank 1 (or 0) at this global step, once")
+    kill_marker: str | None = _key(None, "file created before the kill, so it happens only once")
+    nan_at_step: int | None = _key(None, "make the last rank's loss non-finite at this step")
+    fail_with: str | None = _key(None, "a user error type the last rank raises", USER_ERROR_NAMES)
+    fail_at_step: int | None = _key(None, "... at this global step; null: when the worker starts")
+    rows_log: str | None = _key(None, "folder: each rank writes the image rows it read each epoch")
 
     def problems(self, prefix: str = "debug.") -> list[str]:
         p = _Problems(prefix)
@@ -351,8 +379,8 @@ class DebugConfig(_Section):
 class Config:
     """Everything a training or evaluation job needs."""
 
-    name: str = "default"
-    seed: int = 0
+    name: str = _key("default", "the config's name, logged with the run")
+    seed: int = _key(0, "random seed: initial weights and the data order")
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -622,3 +650,92 @@ def _checked(data: Any, problems: list[str]) -> Config:
     if problems:
         raise ConfigError(*problems)
     return cfg
+
+
+# -- the key list of ``--help`` --------------------------------------------------------------------
+def key_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """``(dotted key, field)`` of every config key, section after section (``name``, ``seed``,
+    ``model.feature_dim``, ...); the sections themselves are not keys."""
+    out: list[tuple[str, dataclasses.Field]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out += key_fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f))
+    return out
+
+
+def _short_type(tp: Any, choices: tuple[Any, ...]) -> str:
+    """``int``, ``float|null``, ``{cosine,dot}``: a key's type as ``--help`` shows it."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    names = [a for a in args or (tp,) if a is not type(None)]
+    shown = (
+        "{" + ",".join(map(str, choices)) + "}"
+        if choices
+        else "|".join(
+            {int: "int", float: "float", bool: "bool", str: "text"}.get(a, str(a)) for a in names
+        )
+    )
+    return shown + ("|null" if type(None) in args else "")
+
+
+def _show_default(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, float):
+        text = f"{value:g}"
+        return text if any(c in text for c in ".en") else text + ".0"  # 9.0, not 9
+    return str(value)
+
+
+KIND_WIDTH = 23  # "{hardest,all} = hardest"; longer enumerations list their values below
+
+
+def keys_help(width: int = 100) -> str:
+    """The config keys, a line or more each, grouped by section: key, type, default, meaning
+    (from the dataclass fields' ``help`` metadata). The epilog of ``shan train --help``."""
+    rows = key_fields()
+    key_w = max(len(k) for k, _ in rows)
+    left_w = 2 + key_w + 2 + KIND_WIDTH
+    lines = ["config keys (key=value on the command line, or nested in the YAML file):"]
+    section = None
+    for key, f in rows:
+        head = key.rpartition(".")[0]
+        if head != section:
+            section = head
+            lines += ["", *_section_heading(head, width)]
+        kind, text = _kind_and_text(key, f)
+        left = f"  {key:<{key_w}}  {kind}"
+        wrapped = textwrap.wrap(text, width - left_w - 2) or [""]
+        if len(left) > left_w:
+            lines.append(left)
+        else:
+            lines.append(f"{left:<{left_w}}  {wrapped.pop(0)}")
+        lines += [" " * (left_w + 2) + t for t in wrapped]
+    return "\n".join(lines)
+
+
+def _kind_and_text(key: str, f: dataclasses.Field) -> tuple[str, str]:
+    """``{cosine,dot} = cosine`` and the meaning; an enumeration too long for the column is
+    ``text = PACK`` with its values after the meaning."""
+    choices, default = f.metadata.get("choices", ()), _show_default(f.default)
+    meaning = f.metadata.get("help", "")  # a field without one fails tests/unit/test_config.py
+    kind = f"{_short_type(_field_type(key), choices)} = {default}"
+    if len(kind) <= KIND_WIDTH or not choices:
+        return kind, meaning
+    values = ", ".join(map(str, choices)) + (" or null" if f.default is None else "")
+    return (
+        f"{_short_type(_field_type(key), ())} = {default}",
+        f"{meaning}; one of {values}",
+    )
+
+
+def _section_heading(section: str, width: int) -> list[str]:
+    """``model.*: SHAN's architecture (...)``: the section's docstring, wrapped."""
+    if not section:
+        return ["top level:"]
+    cls = typing.get_type_hints(Config)[section]
+    doc = " ".join((cls.__doc__ or "").replace("``", "").split())
+    return textwrap.wrap(f"{section}.*: {doc}", width, subsequent_indent="  ")

@@ -40,7 +40,9 @@ gpu_share.__name__ = "GPU share"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--model", required=True, help="model reference (see above)")
     p.add_argument(
         "--ensemble",
@@ -50,16 +52,26 @@ def parser() -> argparse.ArgumentParser:
         help="more models whose matrices are averaged with --model's",
     )
     p.add_argument("--data", required=True, help="data set root, local or s3://")
-    p.add_argument("--split", default="test")
-    p.add_argument("--protocol", default="plain", choices=PROTOCOLS)
+    p.add_argument("--split", default="test", help="the data set's split to score (default test)")
+    p.add_argument(
+        "--protocol", default="plain", choices=PROTOCOLS, help="see above (default plain)"
+    )
     p.add_argument("--out", help="output folder or s3:// URL (default: evaluations/<model>)")
     p.add_argument(
         "--promote",
         metavar="ALIAS",
         help="compare with the version holding ALIAS; move ALIAS if better",
     )
-    p.add_argument("--tile-images", type=at_least(1), default=256, metavar="N")
-    p.add_argument("--tile-captions", type=at_least(1), default=1024, metavar="N")
+    p.add_argument(
+        "--tile-images", type=at_least(1), default=256, metavar="N", help="images a tile (256)"
+    )
+    p.add_argument(
+        "--tile-captions",
+        type=at_least(1),
+        default=1024,
+        metavar="N",
+        help="captions a tile (1024)",
+    )
     p.add_argument(
         "--actors",
         type=at_least(1),
@@ -83,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
         type=at_least(1.0, float),
         default=1800.0,
         metavar="SECONDS",
-        help="how long to wait for the actors: on a cluster for room, locally to start "
+        help="how long to wait for the actors: on a cluster for room, locally to start\n"
         "(default 1800)",
     )
     p.add_argument("--no-bf16", action="store_true", help="float32 on GPU too")

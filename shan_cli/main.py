@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 import shan
 from shan_cli import run_job
@@ -21,6 +23,12 @@ COMMANDS = {
     "evaluate": ("shan_cli.evaluate", "score a split on Ray actors; metrics, outputs, promotion"),
     "data": ("shan_cli.prepare_data", "convert, extract, generate or validate a data set"),
 }
+
+
+def parser_factories() -> dict[str, Callable[[], argparse.ArgumentParser]]:
+    """Each command's ``parser`` function (every command module has one): the parsers that
+    tests/unit/test_cli.py walks (help on every flag, choices on every enumeration)."""
+    return {name: importlib.import_module(mod).parser for name, (mod, _) in COMMANDS.items()}
 
 
 def usage() -> str:

@@ -17,13 +17,17 @@ import argparse
 import json
 from collections.abc import Callable
 
-from shan.data.images import convert_images
+from shan.data.format import DTYPES
+from shan.data.images import ON_BAD, convert_images
 from shan.data.precomp import convert_precomp
 from shan.data.synthetic import generate_synthetic
 from shan.data.validate import format_summary, validate
+from shan.features import EXTRACTORS
 from shan_cli.argtypes import at_least, positive
 
 OVERWRITE = "replace the data set at --out (only a data set: its card present)"
+DTYPE = "region features stored as (default float16)"
+ARCHS = ("resnet50", "resnet101", "resnet152")  # shan.features.resnet.ARCHS (imports torch)
 
 
 def kill_after(chunks: int | None) -> Callable[[int], None] | None:
@@ -41,22 +45,24 @@ def kill_after(chunks: int | None) -> Callable[[int], None] | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("precomp", help="convert a SCAN precomp folder")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
+    sub = p.add_subparsers(dest="command", required=True, help="what to do (COMMAND --help)")
+    c = subcommand(sub, "precomp", "convert a SCAN precomp folder")
     c.add_argument("src", help="folder with {split}_ims.npy and {split}_caps.txt")
     c.add_argument("--out", required=True, help="destination folder or s3:// URL")
     c.add_argument("--splits", nargs="+", help="splits to convert (default: all found)")
     c.add_argument("--vocab", help="SCAN vocab json (default: the folder's, else built)")
     c.add_argument("--name", help="data set name (default: the folder's name)")
-    c.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    c.add_argument("--dtype", choices=list(DTYPES), default="float16", help=DTYPE)
     c.add_argument("--chunk-rows", type=at_least(1), default=256, help="images per chunk in memory")
     c.add_argument("--rows-per-file", type=at_least(1), default=2000, help="images per shard")
     c.add_argument("--min-count", type=at_least(1), default=4, help="word count for a built vocab")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     c.add_argument("--kill-after-chunks", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL
     images_parser(sub)
-    g = sub.add_parser("synthetic", help="generate a synthetic data set")
+    g = subcommand(sub, "synthetic", "generate a synthetic data set")
     g.add_argument("--out", required=True, help="destination folder or s3:// URL")
     g.add_argument("--train", type=at_least(0), default=4000, help="train images")
     g.add_argument("--dev", type=at_least(0), default=500, help="dev images")
@@ -67,10 +73,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--captions-per-image", type=at_least(1), default=5, help="captions per image")
     g.add_argument("--seed", type=at_least(0), default=0, help="random seed")
     g.add_argument("--overwrite", action="store_true", help=OVERWRITE)
-    v = sub.add_parser("validate", help="check a data set and print a summary")
+    v = subcommand(sub, "validate", "check a data set and print a summary")
     v.add_argument("path", help="data set folder or s3:// URL")
     v.add_argument("--json", action="store_true", help="print the summary as json")
     return p
+
+
+def subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with ``text`` (and which takes no abbreviations)."""
+    return sub.add_parser(name, help=text, description=text, allow_abbrev=False)
 
 
 IMAGES_HELP = """\
@@ -103,15 +116,17 @@ def images_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="extract features from images and captions",
         description=IMAGES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     i.add_argument("images", help="folder or s3:// prefix holding the image files")
     i.add_argument("--captions", required=True, help="captions: .csv, .jsonl or SCAN .txt")
     i.add_argument("--image-list", help="with a SCAN .txt: one image file a line")
     i.add_argument("--split", help="split of every row, for files without a split column")
     i.add_argument("--out", required=True, help="destination folder or s3:// URL")
-    i.add_argument("--extractor", choices=["grid", "detector"], default="grid")
+    i.add_argument("--extractor", choices=EXTRACTORS, default="grid",
+                   help="see above (default grid)")  # fmt: skip
     i.add_argument("--weights", default="random", help="torchvision .pth state dict or random")
-    i.add_argument("--arch", choices=["resnet50", "resnet101", "resnet152"],
+    i.add_argument("--arch", choices=ARCHS,
                    default="resnet152", help="grid with --weights random")  # fmt: skip
     i.add_argument("--image-size", type=at_least(32), default=None,
                    help="grid: resized to N x N (448); detector: longer side (600)")  # fmt: skip
@@ -120,17 +135,19 @@ def images_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="detector: boxes kept; 0: adaptive 10..100")  # fmt: skip
     i.add_argument("--score-threshold", type=positive(float), default=0.2,
                    help="detector, adaptive: boxes above this score")  # fmt: skip
-    i.add_argument("--on-bad-image", choices=["stop", "skip"], default="stop")
+    i.add_argument("--on-bad-image", choices=ON_BAD, default="stop",
+                   help="see above (default stop)")  # fmt: skip
     i.add_argument("--min-side", type=at_least(1), default=32, help="smaller images are bad")
     i.add_argument("--batch-size", type=at_least(1), default=16, help="images per batch")
     i.add_argument("--actors", type=at_least(1), help="extractor actors (default: per GPU)")
-    i.add_argument("--cpus-per-actor", type=positive(float), help="default: fitted")
-    i.add_argument("--gpus-per-actor", type=at_least(0.0, float), help="default: 1 with GPUs")
+    i.add_argument("--cpus-per-actor", type=positive(float), help="CPUs an actor (default: fitted)")
+    i.add_argument("--gpus-per-actor", type=at_least(0.0, float),
+                   help="GPUs an actor (default: 1 with GPUs)")  # fmt: skip
     i.add_argument("--local", action="store_true", help="no Ray: decode and extract here")
     i.add_argument("--vocab", help="SCAN vocab json (default: built from the train captions)")
     i.add_argument("--min-count", type=at_least(1), default=4, help="word count for a built vocab")
     i.add_argument("--name", help="data set name (default: the images folder's name)")
-    i.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    i.add_argument("--dtype", choices=list(DTYPES), default="float16", help=DTYPE)
     i.add_argument("--rows-per-file", type=at_least(1), default=2000, help="images per shard")
     i.add_argument("--overwrite", action="store_true", help=OVERWRITE)
 

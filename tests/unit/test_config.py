@@ -316,3 +316,55 @@ def test_a_section_made_in_code_validates_alone():
     assert [p.split()[0] for p in info.value.problems] == ["model.d", "model.mu"]
     with pytest.raises(ConfigError, match="loss.margin must be >= 0"):
         LossConfig(margin=-1.0).validate()
+
+
+# -- each key's meaning and allowed values: one place, shown by --help --------------------------
+def test_every_key_of_every_section_has_help():
+    from shan.config import key_fields
+
+    keys = key_fields()
+    assert {k for k, _ in keys} == set(Config().flat())  # every key, and only keys
+    for key, f in keys:
+        assert isinstance(f.metadata.get("help"), str) and f.metadata["help"].strip(), key
+
+
+def test_enumerations_are_one_tuple_for_validation_and_help():
+    """A field whose validation says "one of ..." has those values as its ``choices``, each of
+    them valid; the other text fields accept any name."""
+    from shan.config import key_fields
+
+    for key, f in key_fields():
+        choices = f.metadata.get("choices", ())
+        refused = load_problems(f"{key}=not-a-choice")
+        listed = [p for p in refused if p.startswith(f"{key} must be one of ")]
+        if not choices:
+            assert not listed, f"{key} is validated as an enumeration but has no choices"
+            continue
+        values = ", ".join(choices) + (" or null" if f.default is None else "")
+        assert listed == [f"{key} must be one of {values}, got 'not-a-choice'"]
+        for value in choices:
+            assert not load_problems(f"{key}={value}"), (key, value)
+
+
+def load_problems(override: str) -> list[str]:
+    try:
+        load_config(None, [override])
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+def test_keys_help_shows_type_default_and_meaning():
+    from shan.config import keys_help
+
+    text = keys_help(100)
+    lines = text.splitlines()
+    assert all(len(line) <= 100 for line in lines), max(lines, key=len)
+    assert "  optim.lr                    float = 0.0002           Adam's learning rate" in lines
+    (cap,) = [line for line in lines if line.startswith("  data.val_max_images ")]
+    assert cap.split()[1:5] == ["int|null", "=", "null", "cap"]
+    assert "scaling.*: Ray resources." in text and "debug.*: Test hooks." in text
+    strategy = text[text.index("  scaling.placement_strategy") :]
+    assert strategy.startswith("  scaling.placement_strategy  text = PACK ")
+    words = " ".join(strategy.split("scaling.score_block")[0].split())
+    assert words.endswith("one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
