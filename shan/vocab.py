@@ -4,8 +4,9 @@ The json holds ``{"word2idx": {word: id}, "idx2word": {"id": word}, "idx": size}
 are ``<pad>``, ``<start>``, ``<end>``, ``<unk>``. Captions are tokenized as SCAN's vocab.py and
 data.py did, ``nltk.tokenize.word_tokenize(caption.lower())``, then wrapped in ``<start>`` ...
 ``<end>``. NLTK's Punkt sentence model (downloaded data) is not used: sentences are split by
-Punkt without training data but with the English abbreviations below, which gives the same
-tokens for lower-cased text (benchmarks/results/tokenizer_agreement.txt).
+Punkt without training data but with the English abbreviations below, which for lower-cased
+text splits as the model does except after an abbreviation missing from that list
+(benchmarks/results/tokenizer_agreement.txt; docs/model.md, "Tokens").
 """
 
 from __future__ import annotations
