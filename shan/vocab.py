@@ -1,9 +1,12 @@
 """Tokenizer and vocabulary in SCAN's ``*_precomp_vocab.json`` format.
 
 The json holds ``{"word2idx": {word: id}, "idx2word": {"id": word}, "idx": size}``. Ids 0 to 3
-are ``<pad>``, ``<start>``, ``<end>``, ``<unk>``. Captions are lower-cased and split like
-NLTK's ``word_tokenize`` for English captions (words, punctuation, clitics such as ``'s`` and
-``n't``), then wrapped in ``<start>`` ... ``<end>`` as SCAN does.
+are ``<pad>``, ``<start>``, ``<end>``, ``<unk>``. Captions are tokenized as SCAN's vocab.py and
+data.py did, ``nltk.tokenize.word_tokenize(caption.lower())``, then wrapped in ``<start>`` ...
+``<end>``. NLTK's Punkt sentence model (downloaded data) is not used: sentences are split by
+Punkt without training data but with the English abbreviations below, which for lower-cased
+text splits as the model does except after an abbreviation missing from that list
+(benchmarks/results/tokenizer_agreement.txt; docs/model.md, "Tokens").
 """
 
 from __future__ import annotations
@@ -11,41 +14,69 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import cache
+from importlib.metadata import version
 from pathlib import Path
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_CLITICS = re.compile(r"(?i)\b(can)(not)\b|(\w)(n't)\b|(\w)('s|'re|'ve|'ll|'d|'m)\b")
-_OPEN_QUOTE = re.compile(r'(^|[\s(\[{<])"')
-_TOKEN = re.compile(
-    r"``|''|n't|'s|'re|'ve|'ll|'d|'m|\.\.\.|[\w]+(?:[-'][\w]+)*|[^\w\s]", re.UNICODE
+# Words that Punkt's English model treats as abbreviations (a period after them does not end a
+# sentence), those likely in captions: titles, streets, places, times. Picked by hand, each checked
+# to be in the model's list; "etc", "e.g", "i.e", "t.v" are not in it (a period after them ends a
+# sentence). Single letters ("j.") and numbers ("3.") need no entry: before a lower-case word
+# Punkt never ends a sentence there.
+ABBREVIATIONS = frozenset(
+    """mr mrs ms dr prof gen col lt maj sen rep sr jr st ave co corp inc ltd bros vs ft mg
+    u.s u.s.a u.k u.n d.c a.m p.m ph.d n.y l.a j.r j.p calif fla wash ariz conn mich minn
+    jan feb aug sept oct nov dec wed fri""".split()
 )
+_INNER_END = re.compile(r"[.?!](?=[\s\S])")  # Punkt splits only after '.', '?', '!' + more text
+
+
+@cache
+def _nltk() -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]]:
+    """(sentence splitter, word splitter), imported on first use: ``import nltk`` takes seconds.
+
+    The splitter is Punkt with no trained model (nothing to download) but :data:`ABBREVIATIONS`;
+    the word splitter is what ``word_tokenize`` applies to each sentence and needs no data.
+    """
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    params = PunktParameters()
+    params.abbrev_types = set(ABBREVIATIONS)
+    return PunktSentenceTokenizer(params).tokenize, NLTKWordTokenizer().tokenize
 
 
 class VocabError(ValueError):
     """A vocabulary file is malformed."""
 
 
-def tokenize(text: str) -> list[str]:
-    r"""Lower-case ``text`` and split it into words, clitics and punctuation.
+def tokenizer_id() -> str:
+    """What converted data sets record as their tokenizer (``DatasetCard.tokenizer``).
 
-    >>> tokenize('A dog\'s "ball" isn\'t red.')
-    ['a', 'dog', "'s", '``', 'ball', "''", 'is', "n't", 'red', '.']
+    >>> tokenizer_id()  # doctest: +ELLIPSIS
+    'nltk ... word_tokenize, lower-cased; Punkt without model, shan.vocab.ABBREVIATIONS'
     """
+    return (
+        f"nltk {version('nltk')} word_tokenize, lower-cased; "
+        "Punkt without model, shan.vocab.ABBREVIATIONS"
+    )
+
+
+def tokenize(text: str) -> list[str]:
+    r"""Lower-case ``text`` and split it as NLTK's ``word_tokenize``: sentences, then words.
+
+    >>> tokenize('A dog\'s "ball" isn\'t red. Mr. Lee paid $3.50')  # doctest: +NORMALIZE_WHITESPACE
+    ['a', 'dog', "'s", '``', 'ball', "''", 'is', "n't", 'red', '.',
+     'mr.', 'lee', 'paid', '$', '3.50']
+    """
+    split_sentences, split_words = _nltk()
     text = text.lower().strip()
-    text = _CLITICS.sub(_split_clitic, text)
-    text = _OPEN_QUOTE.sub(r"\1 `` ", text).replace('"', " '' ")  # NLTK's quote tokens
-    return _TOKEN.findall(text)
-
-
-def _split_clitic(m: re.Match) -> str:
-    if m.group(1):
-        return f"{m.group(1)} {m.group(2)}"
-    if m.group(3):
-        return f"{m.group(3)} {m.group(4)}"
-    return f"{m.group(5)} {m.group(6)}"
+    sentences = split_sentences(text) if _INNER_END.search(text) else [text]
+    return [word for sentence in sentences for word in split_words(sentence)]
 
 
 class Vocabulary:

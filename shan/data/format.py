@@ -62,6 +62,7 @@ class DatasetCard:
     has_images: bool = False  # image_file, image_width, image_height columns present
     image_root: str = ""  # where image_file paths are relative to (folder or s3:// prefix)
     reports: list[str] = field(default_factory=list)  # e.g. bad_images.json
+    tokenizer: str = ""  # shan.vocab.tokenizer_id() of the conversion; "" = not recorded (older)
 
     def files(self) -> list[str]:
         """Every file of the data set, relative to its root: vocabulary, shards, reports."""

@@ -39,7 +39,7 @@ from shan.data.format import (
     check_split_name,
     schema,
 )
-from shan.vocab import Vocabulary
+from shan.vocab import Vocabulary, tokenizer_id
 
 
 class HashingFile:
@@ -248,6 +248,7 @@ class DatasetWriter:
     ) -> None:
         self.dest, self.card, self.vocab, self.max_words = dest, card, vocab, max_words
         self.card.vocab_size, self.card.max_words = len(vocab), max_words
+        self.card.tokenizer = tokenizer_id()  # the tokens column's ids depend on it
         self.schema = schema(
             card.regions, card.feature_dim, card.dtype, card.has_boxes, card.has_images
         )

@@ -11,7 +11,7 @@ from shan.data.format import DataError, load_card
 from shan.data.precomp import convert_precomp
 from shan.data.reader import read_split
 from shan.data.validate import validate
-from shan.vocab import VocabError, Vocabulary
+from shan.vocab import VocabError, Vocabulary, tokenizer_id
 from tests.helpers import make_precomp, quiet
 
 
@@ -29,6 +29,7 @@ def test_convert_keeps_every_caption_with_its_image_and_the_features(tmp_path):
     np.testing.assert_allclose(data.features.astype(np.float32), ims, rtol=1e-3, atol=1e-3)
     vocab = Vocabulary.load(tmp_path / "out" / "vocab.json")
     assert data.tokens[0] == vocab.encode(lines[0])
+    assert card.tokenizer == tokenizer_id() and card.tokenizer.startswith("nltk ")
     assert validate(str(tmp_path / "out"))["splits"]["dev"]["captions"] == 60
 
 

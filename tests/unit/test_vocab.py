@@ -1,22 +1,97 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from shan.vocab import VocabError, Vocabulary, tokenize
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_tokenize_splits_clitics_and_punctuation():
-    assert tokenize("Two dogs' owners can't see.") == [
-        "two",
-        "dogs",
-        "'",
-        "owners",
-        "ca",
-        "n't",
-        "see",
-        ".",
-    ]
-    assert tokenize("A T-shirt , red") == ["a", "t-shirt", ",", "red"]
+
+# Each expected list is what SCAN's tokenizer, nltk.word_tokenize(caption.lower()) with Punkt's
+# English model, gives (checked by hand; where a period inside a caption matters, against the
+# model's abbreviation list: "mr", "st", "u.s", "d.c", "p.m", "j.r" are in it; "etc", "t.v",
+# "e.g", "i.e" are not, so a period after them ends a sentence).
+SCAN_TOKENS = [
+    ("The screen is 3.5 inches wide", ["the", "screen", "is", "3.5", "inches", "wide"]),
+    ("1,000 people, 2,500.75 dollars", ["1,000", "people", ",", "2,500.75", "dollars"]),
+    ("It costs $5 or $3.50.", ["it", "costs", "$", "5", "or", "$", "3.50", "."]),
+    (
+        "Mr. Smith walks on St. Mark's Place.",
+        ["mr.", "smith", "walks", "on", "st.", "mark", "'s", "place", "."],
+    ),
+    (
+        "A U.S. flag in Washington D.C. today",
+        ["a", "u.s.", "flag", "in", "washington", "d.c.", "today"],
+    ),
+    (
+        "Dr. Jones at 5 p.m. on Main St.",
+        ["dr.", "jones", "at", "5", "p.m.", "on", "main", "st", "."],
+    ),
+    (
+        "Hats, scarves, etc. are sold.",
+        ["hats", ",", "scarves", ",", "etc", ".", "are", "sold", "."],
+    ),
+    (
+        "A t.v. is on. J.R. Tolkien's boat",
+        ["a", "t.v", ".", "is", "on", ".", "j.r.", "tolkien", "'s", "boat"],
+    ),
+    ("the e.g. case i.e. this", ["the", "e.g", ".", "case", "i.e", ".", "this"]),
+    ("A dog runs. It is brown.", ["a", "dog", "runs", ".", "it", "is", "brown", "."]),
+    (
+        "a man (left.) and a woman.",
+        ["a", "man", "(", "left", ".", ")", "and", "a", "woman", "."],
+    ),
+    (
+        "A sign says \"stop\" and 'go' here",
+        ["a", "sign", "says", "``", "stop", "''", "and", "'", "go", "'", "here"],
+    ),
+    (
+        "A well-known T-shirt -- blue - red",
+        ["a", "well-known", "t-shirt", "--", "blue", "-", "red"],
+    ),
+    (
+        "The dog's toy isn't from the '90s",
+        ["the", "dog", "'s", "toy", "is", "n't", "from", "the", "'", "90s"],
+    ),
+    ("Two dogs' owners can't see.", ["two", "dogs", "'", "owners", "ca", "n't", "see", "."]),
+    (
+        "I cannot, won't; gonna (maybe) [ok] 50% #1 @home & more",
+        ["i", "can", "not", ",", "wo", "n't", ";", "gon", "na", "(", "maybe", ")", "[", "ok"]
+        + ["]", "50", "%", "#", "1", "@", "home", "&", "more"],
+    ),
+    (
+        "Café crème, naïve ÉCOLE 🐶 东京 “hello” ‘hi’ don’t",
+        ["café", "crème", ",", "naïve", "école", "🐶", "东京", "“", "hello", "”", "‘", "hi"]
+        + ["’", "don", "’", "t"],
+    ),
+    ("Wait... what?! Really?", ["wait", "...", "what", "?", "!", "really", "?"]),
+    ("A view of the ocean..", ["a", "view", "of", "the", "ocean", ".."]),
+    ("a cat . .", ["a", "cat", ".", "."]),
+    ("  A\tdog   runs  \n", ["a", "dog", "runs"]),
+    ("", []),
+    (" \t ", []),
+]
+
+
+@pytest.mark.parametrize(("caption", "tokens"), SCAN_TOKENS, ids=[c for c, _ in SCAN_TOKENS])
+def test_tokenize_gives_scan_tokens(caption, tokens):
+    assert tokenize(caption) == tokens
+
+
+def test_the_old_regex_tokenizer_bad_cases_now_give_scan_tokens():
+    # the regex tokenizer before NLTK gave '3', '.', '5' / '1', ',', '000' / 'mr', '.'
+    assert tokenize("A 3.5 ton truck") == ["a", "3.5", "ton", "truck"]
+    assert tokenize("1,000 birds") == ["1,000", "birds"]
+    assert tokenize("Mr. Bean") == ["mr.", "bean"]
+
+
+def test_importing_the_vocabulary_does_not_import_nltk():
+    # ``import nltk`` takes seconds (it imports scipy and scikit-learn when present)
+    code = "import sys, shan.vocab; assert 'nltk' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_build_keeps_words_seen_min_count_times():
