@@ -313,6 +313,7 @@ class TrackingConfig(_Section):
     log_every: int = 20  # steps between train/loss points
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
+    system_metrics_every: float = 10.0  # seconds between system/... samples per node; 0: off
 
     def problems(self, prefix: str = "tracking.") -> list[str]:
         p = _Problems(prefix)
@@ -322,6 +323,7 @@ class TrackingConfig(_Section):
         p.at_least("log_every", self.log_every, 1)
         p.at_least("keep_checkpoints", self.keep_checkpoints, 1)
         p.at_least("max_failures", self.max_failures, 0)
+        p.non_negative("system_metrics_every", self.system_metrics_every)
         return list(p)
 
 
