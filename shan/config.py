@@ -341,6 +341,9 @@ class TrackingConfig(_Section):
     log_every: int = _key(20, "steps between train/loss points")
     keep_checkpoints: int = _key(2, "checkpoints Ray Train keeps (the best by val/rsum)")
     max_failures: int = _key(3, "worker-group restarts from the last checkpoint before giving up")
+    system_metrics_every: float = _key(
+        10.0, "seconds between system/... samples (CPU, memory, GPU) per node; 0: off"
+    )
 
     def problems(self, prefix: str = "tracking.") -> list[str]:
         p = _Problems(prefix)
@@ -350,6 +353,7 @@ class TrackingConfig(_Section):
         p.at_least("log_every", self.log_every, 1)
         p.at_least("keep_checkpoints", self.keep_checkpoints, 1)
         p.at_least("max_failures", self.max_failures, 0)
+        p.non_negative("system_metrics_every", self.system_metrics_every)
         return list(p)
 
 

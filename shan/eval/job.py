@@ -114,6 +114,7 @@ class EvalResult:
     names: list[str]
     doc: dict
     models: list[refs.ModelRef]
+    card: DatasetCard | None = None  # the evaluated data set's card
 
     @property
     def rsum(self) -> float:
@@ -270,6 +271,7 @@ def evaluate(
             metrics = protocol_metrics(opts.protocol, sims, split.caption_image, opts.fold_size)
             lock.check()
             result = _write(job, sims, metrics, seconds)
+            result.card = card
     finally:
         refs.cleanup(resolved)
     log(result.table)

@@ -1,4 +1,6 @@
-"""An evaluation's own MLflow run: its tags, parameters, metrics and output files."""
+"""An evaluation's own MLflow run: its tags, parameters, metrics and output files (the
+pictures at the top, where the UI previews them), the evaluated data set as its input, and a
+description with the recall table and links to the model's version and training run."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import shutil
 
 from shan.eval import outputs
 from shan.eval.job import EvalOptions, EvalResult
+from shan.tracking import context, datasets, notes
 from shan.tracking.names import flat_metrics
 from shan.tracking.runs import check_reachable, client, experiment_id, log_params, tracking_uri
 
@@ -32,10 +35,18 @@ def log_evaluation(
         ),
         **(extra_tags or {}),
     }
+    meta = result.doc["meta"]
+    title = f"Recall on {meta['data']} [{opts.split}], protocol {opts.protocol}"
+    standard = {
+        **context.source_tags("evaluate", "jobs/evaluate.py"),
+        **notes.note_tags(notes.evaluation_note(c, title, models, result.table)),
+    }
+    tags = {**standard, **tags}  # the caller's tags win
     run = c.create_run(exp_id, run_name=f"eval-{opts.split}-{opts.protocol}", tags=tags)
     rid = run.info.run_id
     try:
-        meta = result.doc["meta"]
+        if result.card is not None:
+            datasets.log_dataset(c, rid, result.card, meta["data"], "evaluation")
         log_params(c, rid, {k: v for k, v in meta.items() if k != "model"} | {"out": out})
         for k, v in flat_metrics(result.metrics, opts.split).items():
             c.log_metric(rid, k, v)

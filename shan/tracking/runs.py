@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shan.errors import JobError
+from shan.tracking.context import missing
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -37,6 +38,10 @@ OWNER_TAG = "shan.owner"  # a token of the driver that last claimed the run
 FATAL_TAG = "shan.fatal"  # a user error a worker raised (JSON: token, type, message)
 ERROR_TAG, ERROR_TYPE_TAG = "shan.error", "shan.error_type"  # why a run FAILED, one line
 
+# the experiment tag the MLflow UI reads to open an experiment in its model-training view
+# (not the GenAI one); the value as the UI's bundle spells it
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
 HEARTBEAT_EVERY = 30.0  # seconds between heartbeats
 HEARTBEAT_STALE = 120.0  # a RUNNING run whose heartbeat is older than this counts as dead
 
@@ -44,7 +49,8 @@ HEARTBEAT_STALE = 120.0  # a RUNNING run whose heartbeat is older than this coun
 # the number of epochs (continuing a finished run to train it longer)
 RESUME_MAY_DIFFER = (
     "tracking.run_name", "tracking.log_every", "tracking.keep_checkpoints",
-    "tracking.max_failures", "optim.epochs", "scaling.", "debug.",
+    "tracking.max_failures", "tracking.system_metrics_every", "optim.epochs", "scaling.",
+    "debug.",
 )  # fmt: skip
 
 
@@ -140,9 +146,14 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when it does not exist yet."""
+    """The id of experiment ``name``, created when it does not exist yet; marked as a
+    model-training experiment (:data:`KIND_TAG`) unless it has a kind already."""
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags={KIND_TAG: KIND})
+    if KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
 
 
 def runs_named(c: MlflowClient, exp_id: str, run_name: str) -> list[Run]:
@@ -198,7 +209,8 @@ def start_run(
 
     Refused (JobError) while another training of that name is alive, or when the existing
     run was started with another config. ``settle`` seconds after claiming the run, the claim
-    is read back, so that of two trainings started at once only one goes on."""
+    is read back, so that of two trainings started at once only one goes on. A continued run
+    gets only the ``tags`` it does not have yet."""
     c = client(uri)
     exp_id = experiment_id(c, experiment)
     owner = secrets.token_hex(8)
@@ -219,6 +231,8 @@ def start_run(
                 "values to continue it, or choose another --name for a new run"
             )
         c.update_run(run_id, status="RUNNING")
+        for key, value in missing(tags, run.data.tags).items():
+            c.set_tag(run_id, key, value)
         _claim(c, run_id, owner)
         time.sleep(settle)
         if c.get_run(run_id).data.tags.get(OWNER_TAG) != owner:

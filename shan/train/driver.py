@@ -37,6 +37,7 @@ from shan.runtime import (
     wait_for_room,
     worker_errors,
 )
+from shan.tracking import context, datasets, notes
 from shan.tracking import runs as tracking
 from shan.tracking.names import unflat_metrics
 from shan.vocab import Vocabulary
@@ -186,12 +187,14 @@ def run_training(
         cfg.tracking.experiment,
         run_name,
         cfg.flat(),
-        {"shan.data": root, "shan.config": cfg.name},
-    )
+        {**context.source_tags("train", "jobs/train.py"), "shan.data": root,
+         "shan.config": cfg.name},
+    )  # fmt: skip
     log(f"MLflow: run {run_id} ({run_name}) at {tracking.redact(uri)}")
     box = tracking.FatalBox(uri, run_id, secrets.token_hex(8))
     with tracking.Heartbeat(uri, run_id):
         try:
+            datasets.log_dataset(tracking.client(uri), run_id, card, given, "training")
             fit = Fit(
                 root=root, storage=storage, card=card, vocab=vocab, glove=glove, uri=uri,
                 run_id=run_id, token=box.token,
@@ -333,6 +336,7 @@ def _log_outcome(
         c.log_artifact(run_id, str(Path(tmp) / "recall.md"))
         c.log_artifact(run_id, str(Path(tmp) / "best_metrics.json"))
         c.set_tag(run_id, "shan.best_epoch", str(best_metrics["epoch"]))
+        notes.describe_training(c, run_id, run_name, best_metrics, table)
         c.log_metric(run_id, "best/val_rsum", best_metrics["val/rsum"])
         saved = _keep_local_copy(local, run_name, log)
     if register:

@@ -39,6 +39,7 @@ from shan.model import SHAN
 from shan.scoring import autocast, score_matrix, split_metrics
 from shan.tracking.names import flat_metrics
 from shan.tracking.runs import FatalBox, MetricLogger
+from shan.tracking.system import SystemMetrics
 from shan.vocab import Vocabulary
 
 if TYPE_CHECKING:
@@ -451,15 +452,27 @@ def train_loop_per_worker(config: dict[str, LoopSettings]) -> None:
         raise
 
 
+def system_metrics(settings: LoopSettings) -> SystemMetrics:
+    """The node's system metrics (``tracking.system_metrics_every``), sampled by its local
+    rank 0 as ``system/<node address>/...``; on the other ranks, nothing."""
+    import ray.train
+
+    every = settings.config.tracking.system_metrics_every
+    if ray.train.get_context().get_local_rank() != 0:
+        every = 0
+    return SystemMetrics(settings.mlflow_uri, settings.mlflow_run_id, every, node_address())
+
+
 def train(settings: LoopSettings, box: FatalBox) -> None:
-    w = build_worker(settings)
-    try:
-        run_epochs(w, settings)
-    except Stop as stop:  # every rank is here
-        record = first_error(w, stop.error)
-        if w.rank == 0:
-            say(f"stopping the run: {record['type']}: {record['message']}")
-            box.write(record)
+    with system_metrics(settings):  # stopped when the loop ends or fails
+        w = build_worker(settings)
+        try:
+            run_epochs(w, settings)
+        except Stop as stop:  # every rank is here
+            record = first_error(w, stop.error)
+            if w.rank == 0:
+                say(f"stopping the run: {record['type']}: {record['message']}")
+                box.write(record)
 
 
 def epoch_steps(w: Worker, captions: int) -> int:

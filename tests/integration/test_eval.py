@@ -317,6 +317,15 @@ def test_scheduled_promotion_against_mlflow(
         filter_string="tags.`shan.promotion` = 'kept'",
     )
     assert runs and runs[0].data.tags["shan.model_name"] == name
+    # its description links the model's version and training run; the data set is its input
+    note = runs[0].data.tags["mlflow.note.content"]
+    version = runs[0].data.tags["shan.model_version"]
+    assert f"(#/models/{name}/versions/{version})" in note, note
+    train_run = c.get_model_version(name, version).run_id
+    assert f"(#/experiments/{exp.experiment_id}/runs/{train_run})" in note
+    assert runs[0].data.tags["mlflow.project.entryPoint"] == "evaluate"
+    [given] = c.get_run(runs[0].info.run_id).inputs.dataset_inputs
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "evaluation")]
 
 
 def write_test_split(root: Path, seed: int, images: int = 20) -> None:

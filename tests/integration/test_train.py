@@ -54,7 +54,7 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     of that name is refused while the second runs, and a fourth with another config after it.
     (A run whose node dies resumes the same way: test_multinode.)"""
     r = train("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
-              "optim.epochs=1")  # fmt: skip
+              "optim.epochs=1", "tracking.system_metrics_every=1")  # fmt: skip
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
     out = (r.stdout + r.stderr).splitlines()
@@ -74,6 +74,7 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     assert {"checkpoint/model.pt", "checkpoint/config.yaml", "checkpoint/vocab.json"} <= files
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"recall.md", "config.yaml", "vocab.json"} <= top
+    check_ui(c, run.info.run_id, synthetic_small, epoch=1)
     # continued by name, to epoch 2; while it runs, the same name is refused
     cont = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", TINY, "--data",
@@ -110,6 +111,32 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     assert "started with another config" in last
     assert "optim.lr (0.002 there, 0.001 here)" in last and "model.d_a (8 there, 4 here)" in last
     assert mlflow_runs(name)[1][0].info.status == "FINISHED"
+    check_ui(c, rid, synthetic_small, epoch=int(runs[0].data.tags["shan.best_epoch"]))
+
+
+def check_ui(c, rid: str, data: str, epoch: int) -> None:
+    """What the MLflow UI shows of a training run: its source, the data set as its input (once,
+    also when continued), the best epoch's table as its description, the experiment's kind and
+    the system metrics of the workers' node."""
+    from shan.data.format import load_card
+    from shan.runtime import on_cluster
+    from shan.tracking.context import git_commit
+
+    run = c.get_run(rid)
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "jobs/train.py"
+    assert tags["mlflow.source.type"] == ("JOB" if on_cluster() else "LOCAL")
+    assert tags["mlflow.project.entryPoint"] == "train" and tags["mlflow.user"]
+    assert tags.get("mlflow.source.git.commit") == git_commit(str(ROOT))
+    assert f"best epoch ({epoch})" in tags["mlflow.note.content"]
+    assert "| total |" in tags["mlflow.note.content"]
+    [given] = run.inputs.dataset_inputs
+    assert given.dataset.name == load_card(data).name and data in given.dataset.source
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert any(k.endswith("/cpu_utilization_percentage") for k in system), system
 
 
 def test_job_submission_with_token_auth(services, synthetic_small, tmp_path):

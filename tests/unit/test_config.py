@@ -134,6 +134,8 @@ OUT_OF_RANGE = [
     ("tracking.log_every", "0", "tracking.log_every must be an integer >= 1, got 0"),
     ("tracking.keep_checkpoints", "0", "tracking.keep_checkpoints must be an integer >= 1"),
     ("tracking.max_failures", "-1", "tracking.max_failures must be an integer >= 0, got -1"),
+    ("tracking.system_metrics_every", "-1", "tracking.system_metrics_every must be >= 0"),
+    ("tracking.system_metrics_every", "inf", "tracking.system_metrics_every must be >= 0"),
     ("debug.kill_worker_at_step", "-1", "debug.kill_worker_at_step must be an integer >= 0"),
     ("debug.kill_marker", "''", "debug.kill_marker must be a non-empty text or null"),
     ("debug.rows_log", "''", "debug.rows_log must be a non-empty text or null"),
@@ -167,6 +169,7 @@ def test_every_field_has_a_range_case():
         "optim.lr_decay=1", "optim.lr_decay_epoch=0", "optim.batch_size=2", "seed=0",
         "seed=4294967295", "scaling.gpus_per_worker=0.25", "scaling.gpus_per_worker=2",
         "data.shuffle_buffer=0", "tracking.max_failures=0", "debug.fail_with=DataError",
+        "tracking.system_metrics_every=0", "tracking.system_metrics_every=0.5",
         "tracking.run_name=a", "tracking.run_name=_x.y-z_1", "data.train_split=train-2014",
     ],
 )  # fmt: skip

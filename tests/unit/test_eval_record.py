@@ -29,6 +29,7 @@ class FakeRun:
     params: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     artifacts: dict = field(default_factory=dict)  # file name -> bytes, read when logged
+    inputs: list = field(default_factory=list)
     status: str | None = None
 
 
@@ -68,6 +69,13 @@ class FakeClient:
 
     def set_tag(self, run_id, key, value):
         self.runs[run_id].tags[key] = value
+
+    def get_run(self, run_id):  # only a training run is looked up: its experiment
+        assert run_id == TRAIN_RUN, run_id
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id="exp-1"))
+
+    def log_inputs(self, run_id, datasets=None, models=None):
+        self.runs[run_id].inputs = list(datasets or [])
 
     def set_terminated(self, run_id, status=None, end_time=None):
         assert self.runs[run_id].status is None, "run terminated twice"
@@ -150,7 +158,7 @@ def test_a_registered_model_is_tagged_and_every_result_logged(fake, tmp_path):
     assert rid == "run0" and fake.runs[rid] is run
     assert fake.seen == {"reachable": URI, "client": URI, "experiment": "shan-eval-x"}
     assert (run.exp_id, run.name, run.status) == ("exp-7", "eval-test-plain", "FINISHED")
-    assert run.tags == {
+    assert {k: v for k, v in run.tags.items() if k.startswith("shan.") and "note" not in k} == {
         "shan.model_ref": "models:/shan-demo/3",
         "shan.split": "test",
         "shan.protocol": "plain",
@@ -267,3 +275,25 @@ def test_the_local_copy_is_removed_when_logging_the_artifacts_fails(fake, tmp_pa
 
         for d in fake.artifact_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_run_links_the_model_and_its_training_run_and_names_its_source(fake, tmp_path):
+    from shan.data.format import DatasetCard, SplitInfo
+
+    out = make_out(tmp_path)
+    result = make_result([registered()])
+    result.card = DatasetCard("synthetic", 6, 16, splits={"test": SplitInfo(100, 500, ["a"])},
+                              digest="ab" * 32)  # fmt: skip
+    opts = EvalOptions(split="test")
+    log_evaluation(result, str(out), opts, extra_tags={"mlflow.user": "someone-else"})
+    run = only_run(fake)
+    note = run.tags["mlflow.note.content"]
+    assert "[shan-demo version 3](#/models/shan-demo/versions/3)" in note
+    assert f"(#/experiments/exp-1/runs/{TRAIN_RUN})" in note and "table" in note
+    assert run.tags["mlflow.project.entryPoint"] == "evaluate"
+    assert run.tags["mlflow.source.type"] == "LOCAL"
+    assert run.tags["mlflow.user"] == "someone-else"  # the caller's tag is kept
+    [given] = run.inputs
+    assert given.dataset.name == "synthetic" and given.dataset.digest == "ab" * 16
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "evaluation")]
+    assert '"uri": "s3://bkt/data"' in given.dataset.source and given.dataset.source_type == "s3"
