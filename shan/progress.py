@@ -51,9 +51,11 @@ class Progress:
     what: the task, first on each line (``convert train``); total: the units to do (None or
     0 when unknown or empty: never crashes, the lines give no percent then); start: units
     already done before this run (a resumed evaluation), left out of the rate; step: percent
-    between two plain lines; interval: seconds between two plain lines when the total is
-    unknown; interactive: a bar (True) or plain lines (False), default whether ``stream`` is a
-    TTY; note: text after the counts (``4 already done``); clock: seconds (tests).
+    between two plain lines; min_interval: at least these seconds between two plain lines
+    (a task of a second gets its last line only); interval: seconds between two plain lines
+    when the total is unknown; interactive: a bar (True) or plain lines (False), default
+    whether ``stream`` is a TTY; note: text after the counts (``4 already done``); clock:
+    seconds (tests).
     Use as a context manager, or call :meth:`update` and then :meth:`close`.
     """
 
@@ -65,6 +67,7 @@ class Progress:
         *,
         start: int = 0,
         step: float = 5.0,
+        min_interval: float = 1.0,
         interval: float = 30.0,
         interactive: bool | None = None,
         note: str = "",
@@ -74,7 +77,8 @@ class Progress:
         if step <= 0:
             raise ValueError(f"step must be above 0 percent, got {step}")
         self.what, self.total, self.unit, self.note = what, total, unit, note
-        self.step, self.interval, self.clock = step, interval, clock
+        self.step, self.min_interval, self.interval = step, min_interval, interval
+        self.clock = clock
         self.stream = stream if stream is not None else sys.stderr
         self.done = self.start = max(0, start)
         self.t0 = self.last_time = clock()
@@ -126,7 +130,11 @@ class Progress:
         finished = bool(self.total) and self.done >= (self.total or 0)
         if finished:
             return  # the last line is close()'s
-        due = steps > self.last_step if self.total else now - self.last_time >= self.interval
+        since = now - self.last_time
+        if self.total:
+            due = steps > self.last_step and since >= self.min_interval
+        else:
+            due = since >= self.interval
         if due:
             self.last_step, self.last_time = steps, now
             self._print(self.line(now))

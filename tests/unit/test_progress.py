@@ -54,7 +54,13 @@ def test_a_log_gets_a_line_every_step_of_percent_with_time_left_and_a_last_at_10
 
 def test_the_step_is_configurable_and_big_updates_give_one_line_each():
     assert len(run(4000, 40, step=25)) == 4  # 25, 50, 75, then 100
-    assert len(run(4000, 1000)) == 4  # 25%, 50%, 75% (one line per update), then 100%
+    assert len(run(4000, 1000, min_interval=0)) == 4  # 25, 50, 75 (a line per update), 100
+
+
+def test_a_task_of_a_second_gets_its_last_line_only():
+    lines = run(4000, 40, step=5, min_interval=60)  # 50 s in all, lines at most a minute apart
+    assert len(lines) == 1 and lines[0].startswith("convert train: 100% (4000/4000 images)")
+    assert len(run(4000, 40, min_interval=5)) == 10  # 5 s apart: every 10%, and the last
 
 
 def test_a_summary_ends_the_last_line():
@@ -67,11 +73,11 @@ def test_a_summary_ends_the_last_line():
 
 def test_an_error_stops_the_lines_so_the_error_line_comes_last():
     stream = io.StringIO()
-    with pytest.raises(KeyError), Progress("x", 10, stream=stream, step=10) as p:
+    with pytest.raises(KeyError), Progress("x", 10, stream=stream, step=10, min_interval=0) as p:
         p.update(5)
         raise KeyError("boom")
-    assert stream.getvalue().splitlines() == [stream.getvalue().splitlines()[0]]
-    assert "50% (5/10 images)" in stream.getvalue() and "100%" not in stream.getvalue()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("x: 50% (5/10 images), ")
 
 
 def test_a_total_of_zero_or_unknown_does_not_crash():
