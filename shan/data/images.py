@@ -13,11 +13,9 @@ data set's ``bad_images.json`` (``"skip"``); never silently dropped.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +25,7 @@ from shan.data.format import DataError, DatasetCard
 from shan.data.writer import DatasetWriter, SplitWriter
 from shan.features import ExtractorSpec
 from shan.features.pipeline import plan_resources, run_local, run_ray
+from shan.progress import Progress
 from shan.vocab import Vocabulary
 
 BAD_IMAGES = "bad_images.json"
@@ -50,33 +49,6 @@ def check_present(root: str, splits: dict[str, dict[str, ImageCaptions]]) -> Non
         for name, entry in entries.items():
             if name not in present:
                 raise DataError(f"{entry.where}: image {name!r} is not in {root}")
-
-
-class Progress:
-    """Images done, images per second and time left: one line redrawn on a TTY, else a line
-    every ``step`` percent."""
-
-    def __init__(self, total: int, step: int = 5, stream: TextIO | None = None) -> None:
-        self.total, self.step, self.done = total, step, 0
-        self.stream = stream or sys.stderr
-        self.t0, self.tty, self.last = time.perf_counter(), self.stream.isatty(), -1
-
-    def update(self, n: int) -> None:
-        self.done += n
-        elapsed = time.perf_counter() - self.t0
-        rate = self.done / max(elapsed, 1e-9)
-        left = (self.total - self.done) / max(rate, 1e-9)
-        pct = 100 * self.done // max(self.total, 1)
-        line = (
-            f"images {self.done}/{self.total} ({pct}%) | {rate:.1f} images/s | "
-            f"{time.strftime('%H:%M:%S', time.gmtime(left))} left"
-        )
-        end = self.done >= self.total
-        if self.tty:
-            print("\r" + line, end="\n" if end else "", file=self.stream, flush=True)
-        elif pct // self.step != self.last or end:
-            print(line, file=self.stream, flush=True)
-        self.last = pct // self.step
 
 
 def build_vocab(
@@ -201,28 +173,43 @@ def _write_all(
     """Write each extracted image to every split that captions it; the bad ones listed."""
     where = {f: [s for s, entries in splits.items() if f in entries] for f in files}
     bad: list[dict[str, Any]] = []
-    progress = Progress(total)
-    for batch in batches:
-        rows: dict[str, list[int]] = {s: [] for s in splits}
-        for r, (index, error) in enumerate(zip(batch["index"], batch["error"])):
-            f = files[int(index)]
-            if error:
-                if on_bad == "stop":
-                    raise DataError(
-                        f"image {batch['uri'][r]}: {error} (--on-bad-image skip leaves it out "
-                        f"and lists it in {BAD_IMAGES})"
-                    )
-                captions = sum(len(splits[s][f].captions) for s in where[f])
-                bad.append({"image": f, "error": str(error), "captions_left_out": captions})
-                continue
-            for s in where[f]:
-                rows[s].append(r)
-        for s, rs in rows.items():
-            if rs:
-                names = [files[int(batch["index"][r])] for r in rs]
-                _write_rows(writers[s], batch, rs, names, entries=splits[s], ids=ids[s])
-        progress.update(len(batch["index"]))
+    with Progress("extract images", total, "images") as progress:
+        for batch in batches:
+            _write_batch(batch, files, splits, ids, writers, where, bad, on_bad=on_bad)
+            progress.update(len(batch["index"]))
     return bad
+
+
+def _write_batch(
+    batch: dict[str, Any],
+    files: list[str],
+    splits: dict[str, dict[str, ImageCaptions]],
+    ids: dict[str, dict[str, int]],
+    writers: dict[str, SplitWriter],
+    where: dict[str, list[str]],
+    bad: list[dict[str, Any]],
+    *,
+    on_bad: str,
+) -> None:
+    """One extracted batch to its splits; its bad images appended to ``bad``."""
+    rows: dict[str, list[int]] = {s: [] for s in splits}
+    for r, (index, error) in enumerate(zip(batch["index"], batch["error"])):
+        f = files[int(index)]
+        if error:
+            if on_bad == "stop":
+                raise DataError(
+                    f"image {batch['uri'][r]}: {error} (--on-bad-image skip leaves it out "
+                    f"and lists it in {BAD_IMAGES})"
+                )
+            captions = sum(len(splits[s][f].captions) for s in where[f])
+            bad.append({"image": f, "error": str(error), "captions_left_out": captions})
+            continue
+        for s in where[f]:
+            rows[s].append(r)
+    for s, rs in rows.items():
+        if rs:
+            names = [files[int(batch["index"][r])] for r in rs]
+            _write_rows(writers[s], batch, rs, names, entries=splits[s], ids=ids[s])
 
 
 def _write_rows(

@@ -20,6 +20,7 @@ import numpy as np
 from shan.data import destination
 from shan.data.format import DataError, DatasetCard, check_split_name
 from shan.data.writer import DatasetWriter, SplitWriter
+from shan.progress import Progress
 from shan.vocab import Vocabulary
 
 SPLIT_ORDER = ("train", "dev", "test", "testall")
@@ -208,7 +209,7 @@ def convert_precomp(
     with DatasetWriter(dest, card, vocab, max_words=max_words, overwrite=overwrite, log=log) as out:
         for split in splits:
             writer = out.split(split, rows_per_file=rows_per_file)
-            _convert_split(inputs[split], writer, chunk_rows=chunk_rows, log=log, done=chunk_done)
+            _convert_split(inputs[split], writer, chunk_rows=chunk_rows, done=chunk_done)
     return card
 
 
@@ -247,24 +248,25 @@ def _convert_split(
     writer: SplitWriter,
     *,
     chunk_rows: int,
-    log: Callable[[str], None],
     done: Callable[[], None],
 ) -> None:
     split, where, ims, caps = inputs.split, inputs.path, inputs.ims, inputs.caps
     per, ids, boxes = inputs.per, inputs.ids, inputs.boxes
     n = ims.shape[0]
-    for r0 in range(0, n, chunk_rows):
-        r1 = min(n, r0 + chunk_rows)
-        chunk = np.asarray(ims[r0:r1])
-        try:
-            writer.write(
-                ids[r0:r1],
-                chunk,
-                [caps[i * per : (i + 1) * per] for i in range(r0, r1)],
-                boxes=None if boxes is None else np.asarray(boxes[r0:r1]),
-            )
-        except DataError as e:
-            raise DataError(f"{where}: {e}") from e
-        release_pages(ims)
-        done()
-    log(f"{split}: {n} images, {len(caps)} captions ({per} per image)")
+    with Progress(f"convert {split}", n, "images") as progress:
+        for r0 in range(0, n, chunk_rows):
+            r1 = min(n, r0 + chunk_rows)
+            chunk = np.asarray(ims[r0:r1])
+            try:
+                writer.write(
+                    ids[r0:r1],
+                    chunk,
+                    [caps[i * per : (i + 1) * per] for i in range(r0, r1)],
+                    boxes=None if boxes is None else np.asarray(boxes[r0:r1]),
+                )
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from e
+            release_pages(ims)
+            done()
+            progress.update(r1 - r0)
+        progress.summary = f"{len(caps)} captions ({per} per image)"

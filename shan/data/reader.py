@@ -97,13 +97,17 @@ def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitA
 
 
 def open_split(root: str, split: str, columns: list[str] | None = None) -> ray.data.Dataset:
-    """``split`` as a Ray Data dataset (local or ``s3://``), one row per image."""
+    """``split`` as a Ray Data dataset (local or ``s3://``), one row per image; Ray Data's
+    progress set for a job's log (:func:`shan.progress.quiet_ray_data`)."""
     import ray.data
+
+    from shan.progress import quiet_ray_data
 
     card = load_card(root)
     files = split_files(root, card, split)
     filesystem, _ = fs.filesystem(files[0])
     paths = [fs.filesystem(f)[1] for f in files]
+    quiet_ray_data()  # before the dataset takes its copy of the context
     return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns or TRAIN_COLUMNS)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from shan.data.format import DataError, DatasetCard
 from shan.data.writer import DatasetWriter
+from shan.progress import Progress
 from shan.vocab import Vocabulary
 
 ATTRIBUTES = ("red", "blue", "green", "yellow", "black", "white", "striped", "wooden")
@@ -182,14 +183,16 @@ def generate_synthetic(
             if n == 0:
                 continue
             writer = out.split(split, rows_per_file=rows_per_file)
-            for r0 in range(0, n, chunk_rows):
-                m = min(chunk_rows, n - r0)
-                seeds = [[seed, s_idx, r] for r in range(r0, r0 + m)]
-                feats, boxes, caps = world.sample(seeds, regions, captions_per_image)
-                ids = np.arange(next_id, next_id + m)
-                writer.write(ids, feats, caps, boxes=boxes)
-                next_id += m
-            log(f"{split}: {n} images, {n * captions_per_image} captions")
+            with Progress(f"generate {split}", n, "images") as progress:
+                for r0 in range(0, n, chunk_rows):
+                    m = min(chunk_rows, n - r0)
+                    seeds = [[seed, s_idx, r] for r in range(r0, r0 + m)]
+                    feats, boxes, caps = world.sample(seeds, regions, captions_per_image)
+                    ids = np.arange(next_id, next_id + m)
+                    writer.write(ids, feats, caps, boxes=boxes)
+                    next_id += m
+                    progress.update(m)
+                progress.summary = f"{n * captions_per_image} captions"
     return card
 
 

@@ -21,8 +21,6 @@ import io
 import json
 import os
 import re
-import sys
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ from shan.data import fs
 from shan.data.reader import SplitArrays
 from shan.errors import JobError
 from shan.metrics import SCORES
+from shan.progress import Progress
 from shan.runtime import Resources
 
 PLAN_FILE = "plan.json"
@@ -339,31 +338,6 @@ class TileScorer:
             return {k: sims[k].float().cpu().numpy() for k in SCORES}
 
 
-class ProgressBar:
-    """Tiles done, pairs per second and time left, on one line (or a line every 10%)."""
-
-    def __init__(self, total: int, pairs_per_tile: float, skipped: int) -> None:
-        self.total, self.pairs, self.done, self.skipped = total, pairs_per_tile, skipped, skipped
-        self.t0, self.tty, self.last = time.perf_counter(), sys.stderr.isatty(), -1
-
-    def update(self) -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.t0
-        new = self.done - self.skipped
-        rate = new * self.pairs / max(elapsed, 1e-9)
-        left = (self.total - self.done) * elapsed / max(new, 1)
-        line = (
-            f"tiles {self.done}/{self.total} ({self.skipped} already done) | "
-            f"{rate:,.0f} pairs/s | {time.strftime('%H:%M:%S', time.gmtime(left))} left"
-        )
-        tenth = 10 * self.done // self.total
-        if self.tty:
-            print("\r" + line, end="\n" if self.done == self.total else "", file=sys.stderr)
-        elif tenth != self.last or self.done == self.total:
-            print(line, file=sys.stderr, flush=True)
-        self.last = tenth
-
-
 @dataclass
 class Pool:
     """Actors and their resources."""
@@ -426,10 +400,8 @@ def compute(
     on_tile: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Score every tile that ``store`` does not hold usable and assemble the full matrices
-    (checked complete and finite). ``split``: features (N, R, F), num_regions (N,), tokens."""
-    import ray
-    from ray.exceptions import RayActorError
-
+    (checked complete and finite). ``split``: features (N, R, F), num_regions (N,), tokens.
+    Tiles finished out of the total are reported on stderr (:class:`shan.progress.Progress`)."""
     features, counts, tokens = split.features, split.num_regions, split.tokens
     sims, todo = load_finished(plan, store)
     need_r, need_c = sorted({r for r, _ in todo}), sorted({c for _, c in todo})
@@ -444,9 +416,39 @@ def compute(
         c: a[i % len(a)].encode_captions.remote(model_index, [tokens[j] for j in plan.cols(c)])
         for i, c in enumerate(need_c)
     }
-    bar = ProgressBar(
-        len(plan.tiles()), plan.tile_images * plan.tile_captions, len(plan.tiles()) - len(todo)
+    total = len(plan.tiles())
+    already = total - len(todo)
+    progress = Progress(
+        f"score model {model_index}",
+        total,
+        "tiles",
+        start=already,
+        note=f"{already} already done" if already else "",
     )
+    with progress:
+        _run_tiles(pool, plan, store, sims, todo, img, cap, model_index, progress, on_tile)
+    check_complete(plan, sims)
+    return sims
+
+
+def _run_tiles(
+    pool: Pool,
+    plan: Plan,
+    store: TileStore,
+    sims: dict[str, np.ndarray],
+    todo: list[tuple[int, int]],
+    img: dict[int, Any],
+    cap: dict[int, Any],
+    model_index: int,
+    progress: Progress,
+    on_tile: Callable[[int], None] | None,
+) -> None:
+    """Score the ``todo`` tiles on the pool's actors, saving and placing each into ``sims``;
+    an actor that dies has its tile redone by another."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    a = pool.actors
     queue, finished = list(todo), 0
     pending: dict[Any, tuple[Any, tuple[int, int]]] = {}  # object ref: (actor, tile)
     alive, failures = list(a), {id(x): 0 for x in a}
@@ -479,12 +481,10 @@ def compute(
         store.save(*tile, scores)
         place(plan, sims, *tile, scores)
         finished += 1
-        bar.update()
+        progress.update()
         if on_tile is not None:
             on_tile(finished)
         submit(actor)
-    check_complete(plan, sims)
-    return sims
 
 
 def _load(pending: dict[Any, tuple[Any, tuple[int, int]]]) -> Callable[[Any], int]:

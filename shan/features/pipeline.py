@@ -81,9 +81,11 @@ def run_ray(
     """Ray Data: read + decode tasks, then the extractor's actor pool; batches in order."""
     import ray.data
 
+    from shan.progress import quiet_ray_data
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # the job prints its own
+    quiet_ray_data(ctx, own_progress=True)  # the job reports the images done itself
     blocks = max(1, min(len(items) // batch_size, 256))
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(

@@ -189,7 +189,7 @@ def test_killed_job_rerun_skips_finished_tiles(services, synthetic_small, checkp
     finished[0].write_bytes(finished[0].read_bytes()[:100])  # a damaged tile is redone
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "(4 already done)" in second.stderr or "(5 already done)" in second.stderr
+    assert ", 4 already done)" in second.stderr or ", 5 already done)" in second.stderr
     assert f"{finished[0]}: unreadable" in second.stdout
     clean = tmp_path / "clean"
     subprocess.run([*cmd[:7], str(clean), *cmd[8:]], check=True, capture_output=True, timeout=300)

@@ -29,7 +29,7 @@ def test_the_job_extracts_on_ray_and_matches_the_in_process_result(
                 "--image-size", "64", "--grid", "2", "--min-count", "1",
                 "--on-bad-image", "skip", "--batch-size", "2", env=env, timeout=240)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "images 6/6 (100%)" in r.stderr and "left out 1 bad image" in r.stdout
+    assert "extract images: 100% (6/6 images)" in r.stderr and "left out 1 bad image" in r.stdout
     summary = validate(str(out))
     assert {s: v["images"] for s, v in summary["splits"].items()} == {"train": 4, "test": 1}
     ray_train, local_train = read_split(str(out), "train"), read_split(str(local_out), "train")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from shan.errors import JobError
 from shan.eval.tiles import (
     PLAN_FILE,
     Plan,
-    ProgressBar,
     TileStore,
     assemble,
     check_complete,
@@ -365,39 +363,3 @@ def test_check_complete_refuses_a_missing_or_misshapen_matrix(full):
         check_complete(plan, {k: full[k] for k in SCORES[:-1]})
     with pytest.raises(JobError, match=r"\(total\) has shape \(7, 10\), expected \(7, 11\)"):
         check_complete(plan, {k: full[k][:, :10] for k in SCORES})
-
-
-# -- progress -------------------------------------------------------------------------------------
-def test_progress_without_a_terminal_prints_a_line_every_tenth(capsys):
-    bar = ProgressBar(total=100, pairs_per_tile=6.0, skipped=0)
-    for _ in range(100):
-        bar.update()
-    lines = capsys.readouterr().err.splitlines()
-    assert "\r" not in "".join(lines)
-    done = [int(line.split()[1].split("/")[0]) for line in lines]
-    assert done == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
-    assert lines[-1].startswith("tiles 100/100 (0 already done) | ")
-    assert "pairs/s" in lines[-1] and lines[-1].endswith("00:00:00 left")
-
-
-def test_progress_counts_tiles_already_done(capsys):
-    bar = ProgressBar(total=20, pairs_per_tile=1.0, skipped=15)
-    for _ in range(5):
-        bar.update()
-    lines = capsys.readouterr().err.splitlines()
-    assert [line.split()[1] for line in lines] == ["16/20", "18/20", "20/20"]
-    assert all("(15 already done)" in line for line in lines)
-
-
-def test_progress_on_a_terminal_rewrites_one_line(monkeypatch):
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    tty = Tty()
-    monkeypatch.setattr(sys, "stderr", tty)
-    bar = ProgressBar(total=3, pairs_per_tile=1.0, skipped=0)
-    for _ in range(3):
-        bar.update()
-    text = tty.getvalue()
-    assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("left\n")
