@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 from shan_stack import free_port
@@ -64,10 +65,17 @@ def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/shan-serve@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed in finally)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # MLflow runs `uvicorn` from PATH: the one beside this Python
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for_ping(f"{base}/ping", proc)
+        try:
+            wait_for_ping(f"{base}/ping", proc)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
         req = scoring_request()
         body = {"inputs": {k: np.asarray(v).tolist() for k, v in req.items()}}
         status, answer = post(f"{base}/invocations", body)
