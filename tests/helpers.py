@@ -132,3 +132,54 @@ def convert_images_here(tmp: Path, n: int = 6, split=None) -> tuple[Path, Path]:
     convert_images(str(imgs), str(imgs / "captions.csv"), str(out), spec=spec, min_count=1,
                    local=True, log=quiet)  # fmt: skip
     return imgs, out
+
+
+def log_tiny_model(
+    tmp: Path, name: str = "shan-test", alias: str = "champion", uri: str | None = None
+) -> dict:
+    """An untrained tiny checkpoint (:func:`save_untrained`, 16-d features) logged as the MLflow
+    model of a RUNNING run, registered as ``name`` version 1 with ``alias``; in the tracking
+    server ``uri``, else in a SQLite store of ``tmp`` (artifacts in ``tmp/artifacts``). Returns
+    its uri, run_id, model_uri, checkpoint folder, vocab and experiment id."""
+    import secrets
+
+    from mlflow.tracking import MlflowClient
+
+    from shan.tracking import pyfunc
+    from shan.vocab import Vocabulary
+
+    vocab = Vocabulary(WORDS)
+    ckpt = save_untrained(tmp / "ckpt", vocab)
+    where = None if uri else (tmp / "artifacts").as_uri()
+    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment(f"shan-pyfunc-{secrets.token_hex(4)}", artifact_location=where)
+    run_id = c.create_run(exp).info.run_id
+    model_uri = pyfunc.log_model(uri, run_id, ckpt, step=2)
+    assert pyfunc.register(uri, model_uri, name, run_id) == "1"
+    c.set_registered_model_alias(name, alias, "1")
+    return {"uri": uri, "run_id": run_id, "model_uri": model_uri, "ckpt": ckpt, "vocab": vocab,
+            "exp": exp}  # fmt: skip
+
+
+CAPTIONS = ["a dog runs on the grass", "the red ball", "a zebra sits", "woman"]  # zebra: <unk>
+
+
+def scoring_request(n: int = 3, r: int = 4, dim: int = 16, seed: int = 5) -> dict:
+    """A request for the MLflow model of :func:`log_tiny_model`: n images, four captions."""
+    rng = np.random.default_rng(seed)
+    return {
+        "features": rng.normal(size=(n, r, dim)).astype(np.float32),
+        "counts": np.array([r, 2, 1][:n], dtype=np.int64),
+        "captions": np.array(CAPTIONS),
+    }
+
+
+def library_scores(ckpt: Path, req: dict) -> dict[str, np.ndarray]:
+    """The scores of evaluation's scorer, called directly."""
+    from shan.checkpoint import load_model
+    from shan.scoring import score_matrix
+
+    loaded = load_model(ckpt)
+    tokens = [loaded.vocab.encode(c, loaded.config.data.max_words) for c in req["captions"]]
+    return score_matrix(loaded.model, req["features"], req["counts"], tokens, torch.device("cpu"))

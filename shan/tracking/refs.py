@@ -1,6 +1,11 @@
 """Model references: a checkpoint folder, an ``s3://`` URL, an MLflow run id, or a registered
 model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), resolved to a local folder.
 
+A run or model version holds the checkpoint in one of two layouts: an MLflow model (``MLmodel``
+and the checkpoint as its artifact ``artifacts/checkpoint``: :mod:`shan.tracking.pyfunc`, what
+training logs) or, in runs and versions logged before, a plain checkpoint folder (the run's
+``checkpoint/`` artifact). :func:`checkpoint_in` finds it in either.
+
 A remote model is downloaded into a temporary folder of its own (:attr:`ModelRef.temp`), which
 :func:`cleanup` removes; an S3 key that would land outside that folder (``..``) is refused."""
 
@@ -15,10 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
+import yaml
 
 from shan.checkpoint import MODEL_FILE
 from shan.data import fs
 from shan.errors import CheckpointError
+from shan.tracking import runs
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ALIAS = re.compile(r"[A-Za-z0-9_-]+")  # MLflow's alias characters
 VERSION = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit takes other scripts too)
+ARTIFACT = "checkpoint"  # a run's checkpoint artifact; the MLflow model's artifact key
 
 
 @dataclass
@@ -114,15 +122,38 @@ def _download_s3(url: str) -> str:
 
 
 def _download_run(run_id: str, uri: str | None, dest: str) -> str:
+    """The checkpoint of run ``run_id``: its latest logged model, else (a run logged before
+    the MLflow model) its ``checkpoint/`` artifact."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     try:
-        return mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoint", tracking_uri=uri, dst_path=dest
-        )
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        outputs = run.outputs.model_outputs if run.outputs else []
+        if outputs:
+            source = f"models:/{max(outputs, key=lambda o: o.step).model_id}"
+            path = _download_model(source, uri, dest)
+        else:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=ARTIFACT, tracking_uri=uri, dst_path=dest
+            )
     except (MlflowException, OSError) as e:
         raise CheckpointError(f"model {run_id}: no checkpoint in that MLflow run ({e})") from e
+    return str(checkpoint_in(path, run_id))
+
+
+def _download_model(source: str, uri: str | None, dest: str) -> str:
+    """Download a model version's source or a logged model (``models:/m-...``): MLflow 3.x
+    looks ``models:/`` URIs up through the global tracking URI, so it is set for the call."""
+    import mlflow
+
+    if uri is None:
+        return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest)
+    with runs.using_tracking_uri(uri):
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=source, tracking_uri=uri, dst_path=dest
+        )
 
 
 def parse_registered(ref: str) -> tuple[str, str | None, str | None]:
@@ -153,7 +184,6 @@ def registered_version(c: MlflowClient, ref: str) -> ModelVersion:
 
 
 def _registered(ref: str, uri: str | None) -> ModelRef:
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -161,9 +191,7 @@ def _registered(ref: str, uri: str | None) -> ModelRef:
     temp = tempfile.mkdtemp(prefix="shan-model-")
     try:
         mv = registered_version(c, ref)
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=mv.source, tracking_uri=uri, dst_path=temp
-        )
+        path = str(checkpoint_in(_download_model(str(mv.source), uri, temp), ref))
     except (MlflowException, OSError) as e:
         shutil.rmtree(temp, ignore_errors=True)
         raise CheckpointError(f"model {ref}: not found in the registry ({e})") from e
@@ -174,3 +202,34 @@ def _registered(ref: str, uri: str | None) -> ModelRef:
         ref, path, train_run_id=mv.run_id, model_name=mv.name, version=str(mv.version),
         tags=dict(mv.tags or {}), temp=temp,
     )  # fmt: skip
+
+
+def checkpoint_in(folder: str | Path, ref: str | None = None) -> Path:
+    """The checkpoint folder inside a download: ``folder`` itself (a plain checkpoint, as runs
+    and versions before the MLflow model logged it), or the ``checkpoint`` artifact of an MLflow
+    model (``MLmodel`` + ``artifacts/checkpoint``); CheckpointError when it holds neither."""
+    folder = Path(folder)
+    if (folder / MODEL_FILE).is_file():
+        return folder
+    mlmodel = folder / "MLmodel"
+    if mlmodel.is_file():
+        rel = _artifact_path(mlmodel)
+        if rel and (folder / rel / MODEL_FILE).is_file():
+            return folder / rel
+        raise CheckpointError(
+            f"model {ref or folder}: an MLflow model without a SHAN checkpoint artifact"
+        )
+    raise CheckpointError(f"model {ref or folder}: no {MODEL_FILE} and no MLmodel there")
+
+
+def _artifact_path(mlmodel: Path) -> str | None:
+    """The relative folder of the ``checkpoint`` artifact that ``MLmodel`` names."""
+    try:
+        conf = yaml.safe_load(mlmodel.read_text())
+        path = conf["flavors"]["python_function"]["artifacts"][ARTIFACT]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    parts = Path(str(path)).parts
+    if Path(str(path)).is_absolute() or ".." in parts:
+        return None
+    return str(path)

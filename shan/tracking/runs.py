@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,24 @@ RESUME_MAY_DIFFER = (
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else a SQLite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` in the block, for the MLflow calls that take
+    no URI; then what it was, ``MLFLOW_TRACKING_URI`` of the environment included (MLflow's own
+    ``_use_tracking_uri`` would remove that variable when no URI had been set)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # type: ignore[arg-type]  # None unsets it
+        if saved_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def redact(uri: str) -> str:

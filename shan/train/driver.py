@@ -318,15 +318,17 @@ def _best(result: Any) -> tuple[Any, dict[str, Any]]:
 def _log_outcome(
     cfg: Config, fit: Fit, result: Any, register: str | None, log: Callable[[str], None]
 ) -> TrainingResult:
-    """The best checkpoint logged to the run (and registered), its recall table, and a local
-    copy in ``./checkpoints/<run>``."""
+    """The best checkpoint logged to the run as its MLflow model (and registered from it), its
+    recall table, and a local copy in ``./checkpoints/<run>``."""
+    from shan.tracking import pyfunc
+
     uri, run_id, run_name = fit.uri, fit.run_id, str(cfg.tracking.run_name)
     best_ckpt, best_metrics = _best(result)
     table = format_table(unflat_metrics(best_metrics))
     c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = best_ckpt.to_directory(str(Path(tmp) / "checkpoint"))
-        c.log_artifacts(run_id, local, artifact_path="checkpoint")
+        model_uri = pyfunc.log_model(uri, run_id, local, step=int(best_metrics["epoch"]))
         for name in ("config.yaml", "vocab.json"):
             c.log_artifact(run_id, str(Path(local) / name))
         (Path(tmp) / "recall.md").write_text(
@@ -340,8 +342,8 @@ def _log_outcome(
         c.log_metric(run_id, "best/val_rsum", best_metrics["val/rsum"])
         saved = _keep_local_copy(local, run_name, log)
     if register:
-        version = register_checkpoint(c, run_id, register)
-        log(f"registered {register} version {version}")
+        version = pyfunc.register(uri, model_uri, register, run_id)
+        log(f"registered {register} version {version} ({model_uri})")
     return TrainingResult(run_name, run_id, uri, saved, best_metrics, table)
 
 
@@ -374,7 +376,9 @@ def _keep_local_copy(local: str, run_name: str, log: Callable[[str], None] = pri
 
 
 def register_checkpoint(c: MlflowClient, run_id: str, name: str) -> str:
-    """A model version of ``name`` whose source is the run's ``checkpoint/`` artifact."""
+    """A model version of ``name`` whose source is the run's ``checkpoint/`` artifact: the
+    layout before the MLflow model (:func:`shan.tracking.pyfunc.register`), which evaluation
+    still resolves."""
     from mlflow.exceptions import MlflowException
 
     try:

@@ -296,7 +296,8 @@ def test_local_stack_train_from_s3_evaluate_promote_and_tear_down(tmp_path, monk
 
 def register_untrained(env: dict, data: str, tmp_path: Path) -> None:
     """Version 1 of ``shan-e2e``: an untrained checkpoint of ``data``'s vocabulary, logged to
-    a run of the stack's MLflow (artifacts in its S3) and registered as training does it."""
+    a run of the stack's MLflow (artifacts in its S3) and registered in the plain-checkpoint
+    layout of runs before the MLflow model (evaluation reads both layouts)."""
     from mlflow.tracking import MlflowClient
 
     from shan.data.format import load_vocab

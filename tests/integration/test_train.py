@@ -54,7 +54,8 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     of that name is refused while the second runs, and a fourth with another config after it.
     (A run whose node dies resumes the same way: test_multinode.)"""
     r = train("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
-              "optim.epochs=1", "tracking.system_metrics_every=1")  # fmt: skip
+              "optim.epochs=1", "tracking.system_metrics_every=1", "--register",
+              "shan-tests-unnamed")  # fmt: skip
     check(r)
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
     out = (r.stdout + r.stderr).splitlines()
@@ -70,8 +71,15 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     assert run.data.params["model.d"] == "16" and run.data.params["optim.epochs"] == "1"
     assert len(c.get_metric_history(run.info.run_id, "train/loss")) >= 2
     assert "val/g2g/i2t_r1" in run.data.metrics
-    files = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
-    assert {"checkpoint/model.pt", "checkpoint/config.yaml", "checkpoint/vocab.json"} <= files
+    # the best checkpoint is the run's logged MLflow model, and the version registered from it
+    (output,) = run.outputs.model_outputs
+    model = c.get_logged_model(output.model_id)
+    assert model.source_run_id == run.info.run_id and model.status == "READY"
+    files = {a.path for a in c.list_logged_model_artifacts(output.model_id)}
+    assert "MLmodel" in files, files
+    versions = c.search_model_versions(f"run_id = {quote(run.info.run_id)}")
+    assert [v.source for v in versions] == [f"models:/{output.model_id}"]
+    assert versions[0].name == "shan-tests-unnamed"
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"recall.md", "config.yaml", "vocab.json"} <= top
     check_ui(c, run.info.run_id, synthetic_small, epoch=1)

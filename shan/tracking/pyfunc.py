@@ -1,0 +1,173 @@
+"""The trained model as an MLflow model: ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")`` and
+``mlflow models serve`` score with it.
+
+Layout of a logged model (``models:/m-...``): MLflow's ``MLmodel``, the pickled
+:class:`ShanModel`, and the checkpoint folder as its artifact ``checkpoint`` (``model.pt``,
+``config.yaml``, ``vocab.json``: :mod:`shan.checkpoint`'s format; ``MLmodel`` says where, and
+:func:`shan.tracking.refs.checkpoint_in` finds it for evaluation). Input and output:
+:mod:`shan.serving`; the signature is tensor-based (:func:`signature`), with an input example
+(:func:`input_example`).
+
+Environment: a process that loads the model needs the ``shan`` package installed (the project's
+image has it; ``pip install`` of its wheel elsewhere), and is expected to run in that
+environment (``mlflow models serve --env-manager local``). The model does not carry shan's code
+(``code_paths``): MLflow would put a second copy of ``shan`` in front of the installed one, and in
+a process that has imported shan already (evaluation, the tests) two copies of the checkpoint
+and model classes would meet. ``pip_requirements`` pins what scoring imports (torch, numpy,
+pyarrow, pyyaml, mlflow) at the versions that logged the model, so the environment is
+recorded and MLflow does not have to infer it (which would load the model once more).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+from shan.model import SCORES
+from shan.tracking.refs import ARTIFACT
+from shan.tracking.runs import using_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
+    from mlflow.tracking import MlflowClient
+
+    from shan.config import Config
+    from shan.vocab import Vocabulary
+
+MODEL_NAME = "model"  # the logged model's name in a training run
+SCORING_NEEDS = ("torch", "numpy", "pyarrow", "pyyaml", "mlflow")  # what scoring imports
+
+
+class ShanModel(PythonModel):
+    """SHAN as an MLflow ``PythonModel``: :meth:`predict` takes
+    ``{"features": float32 (N, R, D), "counts": int64 (N,), "captions": str (M,)}`` and returns
+    ``{"total", "l2l", "g2l", "g2g"}``, each float32 (N, M), from :func:`shan.serving.score_request`
+    (the scorer evaluation uses). CUDA when the loading process has it, else the CPU."""
+
+    def load_context(self, context: Any) -> None:
+        """Load the checkpoint of the model's ``checkpoint`` artifact (weights, config, vocab)."""
+        import torch
+
+        from shan.checkpoint import load_model
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.loaded = load_model(context.artifacts[ARTIFACT], self.device)
+
+    # model_input has no annotation on purpose: MLflow would infer the signature from it
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001
+        """The four score matrices of ``model_input``; MlflowException (a 400 when served)
+        naming the field when the request cannot be scored."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from shan.serving import InputError, score_request
+
+        try:
+            return score_request(self.loaded, model_input, self.device)
+        except InputError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def signature(feature_dim: int) -> ModelSignature:
+    """features (-1, -1, D) float32, counts (-1,) int64, captions (-1,) str -> the four scores,
+    each (-1, -1) float32."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    inputs = Schema(
+        [
+            TensorSpec(np.dtype(np.float32), (-1, -1, feature_dim), "features"),
+            TensorSpec(np.dtype(np.int64), (-1,), "counts"),
+            TensorSpec(np.dtype(str), (-1,), "captions"),
+        ]
+    )
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, -1), k) for k in SCORES])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(cfg: Config, vocab: Vocabulary, images: int = 2, regions: int = 3) -> dict:
+    """``images`` images of ``regions`` random regions (the second with one fewer) and three
+    captions made of the vocabulary's first words."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(images, regions, cfg.model.feature_dim)).astype(np.float32)
+    counts = np.full(images, regions, dtype=np.int64)
+    counts[1:] = max(1, regions - 1)
+    words = vocab.idx2word[4:] or ["a"]  # after <pad>, <start>, <end>, <unk>
+    captions = [" ".join(words[i : i + 4]) or "a" for i in (0, 4, 8)]
+    return {"features": features, "counts": counts, "captions": np.array(captions)}
+
+
+def pip_requirements() -> list[str]:
+    """:data:`SCORING_NEEDS` at the versions installed here (see the module's docstring)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in SCORING_NEEDS]
+
+
+def log_model(
+    uri: str, run_id: str, checkpoint: str | Path, name: str = MODEL_NAME, step: int = 0
+) -> str:
+    """Log the checkpoint folder ``checkpoint`` as an MLflow model of run ``run_id`` (shown
+    under the run's logged models) and return its ``models:/m-...`` URI.
+
+    The run is neither started nor ended here (its status stays what it is): the logged model
+    is created with the client, tied to the run as its source and as its output at ``step``
+    (the epoch of the checkpoint)."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.tracking import MlflowClient
+
+    from shan.checkpoint import load_description
+
+    cfg, vocab = load_description(checkpoint)
+    c = MlflowClient(tracking_uri=uri)
+    run = c.get_run(run_id)
+    model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
+    with using_tracking_uri(uri):  # pyfunc.log_model writes through the global tracking URI
+        mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ShanModel(),
+            artifacts={ARTIFACT: str(checkpoint)},
+            signature=signature(cfg.model.feature_dim),
+            input_example=input_example(cfg, vocab),
+            pip_requirements=pip_requirements(),
+            model_id=model.model_id,
+        )
+    c.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    return f"models:/{model.model_id}"
+
+
+def register(uri: str, model_uri: str, name: str, run_id: str | None = None) -> str:
+    """A new version of registered model ``name`` (created if needed) from the logged model
+    ``model_uri`` (``models:/m-...``); its version number."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException:
+        pass  # it exists
+    model_id = model_uri.removeprefix("models:/")
+    # the registry looks the logged model up through the global tracking URI (MLflow 3.x)
+    with using_tracking_uri(uri):
+        mv = c.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id)
+    _link_version(c, model_id, name, str(mv.version))
+    return str(mv.version)
+
+
+def _link_version(c: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """The logged model's ``mlflow.modelVersions`` tag, which the MLflow UI shows as its
+    registered versions (what ``mlflow.register_model`` sets)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    raw = c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    try:
+        versions = json.loads(raw) if raw else []
+    except ValueError:
+        versions = []
+    versions = [*(v for v in versions if isinstance(v, dict)), {"name": name, "version": version}]
+    c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
