@@ -60,10 +60,12 @@ def job(work: Path, env: dict, *args: str) -> None:
 
 def demo_runs(work: Path, env: dict, epochs: int) -> None:
     """A finished demo training registered as MODEL, and an evaluation of its version 1."""
-    job(work, env, str(ROOT / "jobs" / "train.py"), "--name", "ui-demo", "--register", MODEL,
-        f"optim.epochs={epochs}")  # fmt: skip
-    job(work, env, str(ROOT / "jobs" / "evaluate.py"), "--model", f"models:/{MODEL}/1",
-        "--data", env["SHAN_DEMO_DATA"], "--split", "test", "--out", str(work / "eval"))  # fmt: skip
+    train = str(ROOT / "jobs" / "train.py")
+    job(work, env, train, "--name", "ui-demo", "--register", MODEL, f"optim.epochs={epochs}")
+    evaluate = str(ROOT / "jobs" / "evaluate.py")
+    data = env["SHAN_DEMO_DATA"]
+    job(work, env, evaluate, "--model", f"models:/{MODEL}/1", "--data", data, "--split", "test",
+        "--out", str(work / "eval"))  # fmt: skip
 
 
 def find_runs(uri: str) -> tuple[str, str, str]:
@@ -119,10 +121,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 def shoot(browser: str, url: str, dest: Path, profile: Path) -> None:
     subprocess.run(
-        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--user-data-dir={profile}", "--window-size=1600,1100",
-         "--virtual-time-budget=8000", f"--screenshot={dest}", url],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--window-size=1600,1100",
+            "--virtual-time-budget=8000",
+            f"--screenshot={dest}",
+            url,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
     )  # fmt: skip  (a longer virtual-time budget can hang: the UI keeps polling)
     print(f"{dest}  <-  {url}", flush=True)
 

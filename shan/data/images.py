@@ -175,7 +175,9 @@ def _write_all(
     bad: list[dict[str, Any]] = []
     with Progress("extract images", total, "images") as progress:
         for batch in batches:
-            _write_batch(batch, files, splits, ids, writers, where, bad, on_bad=on_bad)
+            _write_batch(
+                batch, files, splits, ids=ids, writers=writers, where=where, bad=bad, on_bad=on_bad
+            )
             progress.update(len(batch["index"]))
     return bad
 
@@ -184,11 +186,11 @@ def _write_batch(
     batch: dict[str, Any],
     files: list[str],
     splits: dict[str, dict[str, ImageCaptions]],
+    *,
     ids: dict[str, dict[str, int]],
     writers: dict[str, SplitWriter],
     where: dict[str, list[str]],
     bad: list[dict[str, Any]],
-    *,
     on_bad: str,
 ) -> None:
     """One extracted batch to its splits; its bad images appended to ``bad``."""

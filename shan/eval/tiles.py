@@ -426,7 +426,10 @@ def compute(
         note=f"{already} already done" if already else "",
     )
     with progress:
-        _run_tiles(pool, plan, store, sims, todo, img, cap, model_index, progress, on_tile)
+        _run_tiles(
+            pool, plan, store, sims, todo=todo, img=img, cap=cap, model_index=model_index,
+            progress=progress, on_tile=on_tile,
+        )  # fmt: skip
     check_complete(plan, sims)
     return sims
 
@@ -436,6 +439,7 @@ def _run_tiles(
     plan: Plan,
     store: TileStore,
     sims: dict[str, np.ndarray],
+    *,
     todo: list[tuple[int, int]],
     img: dict[int, Any],
     cap: dict[int, Any],
