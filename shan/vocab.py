@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib.metadata import version
 from pathlib import Path
@@ -35,6 +37,27 @@ ABBREVIATIONS = frozenset(
 _INNER_END = re.compile(r"[.?!](?=[\s\S])")  # Punkt splits only after '.', '?', '!' + more text
 
 
+# ``import nltk`` imports every NLTK module, and with them SciPy and scikit-learn when they are
+# installed (MLflow installs them): about 3 s of CPU in each process that tokenizes, for
+# statistics and classifiers the tokenizers never use. NLTK imports them optionally (a missing
+# one disables only those functions), so they are hidden while NLTK loads: 0.7 s instead.
+_NLTK_EXTRAS = ("scipy", "sklearn")
+
+
+@contextmanager
+def _without(*names: str) -> Iterator[None]:
+    """Within the block, ``import NAME`` of each of ``names`` not yet imported fails."""
+    hidden = [n for n in names if n not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+
 @cache
 def _nltk() -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]]:
     """(sentence splitter, word splitter), imported on first use: ``import nltk`` takes seconds.
@@ -42,8 +65,9 @@ def _nltk() -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]]:
     The splitter is Punkt with no trained model (nothing to download) but :data:`ABBREVIATIONS`;
     the word splitter is what ``word_tokenize`` applies to each sentence and needs no data.
     """
-    from nltk.tokenize import NLTKWordTokenizer
-    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    with _without(*_NLTK_EXTRAS):
+        from nltk.tokenize import NLTKWordTokenizer
+        from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
     params = PunktParameters()
     params.abbrev_types = set(ABBREVIATIONS)

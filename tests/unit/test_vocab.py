@@ -152,3 +152,16 @@ def test_not_json_and_missing(tmp_path):
         Vocabulary.load(path)
     with pytest.raises(VocabError, match="does not exist"):
         Vocabulary.load(tmp_path / "nope.json")
+
+
+def test_modules_hidden_while_nltk_loads_import_again_afterwards():
+    import sys
+
+    from shan.vocab import _without
+
+    name = "colorsys"  # a standard module nothing here imports
+    sys.modules.pop(name, None)
+    with _without(name, "json"), pytest.raises(ImportError):
+        __import__(name)
+    assert "json" in sys.modules and sys.modules["json"] is not None  # imported ones stay
+    assert __import__(name).__name__ == name
