@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -92,7 +92,7 @@ def save_index(path: Path, index: ImageIndex) -> None:
     payload = {
         "format": FORMAT,
         "key": index.key,
-        "image_ids": torch.from_numpy(np.asarray(index.image_ids, dtype=np.int64)),
+        "image_ids": torch.tensor(np.asarray(index.image_ids, dtype=np.int64)),
         **{f: getattr(index.images, f) for f in TENSORS},
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -127,10 +127,11 @@ def load_index(path: Path, key: str, n_images: int) -> ImageIndex:
     tensors = [data.get(f) for f in (*TENSORS, "image_ids")]
     if not all(isinstance(t, torch.Tensor) and len(t) == n_images for t in tensors):
         raise JobError(refuse.format(f"not {n_images} rows of every tensor"))
-    images = EncodedImages(*tensors[:-1])
+    checked = [t for t in tensors if isinstance(t, torch.Tensor)]  # all of them (for mypy)
+    images = EncodedImages(*checked[:-1])
     if not all(bool(torch.isfinite(getattr(images, f)).all()) for f in TENSORS if f != "mask"):
         raise JobError(refuse.format("it holds NaN or infinite values"))
-    return ImageIndex(images, tensors[-1].numpy(), key)
+    return ImageIndex(images, checked[-1].numpy(), key)
 
 
 def check_cache_dir(cache_dir: str) -> Path:

@@ -44,6 +44,10 @@ def test_top_matches_rank_by_the_total_with_stable_ties():
     m = top[0][2]
     assert (m.total, m.l2l, m.g2l, m.g2g) == pytest.approx((0.4, 0.8, 1.2, 1.6))
     assert len(top_matches({"total": total, **steps}, ids, 10)[0]) == 4  # K above N: all
+    ties = np.zeros((300, 1), dtype=np.float32)
+    ties[[7, 250]] = 1.0
+    many = top_matches({k: ties for k in ("total", "l2l", "g2l", "g2g")}, np.arange(300), 12)
+    assert [m.row for m in many[0]] == [7, 250, *range(7), 8, 9, 10]
 
 
 def test_parse_query_refuses_empty_and_all_unknown_sentences():
