@@ -97,6 +97,7 @@ def save_index(path: Path, index: ImageIndex) -> None:
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

@@ -67,10 +67,15 @@ def check_picture(path: str | None) -> None:
     p = Path(path)
     if "://" in path or p.suffix.lower() != ".png":
         raise JobError(f"--picture {path}: give a local path ending in .png")
-    if p.exists() and not (p.is_file() and PNG_MARK in p.read_bytes()[:4096]):
+    if p.exists() and not (p.is_file() and PNG_MARK in _head(p)):
         raise JobError(f"--picture {path} exists and is not a search's picture; it is left alone")
     if not p.parent.is_dir():
         raise JobError(f"--picture {path}: folder {p.parent} does not exist")
+
+
+def _head(path: Path, size: int = 4096) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
 
 
 def search(
@@ -154,6 +159,7 @@ def write_picture(path: str, png: bytes) -> None:
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(marked_png(png))
         os.replace(tmp, p)
