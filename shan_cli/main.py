@@ -3,6 +3,7 @@
     shan train [--config demo] [--data PATH] [key=value ...]
     shan evaluate --model REF --data PATH [--out DIR] ...
     shan data {precomp,images,synthetic,validate} ...
+    shan search --model REF --data PATH "a sentence" ...
 
 ``shan COMMAND --help`` describes each; ``jobs/<job>.py`` runs the same code by path (what
 ``ray job submit -- python jobs/train.py`` needs).
@@ -22,6 +23,7 @@ COMMANDS = {
     "train": ("shan_cli.train", "train SHAN on Ray Train, logged to MLflow"),
     "evaluate": ("shan_cli.evaluate", "score a split on Ray actors; metrics, outputs, promotion"),
     "data": ("shan_cli.prepare_data", "convert, extract, generate or validate a data set"),
+    "search": ("shan_cli.search", "the images of a split that best match sentences"),
 }
 
 

@@ -40,6 +40,7 @@ def test_shan_lists_its_commands_and_version(capsys):
         "train",
         "evaluate",
         "data",
+        "search",
     }
     assert main([]) == 2  # no command: the usage, and a failing status
     assert main(["--version"]) == 0
@@ -48,7 +49,7 @@ def test_shan_lists_its_commands_and_version(capsys):
     assert "unknown command 'trian'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "data"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "data", "search"])
 def test_each_command_is_its_jobs_parser(command, capsys, monkeypatch):
     import sys
 
@@ -68,7 +69,7 @@ def test_the_job_shims_run_the_packages_main():
 
     from tests.helpers import ROOT
 
-    for job in ("train", "evaluate", "prepare_data"):
+    for job in ("train", "evaluate", "prepare_data", "search"):
         tree = ast.parse((ROOT / "jobs" / f"{job}.py").read_text())
         imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                    for a in n.names}  # fmt: skip

@@ -73,6 +73,6 @@ def test_readme_layout_matches_the_tree():
     ]  # fmt: skip
     assert not unnamed, f"README layout does not name: {unnamed}"
     tops = {p.name + "/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    tops -= {"checkpoints/", "evaluations/", "build/", "dist/", "mlruns/"}  # run outputs
+    tops -= {"checkpoints/", "evaluations/", "searches/", "build/", "dist/", "mlruns/"}  # outputs
     tops = {t for t in tops if not t.endswith(".egg-info/") and "venv" not in t}
     assert tops <= {p.split("/")[0] + "/" for p in listed}, tops

@@ -1,0 +1,84 @@
+"""Search a data set split for the images that match sentences, with a trained model.
+
+    shan search --model REF --data PATH [--split test] "a dog on the grass" ["..." ...]
+    shan search --model REF --data PATH --queries FILE [-k 10] [--json] [--picture best.png]
+
+REF: a checkpoint folder, an s3:// URL, an MLflow run id, or models:/NAME@ALIAS | models:/NAME/N.
+The split's images are encoded once per model and data set and cached in --cache (a file
+named after the model's checkpoint digest, the data's fingerprint and the split); later
+searches load them and only encode and score the sentences. Results go to stdout: a table per
+sentence, or with --json a list with, per sentence, its matches {rank, image, row, total, l2l,
+g2l, g2g}; progress lines go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from shan.errors import JobError
+from shan_cli.argtypes import at_least
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences to search for")
+    p.add_argument("--model", required=True, help="model reference (see above)")
+    p.add_argument("--data", required=True, help="data set root, local or s3://")
+    p.add_argument("--split", default="test", help="the split searched (default test)")
+    p.add_argument("--queries", metavar="FILE", help="more sentences, one per line (UTF-8)")
+    p.add_argument(
+        "-k", "--top", type=at_least(1), default=5, metavar="K", help="matches per sentence (5)"
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--picture",
+        metavar="PATH.png",
+        help="draw which regions each word attends to in the first sentence's best match",
+    )
+    p.add_argument(
+        "--cache",
+        default="searches",
+        metavar="DIR",
+        help="local folder of the cached image indexes (default searches/)",
+    )
+    return p
+
+
+def read_queries(path: str) -> list[str]:
+    """The non-blank lines of ``path``; JobError naming the file when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except FileNotFoundError:
+        raise JobError(f"--queries {path} does not exist") from None
+    except IsADirectoryError:
+        raise JobError(f"--queries {path} is a folder") from None
+    except UnicodeDecodeError as e:
+        raise JobError(f"--queries {path} is not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise JobError(f"--queries {path}: cannot read it ({e.strerror})") from None
+    queries = [line for line in lines if line]
+    if not queries:
+        raise JobError(f"--queries {path} holds no sentence")
+    return queries
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.sentences and not args.queries:
+        p.error("give a sentence or --queries FILE")
+    sentences = list(args.sentences) + (read_queries(args.queries) if args.queries else [])
+
+    from shan.search.job import SearchOptions, search
+    from shan.search.query import format_matches
+
+    opts = SearchOptions(split=args.split, top=args.top, cache=args.cache, picture=args.picture)
+    result = search(args.model, args.data, sentences, opts, log=lambda s: print(s, file=sys.stderr))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print("\n\n".join(format_matches(q, m) for q, m in zip(result.queries, result.matches)))
+    return 0

@@ -1,0 +1,109 @@
+"""The whole search (``shan.search.job``) and its command line (``shan search``): a tiny
+synthetic data set and an untrained tiny checkpoint; JSON output, the picture, the cache's
+rebuild for another model, and bad inputs as one ``error:`` line with status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shan.checkpoint import load_model
+from shan.data.reader import read_split
+from shan.scoring import score_matrix
+from shan.vocab import Vocabulary
+from shan_cli import run_job
+from shan_cli.search import main
+from tests.helpers import ROOT, save_untrained
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data set root, checkpoint folder, a second checkpoint, a sentence of the data)."""
+    from shan.data.synthetic import generate_synthetic
+
+    tmp = tmp_path_factory.mktemp("search")
+    root = tmp / "data"
+    generate_synthetic(str(root), images={"test": 6}, regions=4, feature_dim=16, concepts=6,
+                       captions_per_image=2, log=lambda s: None)  # fmt: skip
+    vocab = Vocabulary.load(root / "vocab.json")
+    ck1 = save_untrained(tmp / "ck1", vocab, seed=0)
+    ck2 = save_untrained(tmp / "ck2", vocab, seed=1)
+    return str(root), str(ck1), str(ck2), read_split(str(root), "test").captions[3]
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_job(lambda: main(argv))
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def test_json_matches_the_library_matrix_and_a_picture_is_drawn(setup, tmp_path, capsys):
+    root, ck1, ck2, sentence = setup
+    cache, picture = tmp_path / "cache", tmp_path / "best.png"
+    argv = ["--model", ck1, "--data", root, "-k", "3", "--json", "--cache", str(cache)]
+    code, out, err = _run([*argv, sentence, "--picture", str(picture)], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [d["query"] for d in doc] == [sentence] and len(doc[0]["matches"]) == 3
+    split, model = read_split(root, "test"), load_model(ck1).model
+    vocab = Vocabulary.load(f"{root}/vocab.json")
+    full = score_matrix(model, split.features, split.num_regions, [vocab.encode(sentence)],
+                        torch.device("cpu"), bf16=False)  # fmt: skip
+    col = full["total"][:, 0]
+    for rank, m in enumerate(doc[0]["matches"], 1):
+        assert m["rank"] == rank and m["image"] == int(split.image_ids[m["row"]])
+        for key in ("total", "l2l", "g2l", "g2g"):
+            assert m[key] == pytest.approx(float(full[key][m["row"], 0]), abs=1e-5)
+    assert [m["row"] for m in doc[0]["matches"]] == sorted(range(6), key=lambda r: -col[r])[:3]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "encoded" in err and len(list(cache.iterdir())) == 1
+    # warm: the index comes from the cache; the picture (ours) may be replaced
+    code, out2, err = _run([*argv, sentence, "--picture", str(picture)], capsys)
+    assert code == 0 and json.loads(out2) == doc and "encoded" not in err
+    # another model: a new index, beside the first
+    code, out3, err = _run([*argv[:1], ck2, *argv[2:], sentence], capsys)
+    assert code == 0 and "encoded" in err and len(list(cache.iterdir())) == 2
+    assert json.loads(out3) != doc
+
+
+def test_bad_inputs_are_one_error_line(setup, tmp_path, capsys):
+    root, ck1, _, sentence = setup
+    base = ["--model", ck1, "--data", root, "--cache", str(tmp_path / "c")]
+    foreign = tmp_path / "mine.png"
+    foreign.write_bytes(b"\x89PNG\r\n\x1a\n a picture of the user's")
+    cases = [
+        ([*base, "  "], "query 1 is empty"),
+        ([*base, sentence, "zebra okapi"], "query 2 ('zebra okapi'): none of its words"),
+        ([*base, "--split", "val", sentence], "has no split 'val'"),
+        (["--model", str(tmp_path / "nope"), *base[2:], sentence], "no checkpoint there"),
+        ([*base, "--queries", str(tmp_path / "q.txt")], "does not exist"),
+        ([*base, sentence, "--picture", str(foreign)], "is not a search's picture"),
+        ([*base, sentence, "--picture", str(tmp_path / "x.jpg")], "ending in .png"),
+    ]
+    for argv, message in cases:
+        code, out, err = _run(argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+        assert message in lines[0] and out == ""
+    assert foreign.read_bytes().endswith(b"user's")
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
+def test_queries_file_and_table_through_the_shim(setup, tmp_path):
+    root, ck1, _, sentence = setup
+    queries = tmp_path / "q.txt"
+    queries.write_text(f"{sentence}\n\n{sentence} zebra\n")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "search.py"), "--model", ck1, "--data", root,
+         "--queries", str(queries), "--top", "2", "--cache", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.strip().split("\n\n")
+    assert len(blocks) == 2 and "not in the vocabulary: zebra" in blocks[1]
+    assert [line.split()[0] for line in blocks[0].splitlines()[1:]] == ["rank", "1", "2"]
