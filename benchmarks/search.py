@@ -81,13 +81,13 @@ def main() -> None:
             f"{split.features.shape[1]} regions x {split.features.shape[2]}-d")  # fmt: skip
         key = index_key({"model.pt": "benchmark"}, "synthetic", "test")
         cache = str(Path(d, "cache"))
-        args_ = (model, split.features, split.num_regions, split.image_ids, key, cache)
+        args_ = (model, split.features, split.num_regions, split.image_ids)
         t0 = time.perf_counter()
-        index, built = image_index(*args_, log=lambda s: None)
+        index, built = image_index(*args_, key=key, cache_dir=cache, log=lambda s: None)
         cold = time.perf_counter() - t0
         assert built
         t0 = time.perf_counter()
-        index, built = image_index(*args_, log=lambda s: None)
+        index, built = image_index(*args_, key=key, cache_dir=cache, log=lambda s: None)
         warm = time.perf_counter() - t0
         assert not built
         size = Path(cache).joinpath(f"index-{key}.pt").stat().st_size / 2**20

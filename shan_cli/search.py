@@ -22,7 +22,9 @@ from shan_cli.argtypes import at_least
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences to search for")
     p.add_argument("--model", required=True, help="model reference (see above)")
     p.add_argument("--data", required=True, help="data set root, local or s3://")

@@ -154,6 +154,7 @@ def image_index(
     features: np.ndarray,
     num_regions: np.ndarray,
     image_ids: np.ndarray,
+    *,
     key: str,
     cache_dir: str,
     log: Callable[[str], None] = print,

@@ -112,8 +112,9 @@ def search(
     key = index_key(loaded.files, data_fingerprint(fs.read_bytes(fs.join(data, CARD)), split),
                     opts.split)  # fmt: skip
     index, built = image_index(
-        loaded.model, split.features, split.num_regions, split.image_ids, key, opts.cache, log
-    )
+        loaded.model, split.features, split.num_regions, split.image_ids, key=key,
+        cache_dir=opts.cache, log=log,
+    )  # fmt: skip
     t1 = time.perf_counter()
     matches = rank(loaded.model, index, [q.tokens for q in queries], opts.top)
     seconds = {"index": t1 - t0, "query": time.perf_counter() - t1}

@@ -7,6 +7,8 @@ Layers, lowest first:
   tracking, runtime, scoring, data, features ... are library); it never parses a command line
   (no ``argparse``);
 - ``shan.train.*`` and ``shan.eval.*``: build on the library, never import each other;
+- ``shan.search.*``: builds on the library and on evaluation (its checkpoint loading, data
+  fingerprint and attention picture); nothing below it imports it;
 - ``shan_cli.*``: the command lines, may import any ``shan.*``;
 - ``jobs/*.py``: shims that import ``shan_cli`` only.
 
@@ -102,8 +104,11 @@ def within(name: str, package: str) -> bool:
 
 
 def layer(name: str) -> str:
-    """library, train, eval, cli, jobs, stack or other (stdlib, third party)."""
-    for package, kind in (("shan.train", "train"), ("shan.eval", "eval"), ("shan", "library")):
+    """library, train, eval, search, cli, jobs, stack or other (stdlib, third party)."""
+    for package, kind in (
+        ("shan.train", "train"), ("shan.eval", "eval"), ("shan.search", "search"),
+        ("shan", "library"),
+    ):  # fmt: skip
         if within(name, package):
             return kind
     for package, kind in (("shan_cli", "cli"), ("jobs", "jobs"), ("shan_stack", "stack")):
@@ -115,17 +120,21 @@ def layer(name: str) -> str:
 def import_problem(source: str, target: str) -> str | None:
     """Why module ``source`` may not import ``target`` (None: it may)."""
     src, dst = layer(source), layer(target)
-    if src in ("library", "train", "eval"):
+    if src in ("library", "train", "eval", "search"):
         if dst == "cli":
             return "the library never imports the command lines (shan_cli)"
         if dst == "stack":
             return "the library never imports the local service stack (shan_stack)"
         if within(target, "argparse"):
             return "the library never parses a command line (argparse)"
-    if src == "library" and dst in ("train", "eval"):
+    if src == "library" and dst in ("train", "eval", "search"):
         return f"a library module imports shan.{dst}, a layer above it"
     if {src, dst} == {"train", "eval"}:
         return "shan.train and shan.eval never import each other"
+    if dst == "search" and src in ("train", "eval"):
+        return f"shan.{src} imports shan.search, a layer above it"
+    if src == "search" and dst == "train":
+        return "shan.search never imports shan.train"
     if src in ("cli", "jobs") and dst == "stack":
         return f"{'shan_cli' if src == 'cli' else 'jobs/'} never imports shan_stack"
     if src == "jobs" and dst != "cli" and target != "__future__":
@@ -214,6 +223,12 @@ def found(problems: list[str], where: str) -> list[str]:
          "import shan.eval.job", "a library module imports shan.eval"),
         ("shan/tracking/runs.py", "from ..eval import tiles\n",
          "from ..eval import tiles", "a library module imports shan.eval"),
+        ("shan/scoring.py", "from shan.search import query\n",
+         "from shan.search import query", "a library module imports shan.search"),
+        ("shan/eval/job.py", "from shan.search.index import image_index\n",
+         "from shan.search.index import image_index", "imports shan.search, a layer above"),
+        ("shan/search/job.py", "from shan.train import worker\n",
+         "from shan.train import worker", "shan.search never imports shan.train"),
         ("shan/eval/outputs.py", "from shan.train.worker import lr_at\n",
          "from shan.train.worker import lr_at", "never import each other"),
         ("shan/train/driver.py", "from . import worker\nfrom ..eval import job\n",

@@ -32,7 +32,9 @@ def test_the_index_is_built_once_and_reused(tmp_path, monkeypatch):
     model = tiny_model().float()
     feats, counts, ids = _split()
     key = index_key(FILES, "data", "test")
-    index, built = image_index(model, feats, counts, ids, key, str(tmp_path), log=print)
+    index, built = image_index(
+        model, feats, counts, ids, key=key, cache_dir=str(tmp_path), log=print
+    )
     assert built and len(index) == 5 and index.image_ids.tolist() == list(range(100, 105))
     assert [p.name for p in tmp_path.iterdir()] == [f"index-{key}.pt"]  # no temporary left
 
@@ -40,7 +42,9 @@ def test_the_index_is_built_once_and_reused(tmp_path, monkeypatch):
         raise AssertionError("the image encoder ran with a warm cache")
 
     monkeypatch.setattr(model, "encode_images", no_encoding)
-    again, built = image_index(model, feats, counts, ids, key, str(tmp_path), log=print)
+    again, built = image_index(
+        model, feats, counts, ids, key=key, cache_dir=str(tmp_path), log=print
+    )
     assert not built
     for f in ("v", "mask", "vp", "vg", "pv"):
         assert torch.equal(getattr(again.images, f), getattr(index.images, f))
@@ -48,7 +52,9 @@ def test_the_index_is_built_once_and_reused(tmp_path, monkeypatch):
     # other data (another key): encoded again, the first file kept
     feats2, _, _ = _split(seed=1)
     key2 = index_key(FILES, "data2", "test")
-    other, built = image_index(model, feats2, counts, ids, key2, str(tmp_path), log=print)
+    other, built = image_index(
+        model, feats2, counts, ids, key=key2, cache_dir=str(tmp_path), log=print
+    )
     assert built and not torch.equal(other.images.v, index.images.v)
     assert len(list(tmp_path.iterdir())) == 2
 
@@ -60,11 +66,11 @@ def test_a_foreign_or_damaged_file_is_refused_and_kept(tmp_path):
     path = cache_path(tmp_path, key)
     path.write_bytes(b"not an index")
     with pytest.raises(JobError, match=rf"{path} is not the search index .*left alone"):
-        image_index(model, feats, counts, ids, key, str(tmp_path), log=print)
+        image_index(model, feats, counts, ids, key=key, cache_dir=str(tmp_path), log=print)
     assert path.read_bytes() == b"not an index"
     torch.save({"format": "shan-search-index/1", "key": "other"}, path)  # renamed by hand
     with pytest.raises(JobError, match="another format or key"):
-        image_index(model, feats, counts, ids, key, str(tmp_path), log=print)
+        image_index(model, feats, counts, ids, key=key, cache_dir=str(tmp_path), log=print)
     (tmp_path / "file").write_text("x")
     with pytest.raises(JobError, match="is a file, not a folder"):
-        image_index(model, feats, counts, ids, key, str(tmp_path / "file"), log=print)
+        image_index(model, feats, counts, ids, key=key, cache_dir=str(tmp_path / "file"), log=print)
