@@ -47,8 +47,8 @@ def training_note(run_name: str, epoch: object, table: str) -> str:
     """Markdown: the dev recall table (:func:`shan.metrics.format_table`) of the best epoch."""
     return (
         f"### Dev recall of the best epoch ({epoch})\n\n"
-        f"Run `{run_name}`; recalls in percent. The checkpoint is the artifact "
-        f"`checkpoint/`.\n\n{table}\n"
+        f"Run `{run_name}`; recalls in percent. The checkpoint is the run's logged model "
+        f"`model` (an MLflow pyfunc model).\n\n{table}\n"
     )
 
 

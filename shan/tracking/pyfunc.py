@@ -14,7 +14,7 @@ environment (``mlflow models serve --env-manager local``). The model does not ca
 (``code_paths``): MLflow would put a second copy of ``shan`` in front of the installed one, and in
 a process that has imported shan already (evaluation, the tests) two copies of the checkpoint
 and model classes would meet. ``pip_requirements`` pins what scoring imports (torch, numpy,
-pyarrow, pyyaml, mlflow) at the versions that logged the model, so the environment is
+pyarrow, pyyaml, nltk, mlflow) at the versions that logged the model, so the environment is
 recorded and MLflow does not have to infer it (which would load the model once more).
 """
 
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from shan.vocab import Vocabulary
 
 MODEL_NAME = "model"  # the logged model's name in a training run
-SCORING_NEEDS = ("torch", "numpy", "pyarrow", "pyyaml", "mlflow")  # what scoring imports
+# what scoring imports (nltk: the captions are tokenized with its word_tokenize, shan.vocab)
+SCORING_NEEDS = ("torch", "numpy", "pyarrow", "pyyaml", "nltk", "mlflow")
 
 
 class ShanModel(PythonModel):

@@ -120,6 +120,15 @@ def test_bad_requests_name_the_field(logged):
         model.predict(scoring_request(dim=12))
 
 
+def test_the_requirements_name_what_scoring_imports_the_tokenizer_included():
+    from shan.tracking import pyfunc
+
+    pins = dict(r.split("==") for r in pyfunc.pip_requirements())
+    # predict tokenizes the captions with NLTK's word_tokenize (shan.vocab)
+    assert {"torch", "numpy", "nltk", "mlflow"} <= set(pins), pins
+    assert all(pins.values())
+
+
 def test_using_tracking_uri_restores_the_environment(monkeypatch, tmp_path):
     import mlflow
 

@@ -125,6 +125,8 @@ def test_the_best_epoch_table_is_the_description_unless_someone_wrote_one(uri):
     notes.describe_training(c, rid, "r1", {"epoch": 3, "val/rsum": 1.0}, "| total | 12.5 |")
     note = c.get_run(rid).data.tags[NOTE]
     assert "best epoch (3)" in note and "| total | 12.5 |" in note
+    # the checkpoint is the run's logged model now, not an artifact ``checkpoint/``
+    assert "`checkpoint/`" not in note and "logged model" in note
     notes.describe_training(c, rid, "r1", {"epoch": 4}, "| total | 20.0 |")  # ours: replaced
     assert "| total | 20.0 |" in c.get_run(rid).data.tags[NOTE]
     c.set_tag(rid, NOTE, "my own words")
