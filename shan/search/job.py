@@ -71,6 +71,8 @@ def check_picture(path: str | None) -> None:
         raise JobError(f"--picture {path} exists and is not a search's picture; it is left alone")
     if not p.parent.is_dir():
         raise JobError(f"--picture {path}: folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise JobError(f"--picture {path}: cannot write in folder {p.parent}")
 
 
 def _head(path: Path, size: int = 4096) -> bytes:
@@ -156,13 +158,20 @@ def marked_png(png: bytes) -> bytes:
 
 
 def write_picture(path: str, png: bytes) -> None:
-    """Write ``png`` (marked as ours) to ``path`` atomically."""
-    p = Path(path)
+    """Write ``png`` (marked as ours) to ``path`` atomically; JobError naming the file when it
+    cannot be written."""
+    try:
+        _write_atomically(Path(path), marked_png(png))
+    except OSError as e:
+        raise JobError(f"--picture {path}: cannot write it ({e.strerror or e})") from None
+
+
+def _write_atomically(p: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
-            f.write(marked_png(png))
+            f.write(data)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -107,3 +107,19 @@ def test_queries_file_and_table_through_the_shim(setup, tmp_path):
     blocks = r.stdout.strip().split("\n\n")
     assert len(blocks) == 2 and "not in the vocabulary: zebra" in blocks[1]
     assert [line.split()[0] for line in blocks[0].splitlines()[1:]] == ["rank", "1", "2"]
+
+
+def test_a_picture_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path, monkeypatch):
+    from shan.errors import JobError
+    from shan.search import job
+
+    # a folder the search may not write in: refused before any image is encoded
+    monkeypatch.setattr(job.os, "access", lambda path, mode: False)
+    with pytest.raises(JobError, match=r"--picture .*best\.png: cannot write in folder"):
+        job.check_picture(str(tmp_path / "best.png"))
+    monkeypatch.undo()
+    # a failure while writing (a full disk, a folder gone) is a JobError naming the file
+    gone = tmp_path / "gone"
+    with pytest.raises(JobError, match=r"--picture .*x\.png: cannot write it"):
+        job.write_picture(str(gone / "x.png"), b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert not gone.exists()
