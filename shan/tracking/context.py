@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ def source_name(default: str) -> str:
     first = Path(argv[0]) if argv and argv[0] else None
     if first is None:
         return default
+    if re.fullmatch(r"shan [a-z]+", argv[0]):  # shan_cli.main renames it (argparse's prog)
+        return argv[0]
     cli = first.name == "shan" or (first.name == "__main__.py" and first.parent.name == "shan_cli")
     if cli and len(argv) > 1:
         return f"shan {argv[1]}"

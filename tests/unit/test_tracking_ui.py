@@ -153,3 +153,18 @@ def test_system_metrics_are_sampled_per_node_and_a_short_block_logs_one_sample(u
     with SystemMetrics(uri, off, every=0, node_id="n3"):
         time.sleep(0.3)
     assert not c.get_run(off).data.metrics
+
+
+def test_the_shan_command_is_named_after_its_dispatcher_renamed_argv(monkeypatch):
+    # shan_cli.main sets sys.argv[0] to "shan <command>" (argparse's prog) before the command
+    # runs: the command's runs must still be named "shan train", not the jobs/ shim
+    import shan_cli.main
+    import shan_cli.train
+
+    seen = []
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/shan", "train", "--config", "x"])
+    monkeypatch.setattr(
+        shan_cli.train, "main", lambda argv: seen.append(context.source_name("jobs/train.py"))
+    )
+    shan_cli.main.main(["train", "--config", "x"])
+    assert seen == ["shan train"]
