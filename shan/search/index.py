@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shan.errors import JobError
+from shan.progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -59,10 +60,14 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 
 def encode_split_images(
-    model: SHAN, features: np.ndarray, num_regions: np.ndarray, chunk: int = 256
+    model: SHAN,
+    features: np.ndarray,
+    num_regions: np.ndarray,
+    chunk: int = 256,
+    report: Callable[[int], None] | None = None,
 ) -> EncodedImages:
     """features (N, k, F), num_regions (N,) -> the N images encoded (float32, CPU), ``chunk``
-    images at a time through :meth:`SHAN.encode_images`."""
+    images at a time through :meth:`SHAN.encode_images`; ``report`` gets each chunk's size."""
     import torch
 
     from shan.model import EncodedImages
@@ -76,6 +81,8 @@ def encode_split_images(
             counts = torch.from_numpy(np.array(num_regions[i0 : i0 + chunk]))
             im = model.encode_images(feats.to(device), counts.to(device))
             parts.append(EncodedImages(*(_cpu32(getattr(im, f)) for f in TENSORS)))
+            if report is not None:
+                report(len(feats))
     return EncodedImages(*(torch.cat([getattr(p, f) for p in parts]) for f in TENSORS))
 
 
@@ -168,7 +175,8 @@ def image_index(
             raise JobError(f"{path}: its image ids are not the split's; remove it")
         log(f"image index: {len(index)} images from {path}")
         return index, False
-    images = encode_split_images(model, features, num_regions)
+    with Progress("encode images", len(image_ids), "images") as progress:  # on stderr
+        images = encode_split_images(model, features, num_regions, report=progress.update)
     index = ImageIndex(images, np.asarray(image_ids, dtype=np.int64), key)
     try:
         save_index(path, index)

@@ -62,9 +62,11 @@ def test_json_matches_the_library_matrix_and_a_picture_is_drawn(setup, tmp_path,
     assert [m["row"] for m in doc[0]["matches"]] == sorted(range(6), key=lambda r: -col[r])[:3]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "encoded" in err and len(list(cache.iterdir())) == 1
+    assert "encode images: 100% (6/6 images)" in err  # the index build reports its progress
     # warm: the index comes from the cache; the picture (ours) may be replaced
     code, out2, err = _run([*argv, sentence, "--picture", str(picture)], capsys)
     assert code == 0 and json.loads(out2) == doc and "encoded" not in err
+    assert "encode images" not in err
     # another model: a new index, beside the first
     code, out3, err = _run([*argv[:1], ck2, *argv[2:], sentence], capsys)
     assert code == 0 and "encoded" in err and len(list(cache.iterdir())) == 2
