@@ -353,7 +353,9 @@ class TrackingConfig(_Section):
         p.at_least("log_every", self.log_every, 1)
         p.at_least("keep_checkpoints", self.keep_checkpoints, 1)
         p.at_least("max_failures", self.max_failures, 0)
-        p.non_negative("system_metrics_every", self.system_metrics_every)
+        every = self.system_metrics_every
+        if not _finite(every) or not (every == 0 or every >= 1):
+            p.bad("system_metrics_every", every, "0 (off) or at least 1 (seconds)")
         return list(p)
 
 

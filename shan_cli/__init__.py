@@ -7,6 +7,7 @@ module has ``main(argv) -> int`` and runs under :func:`run_job`; ``jobs/*.py`` a
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -15,7 +16,10 @@ from shan.errors import USER_ERRORS, problems
 
 def run_job(main: Callable[[], int | None]) -> None:
     """Run ``main``; a user error prints one ``error: ...`` line per problem and exits with
-    status 2."""
+    status 2. In a log (stderr not a terminal) MLflow's download bars are off: their carriage
+    returns would fill it (shan.progress prints plain lines there)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         code = main()
     except USER_ERRORS as e:

@@ -65,7 +65,12 @@ def resolve(ref: str, uri: str | None = None) -> ModelRef:
         return _registered(ref, uri)
     if ref.startswith("s3://"):
         path = _download_s3(ref)
-        return ModelRef(ref, path, temp=path)
+        try:
+            found = checkpoint_in(path, ref)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return ModelRef(ref, str(found), temp=path)
     if RUN_ID.match(ref) and not Path(ref).exists():
         temp = tempfile.mkdtemp(prefix="shan-model-")
         try:
@@ -74,9 +79,9 @@ def resolve(ref: str, uri: str | None = None) -> ModelRef:
             shutil.rmtree(temp, ignore_errors=True)
             raise
         return ModelRef(ref, path, train_run_id=ref, temp=temp)
-    if not Path(ref, MODEL_FILE).is_file():
+    if not Path(ref, MODEL_FILE).is_file() and not Path(ref, "MLmodel").is_file():
         raise CheckpointError(f"model {ref}: no checkpoint there (expected {ref}/{MODEL_FILE})")
-    return ModelRef(ref, str(Path(ref).absolute()))
+    return ModelRef(ref, str(checkpoint_in(Path(ref).absolute(), ref)))  # or an MLflow model's
 
 
 def safe_relative(key: str, root: str, name: str | None = None) -> str:

@@ -21,19 +21,25 @@ class SystemMetrics:
         self._first_step = 0
 
     def start(self) -> None:
+        """Start sampling. Never raises: without system metrics the training goes on."""
         if self.every <= 0 or self.monitor is not None:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.monitor = SystemMetricsMonitor(
-            self.run_id,
-            sampling_interval=self.every,
-            resume_logging=True,
-            node_id=self.node_id,
-            tracking_uri=self.uri,
-        )
-        self._first_step = self.monitor._logging_step
-        self.monitor.start()
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.every,
+                resume_logging=True,
+                node_id=self.node_id,
+                tracking_uri=self.uri,
+            )
+            self._first_step = monitor._logging_step
+            monitor.start()
+        except Exception as e:
+            _log.warning("system metrics: not sampled (%s: %s)", type(e).__name__, e)
+            return
+        self.monitor = monitor
 
     def stop(self) -> None:
         """Stop sampling; a last sample when none was logged yet. Never raises: the

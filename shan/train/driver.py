@@ -328,6 +328,7 @@ def _log_outcome(
     c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = best_ckpt.to_directory(str(Path(tmp) / "checkpoint"))
+        saved = _keep_local_copy(local, run_name, log)  # first: kept if MLflow then fails
         model_uri = pyfunc.log_model(uri, run_id, local, step=int(best_metrics["epoch"]))
         for name in ("config.yaml", "vocab.json"):
             c.log_artifact(run_id, str(Path(local) / name))
@@ -340,7 +341,6 @@ def _log_outcome(
         c.set_tag(run_id, "shan.best_epoch", str(best_metrics["epoch"]))
         notes.describe_training(c, run_id, run_name, best_metrics, table)
         c.log_metric(run_id, "best/val_rsum", best_metrics["val/rsum"])
-        saved = _keep_local_copy(local, run_name, log)
     if register:
         version = pyfunc.register(uri, model_uri, register, run_id)
         log(f"registered {register} version {version} ({model_uri})")

@@ -67,6 +67,7 @@ def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed in finally)
     # MLflow runs `uvicorn` from PATH: the one beside this Python
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU float32, comparable to the library's at 1e-5
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )

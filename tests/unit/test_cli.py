@@ -237,3 +237,29 @@ def test_train_flags_set_the_keys_their_help_names():
     helps = {a.dest: a.help for a in parser()._actions}
     for flag, key in FLAG_KEYS:
         assert key in keys and key in helps[flag], (flag, key)
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_mlflow_download_bars_are_off_in_a_log_only(monkeypatch, tty):
+    import io
+    import os
+
+    from shan_cli import run_job
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "x")  # restored afterwards
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    monkeypatch.setattr("sys.stderr", Stream())
+    seen = {}
+
+    def main() -> int:
+        seen["bar"] = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        return 0
+
+    with pytest.raises(SystemExit) as e:
+        run_job(main)
+    assert e.value.code == 0
+    assert seen["bar"] == (None if tty else "false")

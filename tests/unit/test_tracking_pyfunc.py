@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ np.savez(sys.argv[3], **out)
 def test_load_by_alias_in_a_fresh_process_scores_like_the_library(logged, tmp_path):
     req = scoring_request()
     np.savez(tmp_path / "req.npz", **req)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"]}
+    # on CPU: on a GPU the model scores with bf16 autocast, not comparable at 1e-5
+    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "CUDA_VISIBLE_DEVICES": ""}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     args = ["models:/shan-test@champion", str(tmp_path / "req.npz"), str(tmp_path / "out.npz")]
     subprocess.run([sys.executable, "-c", FRESH, *args], env=env, check=True, timeout=300)
@@ -192,6 +194,19 @@ def test_resolve_the_mlflow_model_layout(logged):
         finally:
             refs.cleanup([m])
         assert not Path(m.path).exists()
+
+
+def test_a_downloaded_mlflow_model_folder_resolves_to_its_checkpoint(logged, tmp_path):
+    m = refs.resolve("models:/shan-test/1", logged["uri"])
+    try:
+        folder = Path(m.path).parent.parent  # MLmodel + artifacts/checkpoint
+        assert (folder / "MLmodel").is_file()
+        mine = shutil.copytree(folder, tmp_path / "downloaded")
+    finally:
+        refs.cleanup([m])
+    local = refs.resolve(str(mine))
+    same_checkpoint(local.path, logged["ckpt"])
+    assert local.temp is None and Path(local.path).is_relative_to(mine)
 
 
 def test_resolve_the_plain_checkpoint_layout(logged):
