@@ -167,10 +167,18 @@ def client(uri: str) -> MlflowClient:
 
 def experiment_id(c: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created when it does not exist yet; marked as a
-    model-training experiment (:data:`KIND_TAG`) unless it has a kind already."""
+    model-training experiment (:data:`KIND_TAG`) unless it has a kind already. Two jobs that
+    create it at once get the same one."""
+    from mlflow.exceptions import MlflowException
+
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(name, tags={KIND_TAG: KIND})
+        try:
+            return c.create_experiment(name, tags={KIND_TAG: KIND})
+        except MlflowException:  # created by another job since (else the error stands)
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if KIND_TAG not in exp.tags:
         c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
     return exp.experiment_id

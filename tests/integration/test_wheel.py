@@ -6,8 +6,8 @@ fresh environment gets the project environment's site-packages through a ``.pth`
 torch, Ray and MLflow resolve without a download; only that directory is added, so the
 project environment's own ``.pth`` files (its editable install of ``shan``) are not read, and
 ``shan`` is the wheel's. The commands run from a temporary folder with ``PYTHONPATH`` unset:
-the version, a tiny synthetic data set and its validation, and a one-epoch training on a local
-Ray instance with the packaged ``demo`` config.
+the version, a tiny synthetic data set and its validation, and the packaged ``demo`` config
+resolved around it.
 """
 
 from __future__ import annotations
@@ -166,10 +166,11 @@ def test_python_m_shan_cli_main_version(fresh, tmp_path):
     assert out.strip() == f"shan {shan.__version__}"
 
 
-def test_data_and_a_training_outside_the_source_tree(fresh, tmp_path):
-    """The packaged demo config loads from the installed package; a local Ray instance (token
-    authentication as the caller has it) trains one epoch and the best checkpoint is copied to
-    ./checkpoints/<run>."""
+def test_data_and_the_packaged_config_outside_the_source_tree(fresh, tmp_path):
+    """The installed package generates and validates a data set, and its packaged ``demo``
+    config resolves with a relative ``--data`` (``--print-config``: nothing starts). The
+    trainings of test_train and test_multinode run from the checkout; one more here cost a
+    minute of CI."""
     out = check(
         run(
             [fresh.shan, "data", "synthetic", "--out", "./tiny", "--train", "40", "--dev", "10",
@@ -181,23 +182,13 @@ def test_data_and_a_training_outside_the_source_tree(fresh, tmp_path):
     assert "wrote ./tiny" in out and (tmp_path / "tiny" / "dataset.json").is_file()
     out = check(run([fresh.shan, "data", "validate", "./tiny"], tmp_path))
     assert out.strip().endswith("./tiny: valid")
-
-    # a relative --data: the driver hands the workers (which run in other folders) the whole path
-    r = run(
-        [fresh.shan, "train", "--config", "demo", "--data", "./tiny",
-         "--name", "wheel-run",
-         "model.feature_dim=16", "model.d=16", "model.word_dim=8", "model.d_a=8",
-         "optim.epochs=1", "optim.batch_size=8", "data.shuffle_buffer=16",
-         "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "scaling.score_block=8",
-         "tracking.experiment=shan-wheel", "tracking.log_every=1",
-         f"tracking.storage_path={tmp_path / 'ray_results'}"],
-        tmp_path,
-        timeout=300,
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    out = check(
+        run([fresh.shan, "train", "--config", "demo", "--data", "./tiny", "--print-config",
+             "model.feature_dim=16"], tmp_path)
     )  # fmt: skip
-    out = check(r)
-    best = tmp_path / "checkpoints" / "wheel-run"
-    assert sorted(p.name for p in best.iterdir()) == ["config.yaml", "model.pt", "vocab.json"]
-    assert "best checkpoint:" in out and "Ray: starting a local instance" in r.stdout + r.stderr
-    assert (tmp_path / "mlflow.db").is_file()
-    assert not (ROOT / "checkpoints" / "wheel-run").exists()
+    import yaml
+
+    cfg = yaml.safe_load(out)
+    assert cfg["name"] == "demo" and cfg["data"]["path"] == "./tiny"
+    assert cfg["model"]["feature_dim"] == 16
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()

@@ -168,3 +168,22 @@ def test_the_shan_command_is_named_after_its_dispatcher_renamed_argv(monkeypatch
     )
     shan_cli.main.main(["train", "--config", "x"])
     assert seen == ["shan train"]
+
+
+def test_two_jobs_creating_the_experiment_at_once_get_the_same_one(uri):
+    c = tracking.client(uri)
+    first = tracking.experiment_id(c, "raced")  # the other job, a moment earlier
+
+    class Late:  # this job looked before the other one created it
+        looked = False
+
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return c.get_experiment_by_name(name)
+
+    assert tracking.experiment_id(Late(), "raced") == first
