@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shan-demo"
+VIEW = "workflowType=machine_learning"
 
 
 def free_port() -> int:
@@ -168,8 +169,10 @@ def main() -> None:
                 "mlflow_run_system_metrics.png": f"{run}/{train}/system-metrics",
                 "mlflow_eval_plots.png": f"{run}/{evaluation}/artifacts/recall_at_k.png",
             }
+            # a fresh browser remembers no view: the model-training one, as the experiment's
+            # kind says (the UI's toggle is kept in the browser or given in the URL)
             for name, url in shots.items():
-                shoot(browser, url, out / name, Path(profile))
+                shoot(browser, f"{url}?{VIEW}", out / name, Path(profile))
     finally:
         stop(proc)
     print(f"store: {uri}")
