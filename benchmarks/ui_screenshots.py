@@ -7,8 +7,8 @@ It trains the demo config (``--epochs``, default 2) registering ``shan-demo``, e
 version 1 on the demo test split, starts ``mlflow server`` on 127.0.0.1 over that store and
 takes, with Debian's ``chromium`` (installed with apt-get when it is missing and we are root):
 
-- ``mlflow_run_overview.png``: the training run's overview (description, data set, source,
-  logged model, parameters);
+- ``mlflow_run_overview.png``: the training run's overview (source, data set, registered
+  model, description, metrics, parameters and, at its foot, the logged model);
 - ``mlflow_run_metrics.png``: its model metrics (``train/loss``, ``val/rsum``, ...);
 - ``mlflow_run_system_metrics.png``: its system metrics;
 - ``mlflow_eval_plots.png``: the evaluation run's recall-at-K plot in the artifact viewer.
@@ -120,26 +120,23 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def shoot(browser: str, url: str, dest: Path, profile: Path) -> None:
-    subprocess.run(
-        [
-            browser,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            "--window-size=1600,1100",
-            "--virtual-time-budget=8000",
-            f"--screenshot={dest}",
-            url,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=120,
-    )  # fmt: skip  (a longer virtual-time budget can hang: the UI keeps polling)
-    print(f"{dest}  <-  {url}", flush=True)
+def shoot(browser: str, url: str, dest: Path, profile: Path, height: int = 1100) -> None:
+    """One screenshot; headless Chromium sometimes never ends its virtual-time budget while
+    the UI polls, so a try that takes over 60 s is killed (its whole group) and made again."""
+    cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={profile}", f"--window-size=1600,{height}",
+           "--virtual-time-budget=8000", f"--screenshot={dest}", url]  # fmt: skip
+    for _ in range(4):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            if proc.wait(60) == 0:
+                print(f"{dest}  <-  {url}", flush=True)
+                return
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    sys.exit(f"error: chromium did not screenshot {url} in 4 tries")
 
 
 def main() -> None:
@@ -171,8 +168,9 @@ def main() -> None:
             }
             # a fresh browser remembers no view: the model-training one, as the experiment's
             # kind says (the UI's toggle is kept in the browser or given in the URL)
-            for name, url in shots.items():
-                shoot(browser, f"{url}?{VIEW}", out / name, Path(profile))
+            for name, url in shots.items():  # the overview down to its "Logged models"
+                height = 2500 if name == "mlflow_run_overview.png" else 1100
+                shoot(browser, f"{url}?{VIEW}", out / name, Path(profile), height)
     finally:
         stop(proc)
     print(f"store: {uri}")
