@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -102,11 +102,17 @@ def save_index(path: Path, index: ImageIndex) -> None:
         "image_ids": torch.tensor(np.asarray(index.image_ids, dtype=np.int64)),
         **{f: getattr(index.images, f) for f in TENSORS},
     }
+    write_atomically(path, lambda f: torch.save(payload, f))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` into a temporary file beside ``path``, synced, then renamed to ``path``: a
+    reader never sees half a file, and a failure leaves only what was there."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

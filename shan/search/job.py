@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from shan.data import fs
 from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import JobError
-from shan.search.index import ImageIndex, image_index, index_key
+from shan.search.index import ImageIndex, image_index, index_key, write_atomically
 from shan.search.query import Match, Query, parse_query, score_queries, top_matches
 from shan.tracking import refs
 
@@ -161,18 +160,6 @@ def write_picture(path: str, png: bytes) -> None:
     """Write ``png`` (marked as ours) to ``path`` atomically; JobError naming the file when it
     cannot be written."""
     try:
-        _write_atomically(Path(path), marked_png(png))
+        write_atomically(Path(path), lambda f: f.write(marked_png(png)))
     except OSError as e:
         raise JobError(f"--picture {path}: cannot write it ({e.strerror or e})") from None
-
-
-def _write_atomically(p: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
