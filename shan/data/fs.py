@@ -6,9 +6,13 @@ S3 settings come from the usual variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KE
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
@@ -96,6 +100,46 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
     except OSError as e:
         raise StorageError(f"cannot write {uri}: {e}") from e
+
+
+def write_atomic(
+    uri: str | Path,
+    data: bytes | Callable[[BinaryIO], object],
+    *,
+    make_parents: bool = False,
+) -> None:
+    """Write ``data`` (bytes, or a function that writes into a binary file) to ``uri`` so that
+    a reader sees the old file or the whole new one, never part of it.
+
+    Local: into a temporary file beside it (``.NAME.tmp-XXXXXXXX``), synced, made mode 0644,
+    then renamed over ``uri``; a failure removes the temporary and leaves what was there (and
+    raises the OSError, or the writer's exception). ``s3://``: one object PUT, which is atomic;
+    a failure is a StorageError. ``make_parents``: create a missing local folder first (a
+    remote store has no folders to create)."""
+    if is_remote(str(uri)):
+        if not isinstance(data, bytes):
+            buf = io.BytesIO()
+            data(buf)
+            data = buf.getvalue()
+        write_bytes(str(uri), data)
+        return
+    path = local_path(str(uri))
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would survive the rename
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_writable(uri: str) -> None:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # torch only where a picture is drawn: the jobs' error paths 
 _FILE = (
     r"sims_(total|l2l|g2l|g2g)\.npy|index\.json|metrics\.json|recall\.md|recall_at_k\.png"
     r"|attention_\d+\.png|promotion\.json|eval\.lock"
-    r"|tiles/model-\d+/(plan\.json|tile-r\d{5}-c\d{5}\.npz)(\.tmp-\d+)?"
+    r"|tiles/model-\d+/(plan\.json|tile-r\d{5}-c\d{5}\.npz)"
+    r"|tiles/model-\d+/\.?(plan\.json|tile-r\d{5}-c\d{5}\.npz)\.tmp-\w+"  # killed writes
 )
 OURS_FILE = re.compile(rf"^(v\d+/)?({_FILE})$")
 # one score's (i2t R@1..K, t2i R@1..K) in percent

@@ -24,7 +24,6 @@ import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,8 @@ from shan.runtime import Resources
 
 PLAN_FILE = "plan.json"
 TILE_NAME = re.compile(r"^tile-r(\d{5})-c(\d{5})\.npz$")
-TILE_TMP = re.compile(r"^(tile-r\d{5}-c\d{5}\.npz|plan\.json)\.tmp-\d+$")  # a killed write
+# a killed write's temporary (fs.write_atomic's ``.NAME.tmp-XXXXXXXX``; ``NAME.tmp-PID`` before)
+TILE_TMP = re.compile(r"^\.?(tile-r\d{5}-c\d{5}\.npz|plan\.json)\.tmp-\w+$")
 
 
 @dataclass
@@ -177,13 +177,7 @@ class TileStore:
     def _write(self, path: str, data: bytes) -> None:
         if self.guard is not None:
             self.guard()
-        if fs.is_remote(path):
-            fs.write_bytes(path, data)  # an S3 put is atomic
-            return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, path)  # never a half-written file
+        fs.write_atomic(path, data, make_parents=True)  # never a half-written file
 
     def save(self, r: int, c: int, sims: dict[str, np.ndarray]) -> None:
         why = tile_problem(self.plan, r, c, sims)

@@ -11,15 +11,14 @@ never overwritten.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shan.data import fs
 from shan.errors import JobError
 from shan.progress import Progress
 
@@ -93,7 +92,7 @@ def _cpu32(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_index(path: Path, index: ImageIndex) -> None:
-    """Write ``index`` to ``path`` atomically (a temporary file in the same folder, renamed)."""
+    """Write ``index`` to ``path`` atomically (:func:`shan.data.fs.write_atomic`)."""
     import torch
 
     payload = {
@@ -102,23 +101,7 @@ def save_index(path: Path, index: ImageIndex) -> None:
         "image_ids": torch.tensor(np.asarray(index.image_ids, dtype=np.int64)),
         **{f: getattr(index.images, f) for f in TENSORS},
     }
-    write_atomically(path, lambda f: torch.save(payload, f))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write`` into a temporary file beside ``path``, synced, then renamed to ``path``: a
-    reader never sees half a file, and a failure leaves only what was there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would survive the rename
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fs.write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load_index(path: Path, key: str, n_images: int) -> ImageIndex:

@@ -20,7 +20,7 @@ from shan.data import fs
 from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import JobError
-from shan.search.index import ImageIndex, image_index, index_key, write_atomically
+from shan.search.index import ImageIndex, image_index, index_key
 from shan.search.query import Match, Query, parse_query, score_queries, top_matches
 from shan.tracking import refs
 
@@ -160,6 +160,6 @@ def write_picture(path: str, png: bytes) -> None:
     """Write ``png`` (marked as ours) to ``path`` atomically; JobError naming the file when it
     cannot be written."""
     try:
-        write_atomically(Path(path), lambda f: f.write(marked_png(png)))
+        fs.write_atomic(path, marked_png(png))
     except OSError as e:
         raise JobError(f"--picture {path}: cannot write it ({e.strerror or e})") from None

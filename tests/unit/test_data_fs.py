@@ -126,3 +126,36 @@ def test_delete_file_and_tree_tolerate_what_is_gone(tmp_path):
 def test_a_file_url_names_the_local_file(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"abc")
     assert fs.read_bytes(tmp_path.as_uri() + "/a.txt") == b"abc"
+
+
+def test_write_atomic_replaces_the_whole_file_readable_by_all(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+    fs.write_atomic(str(target), b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o644
+    fs.write_atomic(target, lambda f: f.write(b"streamed"))  # a writer function, a Path
+    assert target.read_bytes() == b"streamed"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]  # no temporary left
+
+
+def test_write_atomic_failing_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+
+    def half(f):
+        f.write(b"half of it")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        fs.write_atomic(str(target), half)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_write_atomic_makes_the_folder_only_when_asked(tmp_path):
+    gone = tmp_path / "gone" / "x.bin"
+    with pytest.raises(FileNotFoundError):
+        fs.write_atomic(str(gone), b"x")
+    assert not gone.parent.exists()
+    fs.write_atomic(str(gone), b"x", make_parents=True)
+    assert gone.read_bytes() == b"x"

@@ -43,6 +43,7 @@ def test_only_an_evaluations_own_files_are_accepted_in_out(tmp_path):
         "tiles/model-1/tile-r00001-c00002.npz",
         "tiles/model-1/tile-r00001-c00002.npz.tmp-77",
         "tiles/model-1/plan.json.tmp-78",
+        "tiles/model-1/.tile-r00001-c00002.npz.tmp-ab_3kz9q",
         "v3/metrics.json",
         "v3/tiles/model-0/plan.json",
     ]

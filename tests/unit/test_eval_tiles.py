@@ -282,13 +282,18 @@ def test_an_unusable_plan_file_clears_the_tiles(tmp_path, full, plan_bytes, why)
     assert store.listed() == set() and len(log) == 1 and why in log[0]
 
 
-def test_a_left_over_temporary_is_cleared(tmp_path):
+@pytest.mark.parametrize(
+    "name", ["tile-r00000-c00000.npz.tmp-4242", ".tile-r00000-c00000.npz.tmp-k3_x9abc"]
+)
+def test_a_left_over_temporary_is_cleared(tmp_path, name):
+    """Of a write killed mid-way: fs.write_atomic's, or an older version's name."""
     folder = tmp_path / "tiles"
     folder.mkdir()
-    (folder / "tile-r00000-c00000.npz.tmp-4242").write_bytes(b"half")
+    (folder / name).write_bytes(b"half")
     log = Log()
     TileStore(str(folder), make_plan(), log=log)
-    assert not (folder / "tile-r00000-c00000.npz.tmp-4242").exists() and len(log) == 1
+    assert not (folder / name).exists() and len(log) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["plan.json"]  # no temporary of its own
 
 
 def test_a_fresh_store_says_nothing(tmp_path):
