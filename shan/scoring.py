@@ -1,8 +1,12 @@
 """Scoring whole splits with the model's one scorer (``SHAN.score``), chunk by chunk, their
-recall metrics, and the precision every scoring path uses (:func:`autocast`)."""
+recall metrics, the precision every scoring path uses (:func:`autocast`), and the one chunked
+image encoder (:func:`image_chunks`, :func:`encode_images`) that validation, the evaluation's
+tiles and the search's index share."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -11,7 +15,9 @@ import torch
 
 from shan.data.reader import SplitArrays, pad_tokens
 from shan.metrics import format_table, recall_metrics
-from shan.model import SCORES, SHAN
+from shan.model import SCORES, SHAN, EncodedImages
+
+IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(EncodedImages))  # v, mask, vp, vg, pv
 
 
 def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
@@ -19,6 +25,55 @@ def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def image_chunks(
+    model: SHAN,
+    features: np.ndarray,
+    num_regions: np.ndarray,
+    device: torch.device,
+    *,
+    chunk: int = 256,
+    bf16: bool = True,
+) -> Iterator[tuple[slice, EncodedImages]]:
+    """features (N, R, F), num_regions (N,) -> for each run of ``chunk`` images, its rows and
+    the images encoded on ``device`` (:meth:`SHAN.encode_images`: v, vp, pv (B, R, d), vg
+    (B, R, 2d), mask (B, R) bool), without gradients and at :func:`autocast` precision. The
+    model is put in eval mode. Only one chunk is in memory at a time."""
+    model.eval()
+    for i0 in range(0, len(features), chunk):
+        feats = torch.from_numpy(np.array(features[i0 : i0 + chunk], dtype=np.float32))
+        counts = torch.from_numpy(np.array(num_regions[i0 : i0 + chunk]))
+        with torch.no_grad(), autocast(device, bf16):
+            images = model.encode_images(feats.to(device), counts.to(device))
+        yield slice(i0, i0 + len(feats)), images
+
+
+def encode_images(
+    model: SHAN,
+    features: np.ndarray,
+    num_regions: np.ndarray,
+    device: torch.device,
+    *,
+    chunk: int = 256,
+    bf16: bool = False,
+    report: Callable[[int], None] | None = None,
+) -> EncodedImages:
+    """features (N, R, F), num_regions (N,) -> the N images encoded (:func:`image_chunks`),
+    on CPU: v, vp, pv (N, R, d), vg (N, R, 2d) float32, mask (N, R) bool. ``report`` gets each
+    chunk's size as it is done."""
+    parts: list[EncodedImages] = []
+    for _, images in image_chunks(model, features, num_regions, device, chunk=chunk, bf16=bf16):
+        parts.append(EncodedImages(*(_cpu32(getattr(images, f)) for f in IMAGE_FIELDS)))
+        if report is not None:
+            report(len(images))
+    if len(parts) == 1:
+        return parts[0]
+    return EncodedImages(*(torch.cat([getattr(p, f) for p in parts]) for f in IMAGE_FIELDS))
+
+
+def _cpu32(x: torch.Tensor) -> torch.Tensor:
+    return x.cpu() if x.dtype == torch.bool else x.float().cpu()
 
 
 @torch.no_grad()
@@ -39,22 +94,19 @@ def score_matrix(
     Captions are encoded in chunks of similar length; memory holds one image chunk and one
     caption chunk, not the split.
     """
-    model.eval()
     n, c = len(features), len(tokens)
     out = {k: np.empty((n, c), dtype=np.float32) for k in SCORES}
     order = np.argsort([len(t) for t in tokens], kind="stable")
-    with autocast(device, bf16):
-        for i0 in range(0, n, image_chunk):
-            feats = torch.from_numpy(np.array(features[i0 : i0 + image_chunk]))  # a writable copy
-            counts = torch.from_numpy(np.array(num_regions[i0 : i0 + image_chunk]))
-            images = model.encode_images(feats.to(device).float(), counts.to(device))
+    chunks = image_chunks(model, features, num_regions, device, chunk=image_chunk, bf16=bf16)
+    for rows, images in chunks:
+        with autocast(device, bf16):
             for c0 in range(0, c, caption_chunk):
                 cols = order[c0 : c0 + caption_chunk]
                 toks, lens = pad_tokens([tokens[j] for j in cols])
                 caps = model.encode_captions(toks.to(device), lens.to(device))
                 sims = model.score(images, caps, block=block)
                 for key in SCORES:
-                    out[key][i0 : i0 + len(feats), cols] = sims[key].float().cpu().numpy()
+                    out[key][rows, cols] = sims[key].float().cpu().numpy()
     return out
 
 
@@ -73,4 +125,12 @@ def evaluate_split(
     return split_metrics(sims, data.caption_image)
 
 
-__all__ = ["autocast", "evaluate_split", "format_table", "score_matrix", "split_metrics"]
+__all__ = [
+    "autocast",
+    "encode_images",
+    "evaluate_split",
+    "format_table",
+    "image_chunks",
+    "score_matrix",
+    "split_metrics",
+]

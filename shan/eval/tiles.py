@@ -293,14 +293,14 @@ class TileScorer:
     def encode_images(
         self, m: int, features: np.ndarray, counts: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+        """A tile row's images (B, R, F), region counts (B,) -> v (B, R, d) float32, mask
+        (B, R) bool (the scorer's other image terms are made again from them per tile)."""
+        from shan.scoring import encode_images
 
-        from shan.scoring import autocast
-
-        with torch.no_grad(), autocast(self.device, self.bf16):
-            f = torch.from_numpy(np.array(features)).to(self.device).float()
-            im = self.models[m].encode_images(f, torch.from_numpy(np.array(counts)))
-            return im.v.float().cpu().numpy(), im.mask.cpu().numpy()
+        chunk = max(1, len(features))  # the row is the chunk
+        im = encode_images(self.models[m], features, counts, self.device, chunk=chunk,
+                           bf16=self.bf16)  # fmt: skip
+        return im.v.numpy(), im.mask.numpy()
 
     def encode_captions(self, m: int, tokens: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         import torch

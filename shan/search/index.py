@@ -23,8 +23,6 @@ from shan.errors import JobError
 from shan.progress import Progress
 
 if TYPE_CHECKING:
-    import torch
-
     from shan.model import SHAN, EncodedImages
 
 FORMAT = "shan-search-index/1"
@@ -56,39 +54,6 @@ def index_key(model_files: dict[str, str], data_fp: str, split: str) -> str:
 
 def cache_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / f"index-{key}.pt"
-
-
-def encode_split_images(
-    model: SHAN,
-    features: np.ndarray,
-    num_regions: np.ndarray,
-    chunk: int = 256,
-    report: Callable[[int], None] | None = None,
-) -> EncodedImages:
-    """features (N, k, F), num_regions (N,) -> the N images encoded (float32, CPU), ``chunk``
-    images at a time through :meth:`SHAN.encode_images`; ``report`` gets each chunk's size."""
-    import torch
-
-    from shan.model import EncodedImages
-
-    model.eval()
-    device = next(model.parameters()).device
-    parts: list[EncodedImages] = []
-    with torch.no_grad():
-        for i0 in range(0, len(features), chunk):
-            feats = torch.from_numpy(np.array(features[i0 : i0 + chunk], dtype=np.float32))
-            counts = torch.from_numpy(np.array(num_regions[i0 : i0 + chunk]))
-            im = model.encode_images(feats.to(device), counts.to(device))
-            parts.append(EncodedImages(*(_cpu32(getattr(im, f)) for f in TENSORS)))
-            if report is not None:
-                report(len(feats))
-    return EncodedImages(*(torch.cat([getattr(p, f) for p in parts]) for f in TENSORS))
-
-
-def _cpu32(x: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return x.cpu() if x.dtype == torch.bool else x.float().cpu()
 
 
 def save_index(path: Path, index: ImageIndex) -> None:
@@ -157,6 +122,8 @@ def image_index(
 ) -> tuple[ImageIndex, bool]:
     """The index of ``key``: loaded from ``cache_dir`` when there, else encoded (features
     (N, k, F), num_regions (N,), image_ids (N,)) and cached. Returns (index, built)."""
+    from shan.scoring import encode_images  # torch: only once the inputs are checked
+
     path = cache_path(check_cache_dir(cache_dir), key)
     if path.exists():
         index = load_index(path, key, len(image_ids))
@@ -165,7 +132,8 @@ def image_index(
         log(f"image index: {len(index)} images from {path}")
         return index, False
     with Progress("encode images", len(image_ids), "images") as progress:  # on stderr
-        images = encode_split_images(model, features, num_regions, report=progress.update)
+        device = next(model.parameters()).device
+        images = encode_images(model, features, num_regions, device, report=progress.update)
     index = ImageIndex(images, np.asarray(image_ids, dtype=np.int64), key)
     try:
         save_index(path, index)
@@ -179,7 +147,6 @@ __all__ = [
     "FORMAT",
     "ImageIndex",
     "cache_path",
-    "encode_split_images",
     "image_index",
     "index_key",
     "load_index",

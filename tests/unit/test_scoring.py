@@ -10,7 +10,7 @@ import torch
 from shan.data.reader import pad_tokens
 from shan.metrics import recall_metrics
 from shan.model import SCORES
-from shan.scoring import autocast, score_matrix, split_metrics
+from shan.scoring import IMAGE_FIELDS, autocast, encode_images, score_matrix, split_metrics
 from tests.helpers import tiny_model
 
 CPU = torch.device("cpu")
@@ -37,6 +37,37 @@ def test_chunks_and_length_order_do_not_change_the_matrix():
     for key in SCORES:
         assert got[key].shape == (7, 14) and got[key].dtype == np.float32
         np.testing.assert_allclose(got[key], want[key].numpy(), atol=1e-5)
+
+
+def test_the_chunked_encoder_gives_the_images_encoded_at_once():
+    model = tiny_model().float()
+    features, counts, _ = split(ni=7)
+    sizes: list[int] = []
+    got = encode_images(model, features.astype(np.float16), counts, CPU, chunk=3,
+                        report=sizes.append)  # fmt: skip
+    assert sizes == [3, 3, 1] and not model.training
+    with torch.no_grad():
+        feats = torch.from_numpy(features.astype(np.float16).astype(np.float32))
+        want = model.encode_images(feats, torch.from_numpy(counts))
+    for f in IMAGE_FIELDS:
+        a, b = getattr(got, f), getattr(want, f)
+        assert a.device.type == "cpu" and a.dtype == b.dtype and not a.requires_grad
+        assert torch.equal(a, b) if f == "mask" else torch.allclose(a, b, atol=1e-6), f
+    assert got.vg.shape == (7, 5, 2 * got.v.shape[-1])
+
+
+def test_the_tile_actors_encode_with_the_same_encoder():
+    from shan.eval.tiles import TileScorer
+
+    model = tiny_model().float()
+    features, counts, _ = split(ni=4)
+    actor = object.__new__(TileScorer)  # no Ray: the models set by hand
+    actor.models, actor.device, actor.bf16 = [model], CPU, True
+    v, mask = actor.encode_images(0, features, counts)
+    want = encode_images(model, features, counts, CPU, chunk=4)
+    assert v.dtype == np.float32 and mask.dtype == bool
+    np.testing.assert_array_equal(v, want.v.numpy())
+    np.testing.assert_array_equal(mask, want.mask.numpy())
 
 
 def test_split_metrics_per_score():

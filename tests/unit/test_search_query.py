@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from shan.errors import JobError
-from shan.scoring import score_matrix
-from shan.search.index import encode_split_images
+from shan.scoring import encode_images, score_matrix
 from shan.search.query import parse_query, score_queries, top_matches
 from shan.vocab import Vocabulary
 from tests.helpers import WORDS, tiny_model
@@ -23,7 +22,7 @@ def test_query_scores_are_the_full_matrix_columns():
     counts = np.array([5, 3, 1, 5, 4, 2, 5], dtype=np.int32)
     tokens = [[1, 5, 6, 2], [1, 9, 2], [1, 4, 7, 8, 10, 2]]
     full = score_matrix(model, features, counts, tokens, torch.device("cpu"), bf16=False)
-    images = encode_split_images(model, features, counts, chunk=3)  # chunks joined right
+    images = encode_images(model, features, counts, torch.device("cpu"), chunk=3)  # joined right
     for block in (None, (2, 1)):
         got = score_queries(model, images, tokens, block)
         for key in ("total", "l2l", "g2l", "g2g"):
