@@ -25,6 +25,7 @@ from shan.errors import CheckpointError, JobError
 from shan.eval import PROTOCOLS, outputs, tiles
 from shan.eval.lock import OutLock
 from shan.metrics import fold_metrics, format_table, recall_metrics
+from shan.pictures import attention_pictures
 from shan.runtime import GroupRequest, Resources, init_ray, on_cluster, plan_group, wait_for_room
 from shan.tracking import refs
 from shan.vocab import Vocabulary
@@ -342,7 +343,7 @@ def _write(
         )
     }
     extra.update(
-        outputs.attention_pictures(
+        attention_pictures(
             models[0].model,
             job.vocab,
             split,

@@ -1,5 +1,6 @@
 """What an evaluation writes: matrices, index, metrics, a recall table, a recall-at-K plot and
-attention pictures. ``metrics.json`` is written last, so its presence means complete.
+attention pictures (drawn by :mod:`shan.pictures`). ``metrics.json`` is written last, so its
+presence means complete.
 
 An evaluation writes only into an output location that holds nothing but its own kind of files
 (:func:`check_out`): it overwrites and deletes there, so a folder of anything else is refused.
@@ -13,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -21,11 +22,6 @@ import pyarrow.fs as pafs
 from shan.data import fs
 from shan.errors import JobError
 from shan.metrics import SCORES, i2t_ranks, t2i_ranks
-from shan.vocab import Vocabulary
-
-if TYPE_CHECKING:  # torch only where a picture is drawn: the jobs' error paths stay light
-    from shan.data.reader import SplitArrays
-    from shan.model import SHAN
 
 # What an evaluation's --out may hold (posix paths relative to it). v<N>/ are --promote's
 # per-version evaluations; tiles/model-<i>/ the finished tiles of model i.
@@ -123,123 +119,6 @@ def plot_recall(curves: dict[str, Curve], title: str) -> bytes:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def word_region_attention(
-    model: SHAN, features: np.ndarray, count: int, tokens: list[int]
-) -> np.ndarray:
-    """(regions, words) L2L weights of one pair (docs/model.md §3: each column sums to 1):
-    which regions each word attends to; :meth:`SHAN.l2l_attention`'s beta."""
-    import torch
-
-    model.eval()
-    f = torch.from_numpy(np.array(features[:count], dtype=np.float32))[None]  # (1, k, F)
-    t = torch.tensor(tokens)[None]  # (1, n)
-    with torch.no_grad():
-        im = model.encode_images(f)
-        cap = model.encode_captions(t, torch.tensor([len(tokens)]))
-        beta = model.l2l_attention(im, cap)[1]  # (1, k, n)
-    return beta[0].float().numpy()
-
-
-def load_image(uri: str) -> np.ndarray | None:
-    """The picture at ``uri`` (local or ``s3://``, through ``shan.data.fs``) as (H, W, 3) uint8;
-    None when it cannot be read or decoded (the attention is then drawn on the boxes alone)."""
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(fs.read_bytes(uri))) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception:
-        return None
-
-
-def plot_attention(
-    words: list[str],
-    beta: np.ndarray,
-    boxes: np.ndarray | None,
-    title: str,
-    image: np.ndarray | None = None,
-) -> bytes:
-    """Which regions each word attends to: beta (regions, words); boxes (regions, 4) in the
-    image's pixels; ``image`` (H, W, 3), when given, drawn under the boxes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    keep = [j for j, w in enumerate(words) if w not in ("<start>", "<end>")][:8]
-    if boxes is None:
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(keep), 5))
-        ax.imshow(beta[:, keep], aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(keep)), [words[j] for j in keep], rotation=45)
-        ax.set_ylabel("region")
-    else:
-        fig, axes = plt.subplots(1, len(keep), figsize=(2.6 * len(keep), 2.8), squeeze=False)
-        w, h = float(boxes[:, 2].max()), float(boxes[:, 3].max())
-        if image is not None:
-            h, w = float(image.shape[0]), float(image.shape[1])
-        for ax, j in zip(axes[0], keep):
-            if image is not None:
-                ax.imshow(image, extent=(0, w, h, 0))
-            weights = beta[:, j] / max(beta[:, j].max(), 1e-9)
-            for (x1, y1, x2, y2), a in zip(boxes, weights):
-                ax.add_patch(
-                    Rectangle(
-                        (x1, y1),
-                        x2 - x1,
-                        y2 - y1,
-                        fill=True,
-                        alpha=(0.55 if image is not None else 0.7) * a,
-                        color="tab:red",
-                        linewidth=0,
-                    )
-                )
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, alpha=0.15))
-            ax.set_xlim(0, w)
-            ax.set_ylim(h, 0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(words[j])
-    fig.suptitle(title, fontsize=9, y=1.06)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def attention_pictures(
-    model: SHAN,
-    vocab: Vocabulary,
-    data: SplitArrays,
-    *,
-    rows: np.ndarray,
-    sims: np.ndarray,
-    cap_rows: np.ndarray,
-    n: int = 3,
-) -> dict[str, bytes]:
-    """For the first ``n`` images ranked right (their best caption is a ground truth), which
-    regions each word of that caption attends to."""
-    out: dict[str, bytes] = {}
-    for i in range(min(len(rows), 50)):
-        gts = np.flatnonzero(cap_rows == i)
-        best = int(gts[np.argmax(sims[i, gts])])
-        if sims[i].argmax() not in gts:
-            continue
-        row = rows[i]
-        toks = data.tokens[best]
-        beta = word_region_attention(model, data.features[row], int(data.num_regions[row]), toks)
-        boxes = None if data.boxes is None else data.boxes[row][: int(data.num_regions[row])]
-        title = f"image {int(data.image_ids[row])}: {data.captions[best]}"
-        uris = getattr(data, "image_uris", None)
-        image = load_image(uris[row]) if uris is not None and boxes is not None else None
-        out[f"attention_{len(out)}.png"] = plot_attention(
-            vocab.decode(toks), beta, boxes, title, image
-        )
-        if len(out) == n:
-            break
-    return out
 
 
 def write_outputs(

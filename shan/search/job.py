@@ -8,9 +8,7 @@ path) is checked before an image is encoded; errors are :mod:`shan.errors` user 
 from __future__ import annotations
 
 import os
-import struct
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +18,13 @@ from shan.data import fs
 from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import JobError
+from shan.pictures import attention_picture, marked_png
 from shan.search.index import ImageIndex, image_index, index_key
 from shan.search.query import Match, Query, parse_query, score_queries, top_matches
 from shan.tracking import refs
 
 if TYPE_CHECKING:
-    from shan.data.reader import SplitArrays
     from shan.model import SHAN
-    from shan.vocab import Vocabulary
 
 PNG_MARK = b"shan search"  # a tEXt chunk: the pictures a search wrote, which it may overwrite
 
@@ -120,8 +117,10 @@ def search(
     matches = rank(loaded.model, index, [q.tokens for q in queries], opts.top)
     seconds = {"index": t1 - t0, "query": time.perf_counter() - t1}
     if opts.picture:
-        best = matches[0][0]
-        write_picture(opts.picture, draw_match(loaded.model, vocab, split, queries[0], best))
+        best, query = matches[0][0], queries[0]
+        title = f"image {best.image} (total {best.total:.3f}): {query.text}"
+        png = attention_picture(loaded.model, vocab, split, best.row, query.tokens, title=title)
+        write_picture(opts.picture, png)
         log(f"attention of the best match of {queries[0].text!r} in {opts.picture}")
     return SearchResult(queries, matches, built, seconds)
 
@@ -131,35 +130,10 @@ def rank(model: SHAN, index: ImageIndex, tokens: list[list[int]], top: int) -> l
     return top_matches(score_queries(model, index.images, tokens), index.image_ids, top)
 
 
-def draw_match(
-    model: SHAN, vocab: Vocabulary, split: SplitArrays, query: Query, match: Match
-) -> bytes:
-    """A PNG of which regions of the matched image each word of ``query`` attends to (the
-    evaluation's attention picture)."""
-    from shan.eval import outputs
-
-    row, count = match.row, int(split.num_regions[match.row])
-    beta = outputs.word_region_attention(model, split.features[row], count, query.tokens)
-    boxes = None if split.boxes is None else split.boxes[row][:count]
-    uris = split.image_uris
-    image = outputs.load_image(uris[row]) if uris is not None and boxes is not None else None
-    title = f"image {match.image} (total {match.total:.3f}): {query.text}"
-    return outputs.plot_attention(vocab.decode(query.tokens), beta, boxes, title, image)
-
-
-def marked_png(png: bytes) -> bytes:
-    """``png`` with a tEXt chunk ``Software: shan search`` after its header chunk."""
-    body = b"Software\0" + PNG_MARK
-    chunk = struct.pack(">I", len(body)) + b"tEXt" + body
-    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + body) & 0xFFFFFFFF)
-    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4  # signature, IHDR, its CRC
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
-
-
 def write_picture(path: str, png: bytes) -> None:
     """Write ``png`` (marked as ours) to ``path`` atomically; JobError naming the file when it
     cannot be written."""
     try:
-        fs.write_atomic(path, marked_png(png))
+        fs.write_atomic(path, marked_png(png, PNG_MARK))
     except OSError as e:
         raise JobError(f"--picture {path}: cannot write it ({e.strerror or e})") from None

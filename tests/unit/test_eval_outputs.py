@@ -1,17 +1,15 @@
 """An evaluation's output folder (``shan.eval.outputs``): only its own files accepted, no
-attention picture of an earlier run left, nothing written from a NaN matrix, what MLflow gets,
-and the attention pictures drawn over the real image."""
+attention picture of an earlier run left, nothing written from a NaN matrix, and what MLflow
+gets."""
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from shan.data.reader import read_split
 from shan.errors import JobError
 from shan.eval import outputs
 from shan.eval.lock import LOCK_NAME
@@ -91,52 +89,3 @@ def test_files_too_large_for_mlflow_stay_out_of_the_local_copy(tmp_path):
         shutil.rmtree(local)
     with pytest.raises(StorageError, match="missing.npy"):
         outputs.local_copy(str(tmp_path), ["missing.npy"], max_bytes=50)
-
-
-# -- attention pictures ----------------------------------------------------------------------------
-def colour_share(png: bytes, rgb) -> float:
-    """Share of the picture's pixels within 40 of the colour ``rgb``."""
-    from PIL import Image
-
-    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    return float((np.abs(a - np.array(rgb)).max(axis=2) < 40).mean())
-
-
-@pytest.mark.filterwarnings("ignore:no GloVe vectors")
-def test_attention_is_drawn_over_the_real_image(converted_images):
-    from shan.config import ModelConfig
-    from shan.data.format import load_vocab
-    from shan.model import SHAN
-    from tests.helpers import COLOURS
-
-    _, out = converted_images
-    data, vocab = read_split(str(out), "train"), load_vocab(str(out))
-    model = SHAN(ModelConfig(feature_dim=2048, d=16, word_dim=8, d_a=8), len(vocab))
-    sims = np.eye(4)[:, data.caption_image]  # every image ranked right on its captions
-    pics = outputs.attention_pictures(
-        model, vocab, data, rows=np.arange(4), sims=sims, cap_rows=data.caption_image, n=1
-    )
-    red = COLOURS["red"]  # image 0 is a red circle on grey
-    assert colour_share(pics["attention_0.png"], red) > 0.02
-    data.image_uris = None  # no recorded images: boxes alone, no red
-    pics = outputs.attention_pictures(
-        model, vocab, data, rows=np.arange(4), sims=sims, cap_rows=data.caption_image, n=1
-    )
-    assert colour_share(pics["attention_0.png"], red) < 0.002
-
-
-def test_word_region_attention_is_each_words_distribution_over_the_regions():
-    import torch
-
-    from tests.helpers import tiny_model
-
-    model = tiny_model().float()
-    features = np.random.default_rng(0).normal(size=(6, 12)).astype(np.float32)
-    beta = outputs.word_region_attention(model, features, 4, [1, 5, 9, 2])  # 4 real regions
-    assert beta.shape == (4, 4) and beta.dtype == np.float32
-    np.testing.assert_allclose(beta.sum(0), np.ones(4), rtol=1e-5)
-    im = model.encode_images(torch.from_numpy(features[:4])[None])
-    cap = model.encode_captions(torch.tensor([[1, 5, 9, 2]]), torch.tensor([4]))
-    with torch.no_grad():
-        expected = model.l2l_attention(im, cap)[1][0].numpy()  # the model's own L2L beta
-    np.testing.assert_allclose(beta, expected, rtol=1e-5, atol=1e-6)
