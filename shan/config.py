@@ -85,10 +85,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 120 else text[:100] + "..." + text[-10:]
 
 
-class _Problems(list):
-    """The problems of one section; each check appends ``KEY must be RULE, got VALUE``."""
+class Problems(list):
+    """The problems of a config section or of a job's options, one line each; each check
+    appends ``PREFIX+NAME must be RULE, got VALUE`` (the prefix: ``model.``, ``--``, or none)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str = "") -> None:
         super().__init__()
         self.prefix = prefix
 
@@ -140,18 +141,28 @@ class _Problems(list):
             self.append(f"{self.prefix}{name} {why}")
 
 
-class _Section:
-    """A config section: ``problems()`` lists what is wrong, ``validate()`` raises them."""
+class Checked:
+    """Settings checked in one place, all at once: ``problems()`` lists what is wrong, one line
+    each; ``check()`` raises one ConfigError holding every problem (a job prints one ``error:``
+    line each). The config's sections and the evaluation's, search's and extraction's options
+    are checked this way."""
 
     def problems(self) -> list[str]:
         raise NotImplementedError
 
-    def validate(self) -> None:
-        """Raise one ConfigError listing every problem of this section (e.g. when a model is
-        built from a ModelConfig made in code)."""
+    def check(self) -> None:
         problems = self.problems()
         if problems:
             raise ConfigError(*problems)
+
+
+class _Section(Checked):
+    """A config section: ``problems()`` lists what is wrong, ``validate()`` raises them."""
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem of this section (e.g. when a model is
+        built from a ModelConfig made in code)."""
+        self.check()
 
 
 def _whole(value: Any) -> TypeGuard[int]:
@@ -184,7 +195,7 @@ class ModelConfig(_Section):
     direction: str = _key("full", "both directions, or one (the paper's variants)", DIRECTIONS)
 
     def problems(self, prefix: str = "model.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         for name in ("feature_dim", "d", "word_dim", "d_a"):
             p.at_least(name, getattr(self, name), 1)
         p.text("glove_path", self.glove_path, optional=True)
@@ -219,7 +230,7 @@ class LossConfig(_Section):
     )
 
     def problems(self, prefix: str = "loss.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         p.non_negative("margin", self.margin)
         p.one_of("negatives", self.negatives, NEGATIVES)
         p.one_of("negatives_from", self.negatives_from, NEGATIVES_FROM)
@@ -240,7 +251,7 @@ class OptimConfig(_Section):
     weight_decay: float = _key(0.0, "Adam's weight decay")
 
     def problems(self, prefix: str = "optim.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         p.at_least("epochs", self.epochs, 1)
         p.at_least("batch_size", self.batch_size, 2)  # the triplet loss needs a negative
         p.positive("lr", self.lr)
@@ -284,7 +295,7 @@ class DataConfig(_Section):
     val_max_images: int | None = _key(None, "cap on dev images scored after each epoch; null: all")
 
     def problems(self, prefix: str = "data.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         p.text("path", self.path, optional=True)
         p.named("train_split", self.train_split)
         p.named("val_split", self.val_split)
@@ -317,7 +328,7 @@ class ScalingConfig(_Section):
     bf16: bool = _key(True, "bfloat16 autocast on CUDA")
 
     def problems(self, prefix: str = "scaling.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         p.at_least("num_workers", self.num_workers, 1, optional=True)
         p.positive("cpus_per_worker", self.cpus_per_worker, optional=True)
         g = self.gpus_per_worker
@@ -346,7 +357,7 @@ class TrackingConfig(_Section):
     )
 
     def problems(self, prefix: str = "tracking.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         p.text("experiment", self.experiment)
         p.named("run_name", self.run_name, optional=True)
         p.text("storage_path", self.storage_path, optional=True)
@@ -371,7 +382,7 @@ class DebugConfig(_Section):
     rows_log: str | None = _key(None, "folder: each rank writes the image rows it read each epoch")
 
     def problems(self, prefix: str = "debug.") -> list[str]:
-        p = _Problems(prefix)
+        p = Problems(prefix)
         p.at_least("kill_worker_at_step", self.kill_worker_at_step, 0, optional=True)
         p.text("kill_marker", self.kill_marker, optional=True)
         p.at_least("nan_at_step", self.nan_at_step, 0, optional=True)
@@ -382,7 +393,7 @@ class DebugConfig(_Section):
 
 
 @dataclass
-class Config:
+class Config(Checked):
     """Everything a training or evaluation job needs."""
 
     name: str = _key("default", "the config's name, logged with the run")
@@ -397,7 +408,7 @@ class Config:
 
     def problems(self) -> list[str]:
         """Every problem of every section, one line each (empty: the config is valid)."""
-        p = _Problems("")
+        p = Problems("")
         p.named("name", self.name)
         p.at_least("seed", self.seed, 0)
         p.at_most("seed", self.seed, 2**32 - 1)
@@ -414,9 +425,7 @@ class Config:
 
     def validate(self) -> Config:
         """``self``, or a ConfigError listing every problem."""
-        problems = self.problems()
-        if problems:
-            raise ConfigError(*problems)
+        self.check()
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,12 +22,11 @@ from shan.data.images import ON_BAD, convert_images
 from shan.data.precomp import convert_precomp
 from shan.data.synthetic import generate_synthetic
 from shan.data.validate import format_summary, validate
-from shan.features import EXTRACTORS
+from shan.features import ARCHS, EXTRACTORS
 from shan_cli.argtypes import at_least, positive
 
 OVERWRITE = "replace the data set at --out (only a data set: its card present)"
 DTYPE = "region features stored as (default float16)"
-ARCHS = ("resnet50", "resnet101", "resnet152")  # shan.features.resnet.ARCHS (imports torch)
 
 
 def kill_after(chunks: int | None) -> Callable[[int], None] | None:

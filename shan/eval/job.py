@@ -9,6 +9,7 @@ data set, and every checkpoint (loaded in full: weights, config, vocabulary, fin
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shan.config import Checked, Problems
 from shan.data import fs
 from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
@@ -36,7 +38,10 @@ if TYPE_CHECKING:  # torch is imported once a checkpoint is loaded
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(Checked):
+    """The evaluation's options; :meth:`check` raises every problem at once (the command line
+    range-checks its flags itself: these checks serve callers of :func:`evaluate`)."""
+
     split: str = "test"
     protocol: str = "plain"
     tile_images: int = 256
@@ -53,28 +58,24 @@ class EvalOptions:
     on_tile: Callable[[int], None] | None = None  # test hook
     tags: dict = field(default_factory=dict)
 
-
-def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise JobError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-
-
-def check_options(opts: EvalOptions) -> None:
-    """The range checks of the command line, for callers of :func:`evaluate`."""
-    check_protocol(opts.protocol)
-    for name, low in (("tile_images", 1), ("tile_captions", 1), ("fold_size", 1)):
-        value = getattr(opts, name)
-        if not isinstance(value, int) or value < low:
-            raise JobError(f"{name} must be an integer >= {low}, got {value!r}")
-    if opts.actors is not None and (not isinstance(opts.actors, int) or opts.actors < 1):
-        raise JobError(f"actors must be an integer >= 1, got {opts.actors!r}")
-    if opts.block is not None and (not isinstance(opts.block, int) or opts.block < 1):
-        raise JobError(f"block must be an integer >= 1, got {opts.block!r}")
-    if opts.cpus_per_actor is not None and not opts.cpus_per_actor > 0:
-        raise JobError(f"cpus_per_actor must be > 0, got {opts.cpus_per_actor!r}")
-    g = opts.gpus_per_actor
-    if g is not None and not (g >= 0 and (g <= 1 or float(g).is_integer())):
-        raise JobError(f"gpus_per_actor must be >= 0, and whole above 1; got {g!r}")
+    def problems(self) -> list[str]:
+        """What is wrong with the options, one line each, named as the fields."""
+        p = Problems()
+        if self.protocol not in PROTOCOLS:
+            p.append(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        for name in ("tile_images", "tile_captions", "fold_size"):
+            p.at_least(name, getattr(self, name), 1)
+        p.at_least("actors", self.actors, 1, optional=True)
+        p.at_least("block", self.block, 1, optional=True)
+        p.positive("cpus_per_actor", self.cpus_per_actor, optional=True)
+        g = self.gpus_per_actor
+        if g is not None and not (
+            isinstance(g, int | float) and 0 <= g < math.inf and (g <= 1 or float(g).is_integer())
+        ):
+            p.bad("gpus_per_actor", g, ">= 0, and whole above 1")
+        p.positive("wait_timeout_s", self.wait_timeout_s)
+        p.non_negative("log_matrices_mb", self.log_matrices_mb)
+        return list(p)
 
 
 def protocol_images(protocol: str, n: int, fold_size: int) -> int:
@@ -240,7 +241,7 @@ def evaluate(
     opts = opts or EvalOptions()
     if not model_refs:
         raise JobError("no model to evaluate: give at least one reference")
-    check_options(opts)
+    opts.check()
     outputs.check_out(out)
     card = load_card(data)
     vocab = load_vocab(data, card)

@@ -96,13 +96,21 @@ def load_index(path: Path, key: str, n_images: int) -> ImageIndex:
     return ImageIndex(images, checked[-1].numpy(), key)
 
 
+def cache_problem(cache_dir: str) -> str | None:
+    """Why ``cache_dir`` cannot be the folder of the indexes; None when it can."""
+    if "://" in cache_dir:
+        return f"--cache {cache_dir}: the index cache must be a local folder"
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        return f"--cache {cache_dir} is a file, not a folder"
+    return None
+
+
 def check_cache_dir(cache_dir: str) -> Path:
     """``cache_dir`` as a local folder (created); JobError when it cannot be one."""
-    if "://" in cache_dir:
-        raise JobError(f"--cache {cache_dir}: the index cache must be a local folder")
+    why = cache_problem(cache_dir)
+    if why is not None:
+        raise JobError(why)
     path = Path(cache_dir)
-    if path.exists() and not path.is_dir():
-        raise JobError(f"--cache {cache_dir} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -147,6 +155,7 @@ __all__ = [
     "FORMAT",
     "ImageIndex",
     "cache_path",
+    "cache_problem",
     "image_index",
     "index_key",
     "load_index",

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shan.config import Checked, Problems
 from shan.data import fs
 from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import JobError
 from shan.pictures import attention_picture, marked_png
-from shan.search.index import ImageIndex, image_index, index_key
+from shan.search.index import ImageIndex, cache_problem, image_index, index_key
 from shan.search.query import Match, Query, parse_query, score_queries, top_matches
 from shan.tracking import refs
 
@@ -30,11 +31,21 @@ PNG_MARK = b"shan search"  # a tEXt chunk: the pictures a search wrote, which it
 
 
 @dataclass
-class SearchOptions:
+class SearchOptions(Checked):
+    """The search's options; :meth:`check` raises every problem at once."""
+
     split: str = "test"
     top: int = 5
     cache: str = "searches"  # local folder of image indexes
     picture: str | None = None  # a .png: the attention of the first query's best match
+
+    def problems(self) -> list[str]:
+        """What is wrong with the options, one line each (the split is checked against the
+        data set once its card is read)."""
+        p = Problems()
+        p.at_least("top", self.top, 1)
+        p.extend(why for why in (cache_problem(self.cache), picture_problem(self.picture)) if why)
+        return list(p)
 
 
 @dataclass
@@ -56,19 +67,21 @@ class SearchResult:
         ]
 
 
-def check_picture(path: str | None) -> None:
-    """JobError when ``path`` is not a new (or our own) local ``.png`` file."""
+def picture_problem(path: str | None) -> str | None:
+    """Why ``path`` cannot be the picture (a new, or our own, local ``.png`` file in a folder
+    we may write in); None when it can."""
     if path is None:
-        return
+        return None
     p = Path(path)
     if "://" in path or p.suffix.lower() != ".png":
-        raise JobError(f"--picture {path}: give a local path ending in .png")
+        return f"--picture {path}: give a local path ending in .png"
     if p.exists() and not (p.is_file() and PNG_MARK in _head(p)):
-        raise JobError(f"--picture {path} exists and is not a search's picture; it is left alone")
+        return f"--picture {path} exists and is not a search's picture; it is left alone"
     if not p.parent.is_dir():
-        raise JobError(f"--picture {path}: folder {p.parent} does not exist")
+        return f"--picture {path}: folder {p.parent} does not exist"
     if not os.access(p.parent, os.W_OK | os.X_OK):
-        raise JobError(f"--picture {path}: cannot write in folder {p.parent}")
+        return f"--picture {path}: cannot write in folder {p.parent}"
+    return None
 
 
 def _head(path: Path, size: int = 4096) -> bytes:
@@ -88,11 +101,9 @@ def search(
     from shan.eval.job import data_fingerprint, load_checked
 
     opts = opts or SearchOptions()
-    if opts.top < 1:
-        raise JobError(f"top must be at least 1, got {opts.top}")
     if not sentences:
         raise JobError("no query: give at least one sentence")
-    check_picture(opts.picture)
+    opts.check()
     card = load_card(data)
     vocab = load_vocab(data, card)
     if opts.split not in card.splits:

@@ -19,7 +19,7 @@ from shan.checkpoint import Checkpoint, save_checkpoint
 from shan.config import load_config
 from shan.data.format import load_vocab
 from shan.data.reader import ExampleStream, read_split
-from shan.errors import CheckpointError, JobError
+from shan.errors import CheckpointError, ConfigError, JobError
 from shan.eval.job import EvalOptions, EvalResult, evaluate
 from shan.eval.record import log_evaluation
 from shan.loss import TripletLoss
@@ -218,7 +218,7 @@ def test_bad_inputs_are_clear_errors_without_metrics(synthetic_small, checkpoint
         evaluate([str(tmp_path / "missing")], synthetic_small, str(out), opts())
     with pytest.raises(JobError, match="no split 'nope'"):
         evaluate([good], synthetic_small, str(out), opts(split="nope"))
-    with pytest.raises(JobError, match="unknown protocol 'coco-2k'"):
+    with pytest.raises(ConfigError, match="unknown protocol 'coco-2k'"):
         evaluate([good], synthetic_small, str(out), opts(protocol="coco-2k"))
     with pytest.raises(JobError, match="protocol coco-5k needs 5000 images"):
         evaluate([good], synthetic_small, str(out), opts(protocol="coco-5k"))

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from shan.config import load_config
-from shan.eval.job import check_protocol
+from shan.eval.job import EvalOptions
 from tests.helpers import ROOT, known_flags
 
 CLUSTER = ROOT / "cluster"
@@ -77,7 +77,7 @@ def test_entrypoints_name_jobs_and_flags_their_parsers_accept():
             overrides = [o for o in args.overrides if "=" in o]
             load_config(args.config, overrides)  # the config and overrides are valid
         if rel.endswith("evaluate.py"):
-            check_protocol(args.protocol)
+            EvalOptions(protocol=args.protocol).check()
             assert args.promote, f"{where}: the scheduled evaluation promotes"
 
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from shan.errors import JobError
-from shan.eval.job import EvalOptions, check_options, data_fingerprint, tile_fingerprint
+from shan.errors import ConfigError, problems
+from shan.eval.job import EvalOptions, data_fingerprint, tile_fingerprint
 
 
 @pytest.mark.parametrize(
@@ -27,17 +27,31 @@ from shan.eval.job import EvalOptions, check_options, data_fingerprint, tile_fin
         (dict(gpus_per_actor=1.5), "gpus_per_actor"),
         (dict(gpus_per_actor=-1.0), "gpus_per_actor"),
         (dict(protocol="coco-2k"), "unknown protocol"),
+        (dict(wait_timeout_s=0.0), "wait_timeout_s"),
+        (dict(log_matrices_mb=-1.0), "log_matrices_mb"),
     ],
 )
 def test_library_options_are_range_checked(change, message):
-    with pytest.raises(JobError, match=message):
-        check_options(EvalOptions(**change))
+    with pytest.raises(ConfigError, match=message):
+        EvalOptions(**change).check()
+
+
+def test_every_bad_option_is_one_problem_at_once():
+    opts = EvalOptions(protocol="coco-2k", tile_images=0, actors=0, gpus_per_actor=1.5)
+    with pytest.raises(ConfigError) as e:
+        opts.check()
+    lines = problems(e.value)
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("unknown protocol 'coco-2k'; choose one of plain, f30k")
+    assert lines[1] == "tile_images must be an integer >= 1, got 0"
+    assert lines[2].startswith("actors must be an integer >= 1") and "got 0" in lines[2]
+    assert lines[3] == "gpus_per_actor must be >= 0, and whole above 1, got 1.5"
 
 
 def test_edge_options_are_accepted():
     for change in (dict(gpus_per_actor=0.0), dict(gpus_per_actor=2.0), dict(tile_images=1),
                    dict(actors=1, cpus_per_actor=0.01), dict(protocol="coco-5k")):  # fmt: skip
-        check_options(EvalOptions(**change))
+        EvalOptions(**change).check()
 
 
 class _Split:

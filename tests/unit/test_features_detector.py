@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shan.data.format import DataError
+from shan.errors import ConfigError
 from shan.features import ExtractorSpec
 
 
@@ -39,5 +39,5 @@ def test_detector_without_torchvision_is_one_clear_error():
         pytest.skip("torchvision imports here: the error case cannot happen")
     except Exception:
         pass
-    with pytest.raises(DataError, match="needs torchvision.*--extractor grid"):
+    with pytest.raises(ConfigError, match="needs torchvision.*--extractor grid"):
         ExtractorSpec(name="detector").check()

@@ -96,6 +96,33 @@ def test_bad_inputs_are_one_error_line(setup, tmp_path, capsys):
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
 
 
+def test_every_bad_option_is_its_own_error_line(setup, tmp_path, capsys):
+    root, ck1, _, sentence = setup
+    (tmp_path / "file").write_text("x")
+    argv = ["--model", ck1, "--data", root, "--cache", str(tmp_path / "file"),
+            "--picture", str(tmp_path / "x.jpg"), sentence]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 2, err
+    assert "--cache" in lines[0] and "is a file, not a folder" in lines[0]
+    assert "--picture" in lines[1] and "ending in .png" in lines[1]
+
+
+def test_the_options_report_every_problem_at_once(tmp_path):
+    from shan.errors import ConfigError, problems
+    from shan.search.job import SearchOptions
+
+    assert SearchOptions().problems() == []
+    opts = SearchOptions(top=0, cache="s3://bucket/idx", picture=str(tmp_path / "no" / "x.png"))
+    with pytest.raises(ConfigError) as e:
+        opts.check()
+    assert problems(e.value) == [
+        "top must be an integer >= 1, got 0",
+        "--cache s3://bucket/idx: the index cache must be a local folder",
+        f"--picture {tmp_path / 'no' / 'x.png'}: folder {tmp_path / 'no'} does not exist",
+    ]
+
+
 def test_queries_file_and_table_through_the_shim(setup, tmp_path):
     root, ck1, _, sentence = setup
     queries = tmp_path / "q.txt"
@@ -112,13 +139,13 @@ def test_queries_file_and_table_through_the_shim(setup, tmp_path):
 
 
 def test_a_picture_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path, monkeypatch):
-    from shan.errors import JobError
+    from shan.errors import ConfigError, JobError
     from shan.search import job
 
     # a folder the search may not write in: refused before any image is encoded
     monkeypatch.setattr(job.os, "access", lambda path, mode: False)
-    with pytest.raises(JobError, match=r"--picture .*best\.png: cannot write in folder"):
-        job.check_picture(str(tmp_path / "best.png"))
+    with pytest.raises(ConfigError, match=r"--picture .*best\.png: cannot write in folder"):
+        job.SearchOptions(picture=str(tmp_path / "best.png")).check()
     monkeypatch.undo()
     # a failure while writing (a full disk, a folder gone) is a JobError naming the file
     gone = tmp_path / "gone"
