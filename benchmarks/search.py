@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -72,7 +73,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = SHAN(cfg.model, len(vocab)).eval()
-        say(f"# benchmarks/search.py --images {args.images} --batch {args.batch}")
+        day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        say(f"# benchmarks/search.py --images {args.images} --batch {args.batch} ({day})")
         say(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
             f"torch threads, torch {torch.__version__}; load average "
             f"{os.getloadavg()[0]:.1f} at the start")  # fmt: skip
