@@ -1,4 +1,4 @@
-"""From raw images and captions to the project's Parquet data set (``prepare_data.py images``).
+"""From raw images and captions to the project's Parquet data set (``shan data images``).
 
 Everything a user can get wrong in the inputs is checked before any image is decoded: the
 options, the destination (``DatasetWriter``), the caption file, and that every image a caption
