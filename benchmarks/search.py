@@ -24,8 +24,9 @@ import torch
 from shan.config import load_config
 from shan.data.reader import read_split
 from shan.data.synthetic import generate_synthetic
+from shan.fingerprint import index_key
 from shan.model import SHAN
-from shan.search.index import image_index, index_key
+from shan.search.index import image_index
 from shan.search.job import rank
 from shan.search.query import parse_query
 from shan.vocab import Vocabulary

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-
-class StorageError(OSError):
-    """A location cannot be reached or read."""
+from shan.errors import StorageError
 
 
 def is_remote(uri: str) -> bool:

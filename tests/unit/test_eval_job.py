@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from shan.errors import JobError
-from shan.eval.job import EvalOptions, check_options, data_fingerprint, tile_fingerprint
+from shan.eval.job import EvalOptions, check_options, tile_fingerprint
+from shan.fingerprint import data_fingerprint
 
 
 @pytest.mark.parametrize(
