@@ -61,7 +61,8 @@ def write_precomp(folder: Path, n: int, split: str = "train", chunk: int = 250) 
 
 
 def convert_in_child(src: Path, dest: Path, extra: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `jobs/prepare_data.py precomp` in a child process.
+    """(seconds, peak RSS in MB) of `shan data precomp` (its shim, `jobs/prepare_data.py`) in a
+    child process.
 
     The peak is the child's VmHWM (high-water mark since exec), polled every 50 ms.
     """

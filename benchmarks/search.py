@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,8 +24,9 @@ import torch
 from shan.config import load_config
 from shan.data.reader import read_split
 from shan.data.synthetic import generate_synthetic
+from shan.fingerprint import index_key
 from shan.model import SHAN
-from shan.search.index import image_index, index_key
+from shan.search.index import image_index
 from shan.search.job import rank
 from shan.search.query import parse_query
 from shan.vocab import Vocabulary
@@ -72,7 +74,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = SHAN(cfg.model, len(vocab)).eval()
-        say(f"# benchmarks/search.py --images {args.images} --batch {args.batch}")
+        day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        say(f"# benchmarks/search.py --images {args.images} --batch {args.batch} ({day})")
         say(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
             f"torch threads, torch {torch.__version__}; load average "
             f"{os.getloadavg()[0]:.1f} at the start")  # fmt: skip

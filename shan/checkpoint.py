@@ -2,7 +2,8 @@
 ``vocab.json``: everything needed to resume training or to score.
 
 Two loaders: :func:`load_checkpoint` (training: everything, the optimizer's state included) and
-:func:`load_model` (scoring: weights only, the model built, checked and in eval mode).
+:func:`load_model` (scoring: weights only, the model built, checked and in eval mode);
+:func:`load_checked` is the scoring loader checked against a data set (evaluation, search).
 Loading checks everything a damaged or crafted checkpoint could get wrong, and says which file:
 ``model.pt`` is read with ``torch.load(weights_only=True)`` (a pickle that would run code is
 refused), must be a dict with a ``"model"`` state dict that fits the model its ``config.yaml``
@@ -22,11 +23,13 @@ import yaml
 
 from shan.config import Config, ConfigError, config_from_dict
 from shan.errors import CheckpointError
+from shan.fingerprint import file_digests
 from shan.vocab import VocabError, Vocabulary
 
 if TYPE_CHECKING:  # torch is imported where it is used: the error paths of the jobs stay light
     import torch
 
+    from shan.data.format import DatasetCard
     from shan.model import SHAN
 
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.pt", "config.yaml", "vocab.json"
@@ -193,3 +196,31 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     ckpt = load_checkpoint(folder).weights_only()
     model = model_from_checkpoint(ckpt, device, where=str(Path(folder)))
     return LoadedModel(model, ckpt)
+
+
+@dataclass
+class CheckedModel(LoadedModel):
+    """A :class:`LoadedModel` checked against a data set, with its files' sha256 digests."""
+
+    files: dict[str, str]  # file name -> sha256 of its bytes (for fingerprints)
+
+
+def load_checked(
+    folder: str | Path, card: DatasetCard, vocab: Vocabulary, *, name: str, data: str
+) -> CheckedModel:
+    """The checkpoint in ``folder`` loaded in full (:func:`load_model`: weights only, state dict
+    against its config, finite weights), checked to fit the data set ``data`` (its ``card`` and
+    ``vocab``); CheckpointError naming the model (``name``, as the user gave it) otherwise."""
+    loaded = load_model(folder)
+    cfg, ck_vocab = loaded.checkpoint.config, loaded.checkpoint.vocab
+    if ck_vocab != vocab:
+        raise CheckpointError(
+            f"model {name}: its vocabulary ({len(ck_vocab)} words) is not the data set's "
+            f"({data}, {len(vocab)} words)"
+        )
+    if cfg.model.feature_dim != card.feature_dim:
+        raise CheckpointError(
+            f"model {name}: it takes {cfg.model.feature_dim}-d features, the data set "
+            f"{data} has {card.feature_dim}-d"
+        )
+    return CheckedModel(loaded.model, loaded.checkpoint, file_digests(folder))

@@ -25,6 +25,8 @@ from typing import Any, TypeGuard
 
 import yaml
 
+from shan.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: demo, f30k, coco
 
 # the user errors that a worker may raise (shan.errors.USER_ERRORS, by name; debug.fail_with)
@@ -53,19 +55,6 @@ def _key(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
     """A config field: its default, its meaning (``help``, shown by ``--help``) and, for an
     enumeration, its allowed values (the tuple that the section's ``problems()`` checks)."""
     return field(default=default, metadata={"help": help, "choices": choices})
-
-
-class ConfigError(ValueError):
-    """A config file or override is malformed (unknown key, wrong type, bad value).
-
-    It holds one or more problems (``problems``), one line each; ``str()`` joins them."""
-
-    def __init__(self, *problems: str) -> None:
-        super().__init__(*problems)
-        self.problems = [str(p) for p in problems] or ["invalid config"]
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
 
 
 def name_problem(value: Any) -> str | None:

@@ -5,15 +5,42 @@ damaged file, a non-finite loss): the jobs print it as one ``error: ...`` line p
 exit with status 2, and training ends at once instead of restarting its workers. The errors
 cross from Ray workers to the driver by type: :func:`to_record` and :func:`from_record` turn
 one into a small dict and back, through the registry :data:`USER_ERRORS`.
+
+This module is the lowest layer of the library: it imports nothing from ``shan``, so every
+module may raise these errors (``shan.config``, ``shan.data.format``, ``shan.data.fs``,
+``shan.glove`` and ``shan.vocab`` re-export the ones they raise).
 """
 
 from __future__ import annotations
 
-from shan.config import ConfigError
-from shan.data.format import DataError
-from shan.data.fs import StorageError
-from shan.glove import GloveError
-from shan.vocab import VocabError
+
+class ConfigError(ValueError):
+    """A config file or override is malformed (unknown key, wrong type, bad value).
+
+    It holds one or more problems (``problems``), one line each; ``str()`` joins them."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = [str(p) for p in problems] or ["invalid config"]
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+class DataError(ValueError):
+    """A data set, or a source being converted, is malformed; the message names where."""
+
+
+class StorageError(OSError):
+    """A location cannot be reached or read."""
+
+
+class GloveError(ValueError):
+    """A GloVe file is missing or malformed."""
+
+
+class VocabError(ValueError):
+    """A vocabulary file is malformed."""
 
 
 class CheckpointError(ValueError):

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shan.errors import GloveError
 from shan.vocab import PAD, Vocabulary
-
-
-class GloveError(ValueError):
-    """A GloVe file is missing or malformed."""
 
 
 def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> np.ndarray:

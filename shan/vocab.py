@@ -21,6 +21,8 @@ from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
+from shan.errors import VocabError
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
@@ -72,10 +74,6 @@ def _nltk() -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]]:
     params = PunktParameters()
     params.abbrev_types = set(ABBREVIATIONS)
     return PunktSentenceTokenizer(params).tokenize, NLTKWordTokenizer().tokenize
-
-
-class VocabError(ValueError):
-    """A vocabulary file is malformed."""
 
 
 def tokenizer_id() -> str:

@@ -18,10 +18,10 @@ import json
 from collections.abc import Callable
 
 from shan.data.format import DTYPES
-from shan.data.images import ON_BAD, convert_images
 from shan.data.precomp import convert_precomp
 from shan.data.synthetic import generate_synthetic
 from shan.data.validate import format_summary, validate
+from shan.extract import ON_BAD, convert_images
 from shan.features import ARCHS, EXTRACTORS
 from shan_cli.argtypes import at_least, positive
 

@@ -3,7 +3,7 @@
 Every bad input the project promises to catch is a :class:`Case` in a ``CASES`` list of a
 ``tests/integration/test_bad_inputs_*.py`` module; the tests run each one as a user would (a
 subprocess of ``jobs/*.py``, the shims of ``shan_cli``) and ``tests/reliability.py`` turns the
-lists into the README's reliability table.
+lists into the reliability table of docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Case:
 
     id: str
     job: str  # prepare_data, train or evaluate
-    input: str  # the bad input, as the README's table says it
+    input: str  # the bad input, as the table of docs/reliability.md says it
     argv: Callable[[Path], list[str]]
     names: tuple[str, ...]
     lines: int = 1

@@ -123,7 +123,7 @@ def make_images(folder: Path, n: int = 6, size: tuple[int, int] = (72, 56), spli
 def convert_images_here(tmp: Path, n: int = 6, split=None) -> tuple[Path, Path]:
     """(images folder, data set): ``n`` pictures of :func:`make_images` converted in this
     process (grid extractor, random resnet50 at 64 x 64: 4 regions of 2048-d)."""
-    from shan.data.images import convert_images
+    from shan.extract import convert_images
     from shan.features import ExtractorSpec
 
     imgs = make_images(tmp / "imgs", n, split=split)

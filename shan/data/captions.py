@@ -1,4 +1,4 @@
-"""Caption files for ``prepare_data.py images``: which captions belong to which image file,
+"""Caption files for ``shan data images``: which captions belong to which image file,
 and in which split.
 
 Three formats, by extension:

@@ -20,17 +20,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from shan.config import name_problem
 from shan.data import fs
+from shan.errors import DataError
 from shan.vocab import Vocabulary
 
 FORMAT = "shan-parquet/1"
 CARD = "dataset.json"
 VOCAB = "vocab.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-class DataError(ValueError):
-    """A data set, or a source being converted, is malformed; the message names where."""
 
 
 @dataclass
@@ -119,8 +117,6 @@ class DatasetCard:
 
 def check_split_name(name: object, where: str) -> None:
     """A split name becomes a folder of the data set: a name, never a path."""
-    from shan.config import name_problem
-
     problem = name_problem(name)
     if problem:
         raise DataError(f"{where}: split name {problem}")

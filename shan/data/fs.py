@@ -16,9 +16,7 @@ from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
-
-class StorageError(OSError):
-    """A location cannot be reached or read."""
+from shan.errors import StorageError
 
 
 def is_remote(uri: str) -> bool:

@@ -1,4 +1,4 @@
-"""Check a data set end to end and summarise it (``jobs/prepare_data.py validate``)."""
+"""Check a data set end to end and summarise it (``shan data validate``)."""
 
 from __future__ import annotations
 

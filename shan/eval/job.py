@@ -8,7 +8,6 @@ data set, and every checkpoint (loaded in full: weights, config, vocabulary, fin
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -19,13 +18,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shan.checkpoint import load_checked
 from shan.config import Checked, Problems
 from shan.data import fs
 from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
-from shan.errors import CheckpointError, JobError
+from shan.errors import JobError
 from shan.eval import PROTOCOLS, outputs, tiles
 from shan.eval.lock import OutLock
+from shan.fingerprint import data_fingerprint, digest
 from shan.metrics import fold_metrics, format_table, recall_metrics
 from shan.pictures import attention_pictures
 from shan.runtime import GroupRequest, Resources, init_ray, on_cluster, plan_group, wait_for_room
@@ -135,53 +136,13 @@ class _Job:
     vocab: Vocabulary
 
 
-def load_checked(ref: refs.ModelRef, root: str, card: DatasetCard, vocab: Vocabulary) -> EvalModel:
-    """Load ``ref``'s checkpoint in full (weights_only; state dict against its config; finite
-    weights) and check it fits the data set: CheckpointError naming the file otherwise."""
-    from shan.checkpoint import load_model
-
-    loaded = load_model(ref.path)  # the one scoring loader: weights only, checked
-    cfg, ck_vocab = loaded.config, loaded.vocab
-    if ck_vocab != vocab:
-        raise CheckpointError(
-            f"model {ref.ref}: its vocabulary ({len(ck_vocab)} words) is not the data set's "
-            f"({root}, {len(vocab)} words)"
-        )
-    if cfg.model.feature_dim != card.feature_dim:
-        raise CheckpointError(
-            f"model {ref.ref}: it takes {cfg.model.feature_dim}-d features, the data set "
-            f"{root} has {card.feature_dim}-d"
-        )
-    files = {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(Path(ref.path).iterdir())
-        if p.is_file()
-    }
-    return EvalModel(ref, loaded.checkpoint, files, loaded.model)
-
-
-def content_digest(split: SplitArrays) -> str:
-    """A digest of what is scored: image ids, features, region counts and caption tokens."""
-    h = hashlib.sha256()
-    for column in (split.image_ids, split.features, split.num_regions, split.caption_image):
-        a = np.ascontiguousarray(column)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.data.cast("B"))
-    lengths = np.array([len(t) for t in split.tokens], dtype=np.int64)
-    flat = (
-        np.concatenate([np.asarray(t, dtype=np.int64) for t in split.tokens])
-        if split.tokens
-        else np.empty(0, dtype=np.int64)
-    )
-    h.update(lengths.tobytes())
-    h.update(flat.astype(np.int64).tobytes())
-    return h.hexdigest()
-
-
-def data_fingerprint(card_bytes: bytes, split: SplitArrays) -> str:
-    """The data's part of the tile fingerprint: the card's bytes (its creation time, and its
-    content digest when it has one) and a digest of the arrays scored."""
-    return tiles.fingerprint("card", card_bytes, "content", content_digest(split))
+def load_eval_model(
+    ref: refs.ModelRef, data: str, card: DatasetCard, vocab: Vocabulary
+) -> EvalModel:
+    """``ref``'s checkpoint loaded in full and checked against the data set
+    (:func:`shan.checkpoint.load_checked`): CheckpointError naming the file otherwise."""
+    checked = load_checked(ref.path, card, vocab, name=ref.ref, data=data)
+    return EvalModel(ref, checked.checkpoint, checked.files, checked.model)
 
 
 def tile_fingerprint(
@@ -192,7 +153,7 @@ def tile_fingerprint(
     precision (``device``), tile sizes and score block. Tiles of another fingerprint are
     recomputed, never reused."""
     opts, split, (kind, precision) = job.opts, job.split, device
-    return tiles.fingerprint(
+    return digest(
         "data",
         data_fp,
         "checkpoint",
@@ -253,7 +214,7 @@ def evaluate(
     try:
         for r in model_refs:
             resolved.append(refs.resolve(r, uri))
-        models = [load_checked(m, data, card, vocab) for m in resolved]
+        models = [load_eval_model(m, data, card, vocab) for m in resolved]
         split = read_split(data, opts.split, card)
         n = protocol_images(opts.protocol, len(split.image_ids), opts.fold_size)
         if n < len(split.image_ids):

@@ -16,7 +16,6 @@ deleted and recomputed.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -80,16 +79,6 @@ class Plan:
     def tile_shape(self, r: int, c: int) -> tuple[int, int]:
         rows = self.rows(r)
         return rows.stop - rows.start, len(self.cols(c))
-
-
-def fingerprint(*parts: bytes | str) -> str:
-    """A digest of ``parts``, each length-prefixed (so no two lists of parts collide)."""
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode() if isinstance(p, str) else bytes(p)
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()[:32]
 
 
 def tile_problem(plan: Plan, r: int, c: int, tile: object) -> str | None:

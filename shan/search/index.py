@@ -1,16 +1,15 @@
 """The image index of a split for a model: every caption-independent image-side tensor of the
 scorer (:class:`shan.model.EncodedImages`), computed once and cached in a file.
 
-The cache file is ``DIR/index-<key>.pt``; the key is a digest of the checkpoint's files, the
-data's fingerprint (its card and a digest of the arrays) and the split, so a changed model or
-data set never reuses a stale index. A file is written under a temporary name and renamed into
-place (never half-written); a file at the index's name that is not that index is refused,
-never overwritten.
+The cache file is ``DIR/index-<key>.pt``; the key (:func:`shan.fingerprint.index_key`) is a
+digest of the checkpoint's files, the data's fingerprint (its card and a digest of the arrays)
+and the split, so a changed model or data set never reuses a stale index. A file is written
+under a temporary name and renamed into place (never half-written); a file at the index's name
+that is not that index is refused, never overwritten.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,13 @@ import numpy as np
 
 from shan.data import fs
 from shan.errors import JobError
+from shan.fingerprint import INDEX_FORMAT
 from shan.progress import Progress
 
 if TYPE_CHECKING:
     from shan.model import SHAN, EncodedImages
 
-FORMAT = "shan-search-index/1"
+FORMAT = INDEX_FORMAT  # the file format, part of the key (shan.fingerprint.index_key)
 TENSORS = ("v", "mask", "vp", "vg", "pv")  # EncodedImages' fields, in order
 
 
@@ -40,16 +40,6 @@ class ImageIndex:
 
     def __len__(self) -> int:
         return len(self.image_ids)
-
-
-def index_key(model_files: dict[str, str], data_fp: str, split: str) -> str:
-    """The cache key: sha256 over the format, every checkpoint file's digest (name -> sha256),
-    the data fingerprint and the split name."""
-    h = hashlib.sha256(FORMAT.encode())
-    for name, digest in sorted(model_files.items()):
-        h.update(f"\0file\0{name}\0{digest}".encode())
-    h.update(f"\0data\0{data_fp}\0split\0{split}".encode())
-    return h.hexdigest()
 
 
 def cache_path(cache_dir: str | Path, key: str) -> Path:
@@ -157,7 +147,6 @@ __all__ = [
     "cache_path",
     "cache_problem",
     "image_index",
-    "index_key",
     "load_index",
     "save_index",
 ]

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shan.checkpoint import load_checked
 from shan.config import Checked, Problems
 from shan.data import fs
 from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import JobError
+from shan.fingerprint import data_fingerprint, index_key
 from shan.pictures import attention_picture, marked_png
-from shan.search.index import ImageIndex, cache_problem, image_index, index_key
+from shan.search.index import ImageIndex, cache_problem, image_index
 from shan.search.query import Match, Query, parse_query, score_queries, top_matches
 from shan.tracking import refs
 
@@ -98,8 +100,6 @@ def search(
 ) -> SearchResult:
     """Rank the images of ``data``'s split for each sentence with the model ``model_ref``
     (anything :func:`shan.tracking.refs.resolve` accepts)."""
-    from shan.eval.job import data_fingerprint, load_checked
-
     opts = opts or SearchOptions()
     if not sentences:
         raise JobError("no query: give at least one sentence")
@@ -111,10 +111,10 @@ def search(
     queries = [parse_query(vocab, s, n=i + 1) for i, s in enumerate(sentences)]
     resolved = refs.resolve(model_ref, os.environ.get("MLFLOW_TRACKING_URI"))
     try:
-        loaded = load_checked(resolved, data, card, vocab)
+        loaded = load_checked(resolved.path, card, vocab, name=resolved.ref, data=data)
     finally:
         refs.cleanup([resolved])
-    max_words = loaded.weights.config.data.max_words
+    max_words = loaded.config.data.max_words
     queries = [parse_query(vocab, s, max_words, i + 1) for i, s in enumerate(sentences)]
     t0 = time.perf_counter()
     split = read_split(data, opts.split, card)

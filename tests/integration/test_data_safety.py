@@ -1,7 +1,7 @@
 """Writers never delete or overwrite what they did not write; an interrupted or failed write
-never spoils the data set it replaces nor looks complete: ``prepare_data.py precomp`` run as a
-subprocess (killed mid-write by its test hook). Local cases need nothing else; ``s3://`` cases
-use the suite's S3 endpoint (moto's server on 127.0.0.1)."""
+never spoils the data set it replaces nor looks complete: ``shan data precomp`` run as a
+subprocess of its shim (killed mid-write by its test hook). Local cases need nothing else;
+``s3://`` cases use the suite's S3 endpoint (moto's server on 127.0.0.1)."""
 
 from __future__ import annotations
 

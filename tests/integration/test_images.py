@@ -1,5 +1,6 @@
-"""``prepare_data.py images`` as a job: extraction on Ray (a local instance the job starts),
-one bad image skipped, the same features as the in-process conversion for the others."""
+"""``shan data images`` as a job (its shim ``jobs/prepare_data.py``): extraction on Ray (a local
+instance the job starts), one bad image skipped, the same features as the in-process conversion
+for the others."""
 
 from __future__ import annotations
 

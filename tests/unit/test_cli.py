@@ -130,8 +130,8 @@ def test_the_walk_finds_subcommands_and_enumerations():
     """The walk reaches the data subcommands, and the known enumerations have their choices
     (from the library's own tuples where it has one)."""
     from shan.data.format import DTYPES
-    from shan.data.images import ON_BAD
     from shan.eval import PROTOCOLS
+    from shan.extract import ON_BAD
     from shan.features import EXTRACTORS
     from shan.features.resnet import ARCHS
 

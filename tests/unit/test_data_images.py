@@ -1,4 +1,4 @@
-"""From images and captions to a data set, in this process (``shan.data.images``, ``--local``):
+"""From images and captions to a data set, in this process (``shan.extract``, ``--local``):
 what the data set records, training a step on it, bad images skipped and reported. The Ray
 path is ``tests/integration/test_images.py``."""
 
@@ -53,7 +53,7 @@ def test_a_shan_trains_a_step_on_it(converted_images):
 
 
 def test_skip_lists_bad_images_in_a_report_of_the_data_set(tmp_path: Path):
-    from shan.data.images import convert_images
+    from shan.extract import convert_images
     from shan.features import ExtractorSpec
     from tests.helpers import make_images
 

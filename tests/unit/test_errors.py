@@ -23,3 +23,21 @@ def test_an_unknown_type_becomes_a_job_error():
     back = from_record({"type": "KeyError", "message": "x"})
     assert type(back) is JobError and "KeyError: x" in str(back)
     assert set(BY_NAME) == {c.__name__ for c in USER_ERRORS}
+
+
+def test_the_modules_that_raise_them_re_export_the_same_classes():
+    """``from shan.config import ConfigError`` (and the others) still work, as the one class."""
+    from shan import config, glove, vocab
+    from shan.data import format as data_format
+    from shan.data import fs
+    from shan.errors import ConfigError as Defined
+    from shan.errors import DataError, GloveError, StorageError, VocabError
+
+    assert config.ConfigError is Defined is ConfigError
+    assert data_format.DataError is DataError and fs.StorageError is StorageError
+    assert glove.GloveError is GloveError and vocab.VocabError is VocabError
+    assert issubclass(StorageError, OSError)
+    assert [c.__name__ for c in USER_ERRORS] == [
+        "ConfigError", "DataError", "StorageError", "GloveError", "VocabError",
+        "CheckpointError", "JobError",
+    ]  # fmt: skip

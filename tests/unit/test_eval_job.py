@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from shan.errors import ConfigError, problems
-from shan.eval.job import EvalOptions, data_fingerprint, tile_fingerprint
+from shan.eval.job import EvalOptions, tile_fingerprint
+from shan.fingerprint import data_fingerprint
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,11 @@ from shan.eval.tiles import (
     assemble,
     check_complete,
     empty_matrices,
-    fingerprint,
     load_finished,
     place,
     tile_problem,
 )
+from shan.fingerprint import digest
 from shan.model import SCORES
 
 N_IMAGES, N_CAPTIONS = 7, 11
@@ -104,22 +104,22 @@ def test_bad_plans(kw, message):
 
 # -- the fingerprint ------------------------------------------------------------------------------
 def test_fingerprint_is_stable_and_sensitive():
-    fp = fingerprint("data", b"\x00\x01", "split", "test")
-    assert fp == fingerprint("data", b"\x00\x01", "split", "test")
+    fp = digest("data", b"\x00\x01", "split", "test")
+    assert fp == digest("data", b"\x00\x01", "split", "test")
     assert len(fp) == 32 and int(fp, 16) >= 0
-    assert fingerprint("a", "b") == fingerprint(b"a", b"b")  # text is its UTF-8 bytes
+    assert digest("a", "b") == digest(b"a", b"b")  # text is its UTF-8 bytes
     others = {
-        fingerprint("data", b"\x00\x02", "split", "test"),
-        fingerprint("data", b"\x00\x01", "split", "dev"),
-        fingerprint("split", "test", "data", b"\x00\x01"),  # order matters
-        fingerprint("data", b"\x00\x01", "split", "test", ""),  # so does an empty part
+        digest("data", b"\x00\x02", "split", "test"),
+        digest("data", b"\x00\x01", "split", "dev"),
+        digest("split", "test", "data", b"\x00\x01"),  # order matters
+        digest("data", b"\x00\x01", "split", "test", ""),  # so does an empty part
     }
     assert fp not in others and len(others) == 4
 
 
 def test_fingerprint_parts_do_not_run_together():
-    assert fingerprint("ab", "c") != fingerprint("a", "bc")
-    assert fingerprint("abc") != fingerprint("ab", "c")
+    assert digest("ab", "c") != digest("a", "bc")
+    assert digest("abc") != digest("ab", "c")
 
 
 def test_fingerprint_of_the_evaluation_job_changes_with_each_input():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from shan.errors import JobError
-from shan.search.index import cache_path, image_index, index_key
+from shan.fingerprint import index_key
+from shan.search.index import cache_path, image_index
 from tests.helpers import tiny_model
 
 FILES = {"model.pt": "a" * 64, "config.yaml": "b" * 64, "vocab.json": "c" * 64}

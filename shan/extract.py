@@ -1,4 +1,5 @@
-"""From raw images and captions to the project's Parquet data set (``prepare_data.py images``).
+"""From raw images and captions to the project's Parquet data set (``shan data images``): a job
+above both ``shan.data`` (the format it writes) and ``shan.features`` (the extractors).
 
 Everything a user can get wrong in the inputs is checked before any image is decoded: the
 options, the destination (``DatasetWriter``), the caption file, and that every image a caption
@@ -26,6 +27,7 @@ from shan.data.writer import DatasetWriter, SplitWriter
 from shan.features import ExtractorSpec
 from shan.features.pipeline import plan_resources, run_local, run_ray
 from shan.progress import Progress
+from shan.runtime import init_ray
 from shan.vocab import Vocabulary
 
 BAD_IMAGES = "bad_images.json"
@@ -152,8 +154,6 @@ def _batches(
     if local:
         log(f"extracting {len(items)} images in this process ({spec.name})")
         return run_local(items, spec, batch_size, min_side)
-    from shan.runtime import init_ray
-
     ray = init_ray(log)
     res = plan_resources(ray.cluster_resources(), actors, cpus, gpus)
     log(f"extracting {len(items)} images ({spec.name}) on {res.describe('actor')}")
