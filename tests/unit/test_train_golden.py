@@ -34,7 +34,9 @@ from shan.vocab import Vocabulary  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
 STEPS, STEPS_PER_EPOCH = 20, 5
-RTOL = 1e-5
+# float32 on another CPU (other SIMD kernels) drifts: up to 4.3e-5 relative over the 20 steps
+# on an AVX-512 AMD EPYC against the recording machine; a change to the recipe moves them more
+RTOL = 1e-4
 WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball", "man", "woman", "sits"]
 BATCH = {"images": 4, "captions_per_image": 2, "regions": 5, "seed": 1234}
 
