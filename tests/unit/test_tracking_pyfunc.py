@@ -318,6 +318,25 @@ def test_every_uri_a_user_pastes_resolves_to_the_same_checkpoint(logged, form):
     assert not Path(m.path).exists()
 
 
+def test_a_local_folder_and_s3_holding_the_model_resolve_to_the_same_checkpoint(
+    logged, tmp_path, monkeypatch
+):
+    from tests.unit.test_tracking_refs import local_s3
+
+    m = refs.resolve(logged["model_uri"], logged["uri"])
+    try:  # the MLflow model as downloaded: MLmodel + artifacts/checkpoint
+        shutil.copytree(Path(m.path).parent.parent, tmp_path / "s3" / "bucket" / "model")
+    finally:
+        refs.cleanup([m])
+    local_s3(monkeypatch, tmp_path / "s3")
+    for ref in (str(tmp_path / "s3" / "bucket" / "model"), "s3://bucket/model"):
+        m = refs.resolve(ref)
+        try:
+            same_checkpoint(m.path, logged["ckpt"])
+        finally:
+            refs.cleanup([m])
+
+
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
