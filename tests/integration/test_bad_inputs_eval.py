@@ -75,6 +75,13 @@ def args(tmp: Path, model: str | None = None, *extra: str, out: str | None = Non
     ]
 
 
+def _closed_port() -> int:
+    """A port of 127.0.0.1 nobody listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def opt(*extra: str):
     """A case that only adds options to a good command line."""
     return lambda tmp: args(tmp, None, *extra)
@@ -208,6 +215,11 @@ CASES: list[Case] = [
          lambda tmp: [a for a in args(tmp, None, "--promote", "champion") if a != "--no-mlflow"],
          ("--promote", "models:/")),
     # the model
+    Case("mlflow-unreachable", "evaluate",
+         "`--model RUN_ID` (or `runs:/`, `models:/`) with `MLFLOW_TRACKING_URI` at a closed port",
+         lambda tmp: args(tmp, "0123456789abcdef0123456789abcdef"),
+         ("MLflow tracking server http://alice:***@127.0.0.1:", "is unreachable"),
+         env={"MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{_closed_port()}"}),
     Case("model-missing", "evaluate", "`--model` a folder that does not exist",
          lambda tmp: args(tmp, str(tmp / "nowhere")), ("nowhere", "model.pt")),
     Case("model-pt-missing", "evaluate", "a checkpoint without `model.pt`",
@@ -306,9 +318,7 @@ def _s3_list(url: str) -> list[str]:
 def test_an_unreachable_mlflow_server_is_one_line_in_seconds(job, ref, tmp_path):
     """A model named by MLflow, with MLflow's address at a closed port: one line naming the
     server without its password, in well under 30 s (not MLflow's retries, about 4 min)."""
-    with socket.socket() as s:  # a port nobody listens on once closed
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _closed_port()
     uri = f"http://alice:s3cret@127.0.0.1:{port}"
     args = ["--model", ref, "--data", str(_BASE["data"])]
     args += ["a dog"] if job == "search" else ["--out", str(tmp_path / "out")]
