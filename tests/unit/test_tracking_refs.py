@@ -294,3 +294,9 @@ def test_lookups_run_with_mlflows_retries_bounded_unless_the_user_set_them(monke
         assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 33  # the user's
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
+
+
+def test_an_mlmodel_nested_100000_deep_is_refused_without_recursion(tmp_path):
+    (tmp_path / "MLmodel").write_text("flavors: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CheckpointError, match="an MLflow model without a SHAN checkpoint"):
+        refs.checkpoint_in(tmp_path, "s3://bucket/model")
