@@ -271,10 +271,12 @@ def checkpoint_in(folder: str | Path, ref: str | None = None) -> Path:
 
 def _artifact_path(mlmodel: Path) -> str | None:
     """The relative folder of the ``checkpoint`` artifact that ``MLmodel`` names."""
-    try:
-        conf = yaml.safe_load(mlmodel.read_text())
+    from shan.config import ConfigError, bounded_yaml
+
+    try:  # bounded: an MLmodel of a folder or s3:// prefix is anyone's file
+        conf = bounded_yaml(mlmodel.read_text(), str(mlmodel))
         path = conf["flavors"]["python_function"]["artifacts"][ARTIFACT]["path"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError, KeyError, TypeError):
         return None
     parts = Path(str(path)).parts
     if Path(str(path)).is_absolute() or ".." in parts:
