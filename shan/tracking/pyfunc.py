@@ -5,8 +5,8 @@ Layout of a logged model (``models:/m-...``): MLflow's ``MLmodel``, the pickled
 :class:`ShanModel`, and the checkpoint folder as its artifact ``checkpoint`` (``model.pt``,
 ``config.yaml``, ``vocab.json``: :mod:`shan.checkpoint`'s format; ``MLmodel`` says where, and
 :func:`shan.tracking.refs.checkpoint_in` finds it for evaluation). Input and output:
-:mod:`shan.serving`; the signature is tensor-based (:func:`signature`), with an input example
-(:func:`input_example`).
+:mod:`shan.serving`, which checks types, shapes and sizes; the signature names the tensors
+without typing them (:func:`signature` says why), with an input example (:func:`input_example`).
 
 Environment: a process that loads the model needs the ``shan`` package installed (the project's
 image has it; ``pip install`` of its wheel elsewhere), and is expected to run in that
