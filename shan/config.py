@@ -162,6 +162,19 @@ def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Upper bounds of the model's sizes, generous for real use, checked before any work starts; and
+# of the parameters they make together (word embeddings aside: they depend on the vocabulary).
+MODEL_SIZE_MAX = {"feature_dim": 16384, "d": 16384, "word_dim": 4096, "d_a": 16384}
+MODEL_PARAMETERS_MAX = 2_000_000_000  # 8 GB of float32 weights; Adam trains with about 4 times
+
+
+def model_parameters(feature_dim: int, d: int, word_dim: int, d_a: int) -> int:
+    """SHAN's parameter count without the word embeddings (shan.model.SHAN): the image layer,
+    the bidirectional GRU, the L2L projections, the G2L gates and the two attention pools."""
+    gru = 2 * 3 * (d * 2 * word_dim + d * d + 2 * d)
+    return (feature_dim + 1) * d + gru + 2 * d * d + 2 * (2 * d * d + d) + 2 * (d + 2) * d_a
+
+
 @dataclass
 class ModelConfig(_Section):
     """SHAN's architecture (docs/model.md §2–§6). Fields marked (choice): docs/model.md §11."""
@@ -185,8 +198,18 @@ class ModelConfig(_Section):
 
     def problems(self, prefix: str = "model.") -> list[str]:
         p = Problems(prefix)
-        for name in ("feature_dim", "d", "word_dim", "d_a"):
+        for name, most in MODEL_SIZE_MAX.items():
             p.at_least(name, getattr(self, name), 1)
+            p.at_most(name, getattr(self, name), most)
+        sizes = [getattr(self, name) for name in MODEL_SIZE_MAX]
+        if not p and all(isinstance(v, int) for v in sizes):
+            n = model_parameters(*sizes)
+            if n > MODEL_PARAMETERS_MAX:
+                p.append(
+                    f"{prefix}feature_dim, d, word_dim and d_a make {n:,} parameters "
+                    f"({4 * n / 1e9:.1f} GB of float32 weights), over the limit of "
+                    f"{MODEL_PARAMETERS_MAX:,}: lower {prefix}d"
+                )
         p.text("glove_path", self.glove_path, optional=True)
         p.one_of("affinity", self.affinity, AFFINITIES)
         p.positive("lambda_l2l", self.lambda_l2l)
@@ -535,7 +558,7 @@ def _is_text(tp: Any) -> bool:
 def _parse_value(key: str, raw: str) -> Any:
     """A YAML scalar, except that a text field takes the text as written (``null`` and an
     empty value still mean None)."""
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = bounded_yaml(raw, f"override {key}") if raw.strip() else None
     if _is_text(_field_type(key)):
         if value is None or isinstance(value, str):
             return value
@@ -563,7 +586,10 @@ def parse_overrides(overrides: list[str], problems: list[str] | None = None) -> 
         try:
             value = _parse_value(key, raw)
         except yaml.YAMLError:
-            own.append(f"override {item!r}: the value is not a valid YAML scalar")
+            own.append(f"override {item[:200]!r}: the value is not a valid YAML scalar")
+            continue
+        except ConfigError as e:
+            own.append(str(e))
             continue
         if not _set(nested, key, value):
             own.append(f"override {item!r} conflicts with another override")
@@ -617,6 +643,55 @@ def resolve_config_path(name_or_file: str) -> Path:
     return candidate
 
 
+# What a config file (or an override's value) may hold: YAML nests a handful of levels, has no
+# aliases (a "billion laughs" expands a few aliases into gigabytes) and is small.
+YAML_MAX_BYTES = 1_000_000
+YAML_MAX_DEPTH = 20
+
+
+def bounded_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` once its events show no alias, no nesting deeper than
+    :data:`YAML_MAX_DEPTH` and no more than :data:`YAML_MAX_BYTES` of text; ConfigError naming
+    ``source`` (and the line) otherwise. yaml.YAMLError when it is not YAML."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(
+            f"{source}: {len(text):,} characters, over the limit of {YAML_MAX_BYTES:,}"
+        )
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # iterative: no recursion
+        line = event.start_mark.line + 1 if event.start_mark else 0
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(
+                f"{source}: line {line}: a YAML alias (*{event.anchor}); aliases are not allowed "
+                "in a config, write the value out"
+            )
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > YAML_MAX_DEPTH:
+                raise ConfigError(
+                    f"{source}: line {line}: nested deeper than {YAML_MAX_DEPTH} levels"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return yaml.safe_load(text)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping of config file ``path``, read within :func:`bounded_yaml`'s limits."""
+    size = path.stat().st_size
+    if size > YAML_MAX_BYTES:
+        raise ConfigError(
+            f"config file {path}: {size:,} bytes, over the limit of {YAML_MAX_BYTES:,}"
+        )
+    try:
+        data = bounded_yaml(path.read_text(), f"config file {path}") or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
 def load_config(
     name_or_file: str | None = None,
     overrides: list[str] | None = None,
@@ -627,13 +702,7 @@ def load_config(
     and check everything. One ConfigError lists every problem found."""
     data: dict[str, Any] = {}
     if name_or_file is not None:
-        path = resolve_config_path(name_or_file)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = _read_config_file(resolve_config_path(name_or_file))
     problems: list[str] = []
     data = _merge(data, parse_overrides(overrides or [], problems))
     for key, value in (values or {}).items():

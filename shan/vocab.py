@@ -37,6 +37,11 @@ ABBREVIATIONS = frozenset(
     jan feb aug sept oct nov dec wed fri""".split()
 )
 _INNER_END = re.compile(r"[.?!](?=[\s\S])")  # Punkt splits only after '.', '?', '!' + more text
+# Initials of three letters or more ("e.s.e.", "u.s.a."): before a lower-case word they are an
+# abbreviation, as Punkt's English model takes them (a sentence does not start with a lower-case
+# word, and SCAN lower-cases first). Two letters ("e.g.", "t.v.") keep ending a sentence, as the
+# model does.
+_INITIALS_END = re.compile(r"(?:^|\s)[^\W\d_](?:\.[^\W\d_]){2,}\.\s*$")
 
 
 # ``import nltk`` imports every NLTK module, and with them SciPy and scikit-learn when they are
@@ -97,8 +102,20 @@ def tokenize(text: str) -> list[str]:
     """
     split_sentences, split_words = _nltk()
     text = text.lower().strip()
-    sentences = split_sentences(text) if _INNER_END.search(text) else [text]
+    sentences = _joined(split_sentences(text)) if _INNER_END.search(text) else [text]
     return [word for sentence in sentences for word in split_words(sentence)]
+
+
+def _joined(sentences: list[str]) -> list[str]:
+    """``sentences`` with each one that starts with a lower-case letter after initials
+    (:data:`_INITIALS_END`) joined to the one before."""
+    out: list[str] = []
+    for s in sentences:
+        if out and s[:1].islower() and _INITIALS_END.search(out[-1]):
+            out[-1] = f"{out[-1]} {s}"
+        else:
+            out.append(s)
+    return out
 
 
 class Vocabulary:

@@ -5,8 +5,8 @@ Layout of a logged model (``models:/m-...``): MLflow's ``MLmodel``, the pickled
 :class:`ShanModel`, and the checkpoint folder as its artifact ``checkpoint`` (``model.pt``,
 ``config.yaml``, ``vocab.json``: :mod:`shan.checkpoint`'s format; ``MLmodel`` says where, and
 :func:`shan.tracking.refs.checkpoint_in` finds it for evaluation). Input and output:
-:mod:`shan.serving`; the signature is tensor-based (:func:`signature`), with an input example
-(:func:`input_example`).
+:mod:`shan.serving`, which checks types, shapes and sizes; the signature names the tensors
+without typing them (:func:`signature` says why), with an input example (:func:`input_example`).
 
 Environment: a process that loads the model needs the ``shan`` package installed (the project's
 image has it; ``pip install`` of its wheel elsewhere), and is expected to run in that
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from shan.vocab import Vocabulary
 
 MODEL_NAME = "model"  # the logged model's name in a training run
+INPUTS = ("features", "counts", "captions")  # shan.serving.FIELDS
 # what scoring imports (nltk: the captions are tokenized with its word_tokenize, shan.vocab)
 SCORING_NEEDS = ("torch", "numpy", "pyarrow", "pyyaml", "nltk", "mlflow")
 
@@ -59,34 +60,44 @@ class ShanModel(PythonModel):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(context.artifacts[ARTIFACT], self.device)
 
-    # model_input has no annotation on purpose: MLflow would infer the signature from it
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001
+    # The input is the dict of named arrays that MLflow builds from the signature. The hint is
+    # np.ndarray, a type MLflow takes as is (no signature inferred from it, no validation): a
+    # dict hint is one MLflow cannot use, and warns about, as it warns about no hint at all.
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         """The four score matrices of ``model_input``; MlflowException (a 400 when served)
-        naming the field when the request cannot be scored."""
+        naming the field when the request cannot be scored, and one without a traceback (a
+        500) when scoring fails: no traceback reaches an HTTP answer."""
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         from shan.serving import InputError, score_request
 
+        request: Any = model_input
         try:
-            return score_request(self.loaded, model_input, self.device)
+            return score_request(self.loaded, request, self.device)
         except InputError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as e:  # noqa: BLE001 (an HTTP answer: the message, not the traceback)
+            raise MlflowException(
+                f"scoring failed: {type(e).__name__}: {str(e)[:500]}", error_code=INTERNAL_ERROR
+            ) from None
 
 
 def signature(feature_dim: int) -> ModelSignature:
-    """features (-1, -1, D) float32, counts (-1,) int64, captions (-1,) str -> the four scores,
-    each (-1, -1) float32."""
+    """Inputs ``features``, ``counts``, ``captions``, each an object tensor (-1,) that MLflow
+    passes on as sent; outputs the four scores, each (-1, -1) float32.
+
+    The inputs are untyped on purpose: for a typed tensor MLflow's scoring server converts the
+    JSON before the model sees it (a count 1.5 becomes 1, a caption ``{"a": 1}`` the string
+    ``"{'a': 1}"``); :mod:`shan.serving` checks the types and shapes itself (features (N, R, D)
+    with D = ``feature_dim`` numbers, counts (N,) integers, captions (M,) strings)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    inputs = Schema(
-        [
-            TensorSpec(np.dtype(np.float32), (-1, -1, feature_dim), "features"),
-            TensorSpec(np.dtype(np.int64), (-1,), "counts"),
-            TensorSpec(np.dtype(str), (-1,), "captions"),
-        ]
-    )
+    del feature_dim  # the request's shapes are checked by shan.serving
+    inputs = Schema([TensorSpec(np.dtype(object), (-1,), name) for name in INPUTS])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, -1), k) for k in SCORES])
     return ModelSignature(inputs=inputs, outputs=outputs)
 

@@ -1,5 +1,11 @@
-"""Model references: a checkpoint folder, an ``s3://`` URL, an MLflow run id, or a registered
-model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), resolved to a local folder.
+"""Model references, resolved to a local checkpoint folder: a checkpoint folder (or a downloaded
+MLflow model), an ``s3://`` URL, an MLflow run (its id, ``runs:/ID``, or ``runs:/ID/model``, the
+run's model by name), a logged model as the MLflow UI shows it (``models:/m-...``), or a
+registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``).
+
+The MLflow forms ask the tracking server: it must answer first (:func:`runs.check_reachable`,
+one line naming it), and the lookups run under MLflow's own retry and timeout variables
+(:func:`runs.bounded_lookups`), so a server gone in between fails in seconds.
 
 A run or model version holds the checkpoint in one of two layouts: an MLflow model (``MLmodel``
 and the checkpoint as its artifact ``artifacts/checkpoint``: :mod:`shan.tracking.pyfunc`, what
@@ -32,6 +38,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+RUNS_URI = re.compile(r"^runs:/([0-9a-f]{32})(?:/(.*))?$")  # runs:/ID, runs:/ID/PATH
+LOGGED_MODEL = re.compile(r"^m-[0-9a-f]{32}$")  # a logged model's id (models:/m-...)
 ALIAS = re.compile(r"[A-Za-z0-9_-]+")  # MLflow's alias characters
 VERSION = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit takes other scripts too)
 ARTIFACT = "checkpoint"  # a run's checkpoint artifact; the MLflow model's artifact key
@@ -61,8 +69,10 @@ def cleanup(models: list[ModelRef]) -> None:
 
 def resolve(ref: str, uri: str | None = None) -> ModelRef:
     """Download what ``ref`` names (if remote) and return its local checkpoint folder."""
-    if ref.startswith("models:/"):
-        return _registered(ref, uri)
+    if ref.startswith(("models:/", "runs:/")) or (RUN_ID.match(ref) and not Path(ref).exists()):
+        runs.check_reachable(uri or runs.tracking_uri())
+        with runs.bounded_lookups():
+            return _tracked(ref, uri)
     if ref.startswith("s3://"):
         path = _download_s3(ref)
         try:
@@ -71,14 +81,6 @@ def resolve(ref: str, uri: str | None = None) -> ModelRef:
             shutil.rmtree(path, ignore_errors=True)
             raise
         return ModelRef(ref, str(found), temp=path)
-    if RUN_ID.match(ref) and not Path(ref).exists():
-        temp = tempfile.mkdtemp(prefix="shan-model-")
-        try:
-            path = _download_run(ref, uri, temp)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-        return ModelRef(ref, path, train_run_id=ref, temp=temp)
     if not Path(ref, MODEL_FILE).is_file() and not Path(ref, "MLmodel").is_file():
         raise CheckpointError(f"model {ref}: no checkpoint there (expected {ref}/{MODEL_FILE})")
     return ModelRef(ref, str(checkpoint_in(Path(ref).absolute(), ref)))  # or an MLflow model's
@@ -124,6 +126,46 @@ def _download_s3(url: str) -> str:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return str(dest)
+
+
+def _tracked(ref: str, uri: str | None) -> ModelRef:
+    """A run (``ID``, ``runs:/ID``, ``runs:/ID/PATH``), a logged model (``models:/m-ID``) or a
+    registered model, downloaded into a temporary folder."""
+    body = ref.removeprefix("models:/")
+    if ref.startswith("models:/") and not LOGGED_MODEL.match(body):
+        return _registered(ref, uri)
+    temp = tempfile.mkdtemp(prefix="shan-model-")
+    try:
+        run_id, path = _run_or_logged_model(ref, uri, temp)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return ModelRef(ref, path, train_run_id=run_id, temp=temp)
+
+
+def _run_or_logged_model(ref: str, uri: str | None, dest: str) -> tuple[str | None, str]:
+    """(the run that made it, its local checkpoint folder) of a run or a logged model."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    m = RUNS_URI.match(ref)
+    if m and not (m.group(2) or "").strip("/"):
+        return m.group(1), _download_run(m.group(1), uri, dest)
+    if RUN_ID.match(ref):
+        return ref, _download_run(ref, uri, dest)
+    if ref.startswith("runs:/") and not m:
+        raise CheckpointError(f"model {ref}: expected runs:/RUN_ID or runs:/RUN_ID/PATH")
+    try:  # runs:/ID/PATH (MLflow finds the run's model of that name) or models:/m-ID
+        run_id = m.group(1) if m else _source_run(MlflowClient(tracking_uri=uri), ref)
+        path = _download_model(ref, uri, dest)
+    except (MlflowException, OSError) as e:
+        raise CheckpointError(f"model {ref}: not found in MLflow ({e})") from e
+    return run_id, str(checkpoint_in(path, ref))
+
+
+def _source_run(c: MlflowClient, ref: str) -> str | None:
+    """The run that logged the model ``models:/m-ID``."""
+    return c.get_logged_model(ref.removeprefix("models:/")).source_run_id
 
 
 def _download_run(run_id: str, uri: str | None, dest: str) -> str:
@@ -229,10 +271,12 @@ def checkpoint_in(folder: str | Path, ref: str | None = None) -> Path:
 
 def _artifact_path(mlmodel: Path) -> str | None:
     """The relative folder of the ``checkpoint`` artifact that ``MLmodel`` names."""
-    try:
-        conf = yaml.safe_load(mlmodel.read_text())
+    from shan.config import ConfigError, bounded_yaml
+
+    try:  # bounded: an MLmodel of a folder or s3:// prefix is anyone's file
+        conf = bounded_yaml(mlmodel.read_text(), str(mlmodel))
         path = conf["flavors"]["python_function"]["artifacts"][ARTIFACT]["path"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError, KeyError, TypeError):
         return None
     parts = Path(str(path)).parts
     if Path(str(path)).is_absolute() or ".." in parts:

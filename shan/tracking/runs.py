@@ -79,6 +79,28 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
+# MLflow's own retry and timeout variables for a lookup (a model to download): a server that is
+# gone fails in seconds, not after MLflow's default of 7 retries with backoff (about 4 min).
+LOOKUP_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+@contextmanager
+def bounded_lookups() -> Iterator[None]:
+    """:data:`LOOKUP_HTTP` in the environment within the block, where the user has not set
+    those variables; then as before."""
+    added = [k for k in LOOKUP_HTTP if k not in os.environ]
+    os.environ.update({k: LOOKUP_HTTP[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def redact(uri: str) -> str:
     """``uri`` with the password of ``user:password@`` (or a lone ``token@``) replaced by
     ``***``, so it can be printed."""

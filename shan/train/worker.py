@@ -450,6 +450,22 @@ def train_loop_per_worker(config: dict[str, LoopSettings]) -> None:
     except USER_ERRORS as e:  # raised outside the steps: the other ranks may be anywhere
         box.write(to_record(e))
         raise
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
+        error = JobError(
+            f"a training worker ran out of memory ({str(e).splitlines()[0][:200]}): lower "
+            "optim.batch_size or the model's sizes (model.d, model.word_dim)"
+        )
+        box.write(to_record(error))  # a user error: the retried workers stop at once
+        raise error from None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: Python's, CUDA's, or torch's CPU allocator."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        "DefaultCPUAllocator: can't allocate memory" in str(e)
+    )
 
 
 def system_metrics(settings: LoopSettings) -> SystemMetrics:

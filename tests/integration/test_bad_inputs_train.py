@@ -30,6 +30,23 @@ def foreign_checkpoint_folder(tmp: Path) -> list[str]:
     return tiny("--name", "keep-me")(tmp)
 
 
+def config_file(name: str, text: str, *args: str):
+    """argv: a config file ``name`` holding ``text`` (written under tmp), and ``args``."""
+
+    def argv(tmp: Path) -> list[str]:
+        (tmp / name).write_text(text)
+        return ["--config", str(tmp / name), "--data", str(tmp / "no-data"), *args]
+
+    return argv
+
+
+# nine aliases of nine aliases ... of nine strings: 9**9 strings once expanded
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
+DEEP_LIST = "model:\n  d: " + "[" * 100_000 + "]" * 100_000 + "\n"
+
+
 CASES: list[Case] = [
     Case("lr-negative", "train", "`optim.lr=-1`", tiny("optim.lr=-1"), ("optim.lr", "-1.0")),
     Case("lr-nan", "train", "`optim.lr=nan`", tiny("optim.lr=nan"), ("optim.lr", "nan")),
@@ -68,6 +85,20 @@ CASES: list[Case] = [
     Case("checkpoint-folder-foreign", "train",
          "`--name N` where `checkpoints/N` holds files this project did not write",
          foreign_checkpoint_folder, ("checkpoints/keep-me", "notes.txt", "another --name")),
+    Case("model-d-huge", "train", "`model.d=100000000000`", tiny("model.d=100000000000"),
+         ("model.d", "<= 16384", "100000000000")),
+    Case("model-parameters-too-many", "train", "`model.d=16000` (3 billion parameters)",
+         tiny("model.d=16000"), ("model.feature_dim, d, word_dim and d_a make", "over the limit")),
+    Case("config-billion-laughs", "train", 'a config of nested YAML aliases ("billion laughs")',
+         config_file("laughs.yaml", BILLION_LAUGHS), ("laughs.yaml", "line 2", "alias")),
+    Case("config-billion-laughs-print", "train", '`--print-config` of a "billion laughs" config',
+         config_file("laughs.yaml", BILLION_LAUGHS, "--print-config"), ("laughs.yaml", "alias")),
+    Case("config-deep-list", "train", "a config value nested 100,000 lists deep",
+         config_file("deep.yaml", DEEP_LIST), ("deep.yaml", "nested deeper than 20 levels")),
+    Case("config-too-large", "train", "a config file over 1 MB",
+         config_file("big.yaml", "# padding\n" * 120_000), ("big.yaml", "over the limit of")),
+    Case("override-alias", "train", "an override holding a YAML alias (`model.d=&a [*a]`)",
+         tiny("model.d=&a [1, *a]"), ("override model.d", "alias")),
 ]  # fmt: skip
 
 

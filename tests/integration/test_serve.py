@@ -1,6 +1,8 @@
 """The registered model served by MLflow's scoring server (``mlflow models serve --env-manager
-local``) on 127.0.0.1: ``/invocations`` answers the four score matrices of the library's scorer,
-and a bad request gets a 400 naming the field. The model is an untrained tiny checkpoint logged
+local``) on 127.0.0.1: ``/invocations`` answers the four score matrices of the library's scorer;
+a bad request (a wrong type, a flood of 100,000 x 100,000 scores) gets a 400 naming the field,
+JSON nested 100,000 deep an error, none of them a traceback, and a good request after them all
+is answered. The model is an untrained tiny checkpoint logged
 into the session's MLflow server (no training)."""
 
 from __future__ import annotations
@@ -22,14 +24,28 @@ from shan.model import SCORES
 from tests.helpers import library_scores, log_tiny_model, scoring_request
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    data = json.dumps(body).encode()
+def post_raw(url: str, data: bytes) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        return e.code, e.read()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    status, raw = post_raw(url, json.dumps(body).encode())
+    assert b"Traceback" not in raw and b"stack_trace" not in raw, raw[:3000]
+    return status, json.loads(raw or b"{}")
+
+
+def refused(url: str, body: dict, field: str) -> str:
+    """The message of a 400 that names ``field``, printed as the test's output."""
+    status, answer = post(url, body)
+    message = answer.get("message", "")
+    print(f"HTTP {status}: ...{message[message.find('Error: ') :][:300]}")
+    assert status == 400 and f"Error: {field}: " in message, (status, message[-2000:])
+    return message
 
 
 def wait_for_ping(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -85,9 +101,36 @@ def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
         assert sorted(got) == sorted(SCORES)
         for key in SCORES:
             np.testing.assert_allclose(np.array(got[key], np.float32), want[key], atol=1e-5)
-        body["inputs"]["counts"] = [4, 9, 1]
-        status, answer = post(f"{base}/invocations", body)
-        assert status == 400 and "counts: counts[1] = 9 is not in 1..4" in answer["message"]
+        url = f"{base}/invocations"
+        bad = {"inputs": {**body["inputs"], "counts": [4, 9, 1]}}
+        assert "counts: counts[1] = 9 is not in 1..4" in refused(url, bad, "counts")
+        bad = {"inputs": {**body["inputs"], "counts": [4, 1.5, 1]}}
+        assert "counts: expected 3 integers (one per image), got a float" in refused(
+            url, bad, "counts"
+        )
+        bad = {"inputs": {**body["inputs"], "captions": [{"a": 1}, "a dog"]}}
+        assert "captions[0] is not a string (dict)" in refused(url, bad, "captions")
+        bad = {"inputs": {**body["inputs"], "features": [[["x"] * 16] * 4] * 3}}
+        assert "features: expected numbers, got a value of type str" in refused(
+            url, bad, "features"
+        )
+        n = 100_000  # 10^10 scores: 37 GB of float32 if it were allocated
+        flood = {"features": [[[0.5] * 16]] * n, "counts": [1] * n, "captions": ["a dog"] * n}
+        t0 = time.monotonic()
+        message = refused(url, {"inputs": flood}, "captions")
+        print(f"100,000 x 100,000 answered in {time.monotonic() - t0:.1f} s")
+        assert "10000000000 scores, over the limit of 10000000" in message
+        assert "SHAN_SERVE_MAX_SCORES" in message
+        deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        status, raw = post_raw(url, deep)
+        print(f"JSON nested 100,000 deep: HTTP {status}: {raw[:200]!r}")
+        assert status >= 400 and b"Traceback" not in raw and b"stack_trace" not in raw
+        status, answer = post(url, body)  # a good request after them all
+        print(f"then a good request: HTTP {status}, {sorted(answer.get('predictions', {}))}")
+        assert status == 200
+        np.testing.assert_allclose(
+            np.array(answer["predictions"]["total"], np.float32), want["total"], atol=1e-5
+        )
     finally:
         stop(proc)
         log.close()

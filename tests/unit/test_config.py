@@ -1,6 +1,7 @@
 import dataclasses
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,71 @@ def test_keys_help_shows_type_default_and_meaning():
     assert re.match(r"  scaling\.placement_strategy +text = PACK ", strategy)
     words = " ".join(strategy.split("scaling.score_block")[0].split())
     assert words.endswith("one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
+
+
+# -- bounded YAML and model sizes ------------------------------------------------------------------
+def test_a_billion_laughs_is_refused_at_its_first_alias_quickly(tmp_path):
+    import time
+
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"laughs.yaml: line 2: a YAML alias \(\*a\)"):
+        load_config(str(path))
+    assert time.monotonic() - t0 < 2
+
+
+def test_deep_nesting_and_size_are_bounded(tmp_path):
+    from shan.config import YAML_MAX_DEPTH, bounded_yaml
+
+    ok = "[" * YAML_MAX_DEPTH + "]" * YAML_MAX_DEPTH
+    assert bounded_yaml(ok, "x") == eval(ok.replace("][", "],["))  # noqa: S307 (nested lists)
+    with pytest.raises(ConfigError, match=f"^x: line 1: nested deeper than {YAML_MAX_DEPTH}"):
+        bounded_yaml("[" + ok + "]", "x")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: {d: " + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ConfigError, match="deep.yaml: line 1: nested deeper than"):
+        load_config(str(deep))
+    big = tmp_path / "big.yaml"
+    big.write_text("seed: 1\n" + "#" * 1_000_000)
+    with pytest.raises(
+        ConfigError, match=r"big.yaml: 1,000,008 bytes, over the limit of 1,000,000"
+    ):
+        load_config(str(big))
+    with pytest.raises(ConfigError, match=r"override model.d: line 1: a YAML alias"):
+        load_config(None, ["model.d=&a [1, *a]"])
+
+
+def test_an_anchor_without_alias_is_plain_yaml(tmp_path):
+    path = tmp_path / "anchor.yaml"
+    path.write_text("model: &m {d: 64}\n")
+    assert load_config(str(path)).model.d == 64
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.d=100000000000", "model.d must be an integer <= 16384, got 100000000000"),
+        ("model.feature_dim=20000", "model.feature_dim must be an integer <= 16384, got 20000"),
+        ("model.word_dim=5000", "model.word_dim must be an integer <= 4096, got 5000"),
+        ("model.d=16000", "model.feature_dim, d, word_dim and d_a make 3,"),
+    ],
+)
+def test_model_sizes_are_bounded(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_the_parameter_estimate_is_the_models_count():
+    from shan.config import ModelConfig, model_parameters
+    from shan.model import SHAN
+
+    cfg = ModelConfig(feature_dim=48, d=64, word_dim=20, d_a=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no GloVe given
+        model = SHAN(cfg, vocab_size=10)
+    n = sum(p.numel() for name, p in model.named_parameters() if "_emb" not in name)
+    assert n == model_parameters(48, 64, 20, 16)

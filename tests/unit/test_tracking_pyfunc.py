@@ -82,11 +82,8 @@ def test_signature_input_example_and_requirements(logged, tmp_path):
     with using_tracking_uri(logged["uri"]):
         info = mlflow.models.get_model_info(logged["model_uri"])
     inputs = {s.name: (s.type, s.shape) for s in info.signature.inputs.inputs}
-    assert inputs == {
-        "features": (np.dtype(np.float32), (-1, -1, 16)),
-        "counts": (np.dtype(np.int64), (-1,)),
-        "captions": (np.dtype(str), (-1,)),
-    }
+    # untyped: MLflow would convert typed JSON before the model checks it (1.5 -> 1)
+    assert inputs == {k: (np.dtype(object), (-1,)) for k in ("features", "counts", "captions")}
     outputs = {s.name: (s.type, s.shape) for s in info.signature.outputs.inputs}
     assert outputs == {k: (np.dtype(np.float32), (-1, -1)) for k in SCORES}
     with using_tracking_uri(logged["uri"]):
@@ -118,8 +115,108 @@ def test_bad_requests_name_the_field(logged):
     nan["features"][1, 2, 3] = np.nan
     with pytest.raises(MlflowException, match="^features: holds NaN"):
         model.predict(nan)
-    with pytest.raises(MlflowException, match="features"):  # MLflow's schema check
+    with pytest.raises(MlflowException, match="^features: expected shape"):
         model.predict(scoring_request(dim=12))
+
+
+def as_json(req: dict) -> dict:
+    """``req`` as MLflow's scoring server passes JSON on: object arrays of Python values."""
+    return {k: np.array(np.asarray(v).tolist(), dtype=object) for k, v in req.items()}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("counts", [4, 1.5, 1], "counts: expected 3 integers (one per image), got a float"),
+        ("counts", [4, True, 1], "counts: expected 3 integers (one per image), got a bool"),
+        ("counts", [4, "2", 1], "counts: expected 3 integers (one per image), got a str"),
+        ("counts", [4, 2**70, 1], "counts: holds an integer too large"),
+        ("captions", [{"a": 1}, "a dog"], "captions: captions[0] is not a string (dict)"),
+        ("captions", ["a dog", 7], "captions: captions[1] is not a string (int)"),
+    ],
+)
+def test_types_are_strict_as_json_arrives(logged, field, value, message):
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    with using_tracking_uri(logged["uri"]):
+        model = mlflow.pyfunc.load_model(logged["model_uri"])
+    req = as_json(scoring_request())
+    req[field] = np.array(value, dtype=object)
+    with pytest.raises(MlflowException) as e:
+        model.predict(req)
+    assert e.value.message == message and e.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize(("bad", "name"), [("1.5", "str"), (True, "bool"), (None, "NoneType")])
+def test_features_must_be_numbers(bad, name):
+    req = as_json(scoring_request())
+    req["features"][1, 2, 3] = bad
+    with pytest.raises(
+        InputError, match=f"^features: expected numbers, got a value of type {name}"
+    ):
+        check_request(req, 16)
+    check_request(as_json(scoring_request()), 16)  # ints and floats as JSON gives them
+
+
+def test_the_scores_a_request_may_ask_for_are_limited(monkeypatch):
+    req = scoring_request()  # 3 images x 4 captions
+    monkeypatch.setenv("SHAN_SERVE_MAX_SCORES", "12")
+    check_request(req, 16)
+    monkeypatch.setenv("SHAN_SERVE_MAX_SCORES", "11")
+    with pytest.raises(InputError) as e:
+        check_request(req, 16)
+    assert str(e.value) == (
+        "captions: 4 captions x 3 images ask for 12 scores, over the limit of 11 a request may "
+        "ask for (SHAN_SERVE_MAX_SCORES)"
+    )
+    monkeypatch.setenv("SHAN_SERVE_MAX_FEATURES", "191")  # 3 x 4 x 16 = 192
+    with pytest.raises(InputError, match=r"^features: 192 values .* limit of 191 .*MAX_FEATURES"):
+        check_request(req, 16)
+    monkeypatch.setenv("SHAN_SERVE_MAX_FEATURES", "lots")
+    with pytest.raises(ValueError, match="SHAN_SERVE_MAX_FEATURES: expected a positive whole"):
+        check_request(req, 16)
+
+
+def test_the_default_limit_refuses_100000_by_100000_before_allocating(monkeypatch):
+    monkeypatch.delenv("SHAN_SERVE_MAX_SCORES", raising=False)
+    req = {
+        "features": np.zeros((100_000, 1, 16), np.float32),
+        "counts": np.ones(100_000, np.int64),
+        "captions": np.array(["a dog"] * 100_000),
+    }
+    with pytest.raises(InputError, match=r"^captions: .* 10000000000 scores, over the limit of "):
+        check_request(req, 16)
+
+
+def test_a_scoring_failure_is_a_message_without_traceback(logged, monkeypatch):
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    import shan.serving
+
+    def boom(*args, **kwargs):
+        raise MemoryError("cannot allocate 37 GB")
+
+    with using_tracking_uri(logged["uri"]):
+        model = mlflow.pyfunc.load_model(logged["model_uri"])
+    monkeypatch.setattr(shan.serving, "score_request", boom)
+    with pytest.raises(MlflowException) as e:
+        model.predict(scoring_request())
+    body = json.loads(e.value.serialize_as_json())
+    assert body["message"] == "scoring failed: MemoryError: cannot allocate 37 GB"
+    assert "stack_trace" not in body and "Traceback" not in e.value.serialize_as_json()
+
+
+def test_mlflow_does_not_warn_about_the_predict_type_hints():
+    code = "import warnings; warnings.simplefilter('always'); import shan.tracking.pyfunc"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    assert "type hint" not in out.stderr.lower(), out.stderr
 
 
 def test_the_requirements_name_what_scoring_imports_the_tokenizer_included():
@@ -149,6 +246,8 @@ def test_using_tracking_uri_restores_the_environment(monkeypatch, tmp_path):
         ({"features": np.full((3, 4, 16), np.inf, np.float32)}, "features: holds NaN or inf"),
         ({"counts": np.array([1, 2])}, r"counts: expected 3 integers"),
         ({"counts": np.array([1.0, 2.0, 1.0])}, r"counts: expected 3 integers"),
+        ({"counts": np.array([1.5, 2.0, 1.0])}, r"counts: expected 3 integers"),
+        ({"features": np.zeros((3, 4, 16), bool)}, r"features: expected float32 numbers"),
         ({"captions": np.array([], dtype=str)}, r"captions: expected a list of M >= 1"),
         (
             {"captions": np.array(["a dog", None], dtype=object)},
@@ -194,6 +293,63 @@ def test_resolve_the_mlflow_model_layout(logged):
         finally:
             refs.cleanup([m])
         assert not Path(m.path).exists()
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "{run}",
+        "runs:/{run}",
+        "runs:/{run}/",
+        "runs:/{run}/model",
+        "{model_uri}",
+        "models:/shan-test@champion",
+        "models:/shan-test/1",
+    ],
+)
+def test_every_uri_a_user_pastes_resolves_to_the_same_checkpoint(logged, form):
+    ref = form.format(run=logged["run_id"], model_uri=logged["model_uri"])
+    m = refs.resolve(ref, logged["uri"])
+    try:
+        same_checkpoint(m.path, logged["ckpt"])
+        assert m.train_run_id == logged["run_id"] and m.temp
+    finally:
+        refs.cleanup([m])
+    assert not Path(m.path).exists()
+
+
+def test_a_local_folder_and_s3_holding_the_model_resolve_to_the_same_checkpoint(
+    logged, tmp_path, monkeypatch
+):
+    from tests.unit.test_tracking_refs import local_s3
+
+    m = refs.resolve(logged["model_uri"], logged["uri"])
+    try:  # the MLflow model as downloaded: MLmodel + artifacts/checkpoint
+        shutil.copytree(Path(m.path).parent.parent, tmp_path / "s3" / "bucket" / "model")
+    finally:
+        refs.cleanup([m])
+    local_s3(monkeypatch, tmp_path / "s3")
+    for ref in (str(tmp_path / "s3" / "bucket" / "model"), "s3://bucket/model"):
+        m = refs.resolve(ref)
+        try:
+            same_checkpoint(m.path, logged["ckpt"])
+        finally:
+            refs.cleanup([m])
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("runs:/{run}/nothing-here", "model runs:/{run}/nothing-here: not found in MLflow"),
+        ("runs:/not-a-run", "model runs:/not-a-run: expected runs:/RUN_ID or runs:/RUN_ID/PATH"),
+        ("models:/m-" + "0" * 32, "model models:/m-" + "0" * 32 + ": not found in MLflow"),
+    ],
+)
+def test_uris_naming_nothing_are_one_error(logged, ref, message):
+    ref, message = (x.format(run=logged["run_id"]) for x in (ref, message))
+    with pytest.raises(CheckpointError) as e:
+        refs.resolve(ref, logged["uri"])
+    assert str(e.value).startswith(message)
 
 
 def test_a_downloaded_mlflow_model_folder_resolves_to_its_checkpoint(logged, tmp_path):

@@ -1,6 +1,7 @@
-"""Model references: registered-model forms, S3 keys that would escape the download folder, local
-folders, run ids, and the temporary folders' cleanup (no MLflow server, no S3: the downloads
-are replaced by local stand-ins)."""
+"""Model references: registered-model forms, MLflow's URI forms, S3 keys that would escape the
+download folder, local folders, run ids, a tracking server that does not answer, and the
+temporary folders' cleanup (no MLflow server, no S3: the downloads are replaced by local
+stand-ins; tests/unit/test_tracking_pyfunc.py resolves every form against a real store)."""
 
 from __future__ import annotations
 
@@ -217,3 +218,85 @@ def test_cleanup_removes_only_temporary_folders(tmp_path):
     cleanup(models)
     assert kept.is_dir() and not any(Path(t).exists() for t in temps)
     assert [m.temp for m in models] == [None, None, None]
+
+
+# -- MLflow's URI forms, the server asked first ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("ref", "kind"),
+    [
+        (f"runs:/{RUN}", "run"),
+        (f"runs:/{RUN}/", "run"),
+        (f"runs:/{RUN}/model", "model"),
+        (f"runs:/{RUN}/checkpoint", "model"),
+        ("models:/m-" + "a" * 32, "model"),
+    ],
+)
+def test_mlflow_forms_go_to_the_run_or_the_model_download(tmp_path, monkeypatch, ref, kind):
+    seen = {}
+
+    def run(run_id, uri, dest):
+        seen.update(kind="run", what=run_id)
+        return str(checkpoint_folder(Path(dest) / "checkpoint"))
+
+    def model(source, uri, dest):
+        seen.update(kind="model", what=source)
+        return str(checkpoint_folder(Path(dest) / "checkpoint"))
+
+    monkeypatch.setattr(refs, "_download_run", run)
+    monkeypatch.setattr(refs, "_download_model", model)
+    monkeypatch.setattr(refs, "_source_run", lambda c, ref: RUN)
+    m = resolve(ref, f"sqlite:///{tmp_path}/mlflow.db")
+    assert seen == {"kind": kind, "what": RUN if kind == "run" else ref}
+    assert m.train_run_id == RUN and Path(m.path, "model.pt").is_file()
+    cleanup([m])
+
+
+@pytest.mark.parametrize(
+    "ref", [RUN, f"runs:/{RUN}/model", "models:/m-" + "a" * 32, "models:/shan@champion"]
+)
+def test_a_tracking_server_that_does_not_answer_is_named_at_once(monkeypatch, ref):
+    import socket
+    import time
+
+    from shan.errors import JobError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("_download_run", "_download_model", "_registered"):
+        monkeypatch.setattr(refs, name, fail_if_called)
+    t0 = time.monotonic()
+    with pytest.raises(JobError) as e:
+        resolve(ref, f"http://bob:secret@127.0.0.1:{port}")
+    assert str(e.value).startswith(f"MLflow tracking server http://bob:***@127.0.0.1:{port} is ")
+    assert "secret" not in str(e.value) and time.monotonic() - t0 < 15
+
+
+def test_lookups_run_with_mlflows_retries_bounded_unless_the_user_set_them(monkeypatch):
+    import os
+
+    from shan.tracking.runs import LOOKUP_HTTP, bounded_lookups
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
+    with bounded_lookups():
+        from mlflow.environment_variables import (
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+            MLFLOW_HTTP_REQUEST_TIMEOUT,
+        )
+
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == int(
+            LOOKUP_HTTP[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name]
+        )
+        assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+        assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 33  # the user's
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
+
+
+def test_an_mlmodel_nested_100000_deep_is_refused_without_recursion(tmp_path):
+    (tmp_path / "MLmodel").write_text("flavors: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CheckpointError, match="an MLflow model without a SHAN checkpoint"):
+        refs.checkpoint_in(tmp_path, "s3://bucket/model")

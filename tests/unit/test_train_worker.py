@@ -541,3 +541,22 @@ def test_two_ranks_shares_give_the_one_ranks_metrics(dev_set, monkeypatch):
     v0 = Validator(w0, dev_set)
     assert v0.rows == slice(0, 4) and pieces["rank1"]["total"].shape == (5, 18)
     assert v0(w0) == pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("error", "oom"),
+    [
+        (MemoryError(), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 GiB"), True),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 400000000000 bytes"
+            ),
+            True,
+        ),  # fmt: skip
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    ],
+)
+def test_out_of_memory_is_recognised(error, oom):
+    assert worker.out_of_memory(error) is oom

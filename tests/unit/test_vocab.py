@@ -39,6 +39,15 @@ SCAN_TOKENS = [
         ["a", "t.v", ".", "is", "on", ".", "j.r.", "tolkien", "'s", "boat"],
     ),
     ("the e.g. case i.e. this", ["the", "e.g", ".", "case", "i.e", ".", "this"]),
+    (
+        "A wall with the words E.S.E. Electronics painted on it. A U.S.A. flag",
+        ["a", "wall", "with", "the", "words", "e.s.e.", "electronics", "painted", "on", "it"]
+        + [".", "a", "u.s.a.", "flag"],
+    ),
+    (
+        "A sign that says E.S.E. Electronics .",
+        ["a", "sign", "that", "says", "e.s.e.", "electronics", "."],
+    ),
     ("A dog runs. It is brown.", ["a", "dog", "runs", ".", "it", "is", "brown", "."]),
     (
         "a man (left.) and a woman.",
