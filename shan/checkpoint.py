@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from shan.config import Config, ConfigError, config_from_dict
+from shan.config import Config, ConfigError, bounded_yaml, config_from_dict
 from shan.errors import CheckpointError
 from shan.fingerprint import file_digests
 from shan.vocab import VocabError, Vocabulary
@@ -109,7 +109,8 @@ def load_description(folder: str | Path) -> tuple[Config, Vocabulary]:
             raise CheckpointError(f"checkpoint {folder} has no {name}")
     path = folder / CONFIG_FILE
     try:
-        cfg = config_from_dict(yaml.safe_load(path.read_bytes().decode("utf-8")))
+        text = path.read_bytes().decode("utf-8")
+        cfg = config_from_dict(bounded_yaml(text, str(path)))  # anyone's file: bounded
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({_short(e)})") from e
     except yaml.YAMLError as e:
