@@ -123,12 +123,12 @@ def compute_losses(
         w.model.train()
         losses = []
         for step in range(steps):
-            w.progress.epoch = step // STEPS_PER_EPOCH
-            lr = lr_at(cfg, w.progress.epoch, w.progress.step)
+            w.state.epoch = step // STEPS_PER_EPOCH
+            lr = lr_at(cfg, w.state.epoch, w.state.step)
             for group in w.optimizer.param_groups:
                 group["lr"] = lr
             losses.append(train_step(w, batch))
-            w.progress.step += 1
+            w.state.step += 1
     return losses
 
 
