@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -255,38 +255,30 @@ def check_loss(w: Worker, loss: torch.Tensor) -> None:
         raise Stop(error)
 
 
-def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, float]:
-    """One pass over this worker's data shard, one optimizer step per global batch, of which
-    each rank takes ``optim.batch_size // world`` examples. Returns the mean loss of the global
-    batches, examples/s and the share of the time spent waiting for data."""
+def train_epoch(w: Worker, batches: Iterable[Batch], steps_hint: int) -> Meter:
+    """One epoch: an optimizer step per global batch, of which ``batches`` are this rank's
+    shares (:func:`epoch_batches`). The global batch's loss is the sum of the ranks' losses and
+    DDP averages the gradients over the ranks, so each rank backpropagates ``world`` times its
+    loss: the averaged gradient is the global batch's, as one worker would compute it."""
     cfg, meter = w.cfg, Meter(w, steps_hint)
     w.model.train()
-    for batch in agreed(w, epoch_batches(w, shard), meter):  # every rank has one, none failed
+    for batch in agreed(w, iter(batches), meter):  # every rank has one, none failed
         lr = lr_at(cfg, w.state.epoch, w.state.step)
         for group in w.optimizer.param_groups:
             group["lr"] = lr
-        loss = train_step(w, batch)
+        loss = forward(w, batch)  # this rank's share of the global batch's loss
+        total = batch_loss(w, loss)  # the global batch's loss, on every rank
+        check_loss(w, total)  # every rank goes on, or every rank stops
+        w.optimizer.zero_grad(set_to_none=True)
+        (loss * w.world).backward()
+        torch.nn.utils.clip_grad_norm_(w.core.parameters(), cfg.optim.grad_clip)
+        w.optimizer.step()
         w.state.step += 1
-        meter.step(loss, len(batch), lr)  # rank 0 logs every tracking.log_every steps
+        meter.step(total.item(), len(batch), lr)  # rank 0 logs every tracking.log_every steps
     if not meter.losses:  # the ranks stopped at the same step, so all of them are here
         raise Stop(JobError("this worker got no training batch: the train split is smaller "
                             "than the global batch (optim.batch_size)"))  # fmt: skip
-    return meter.epoch()
-
-
-def train_step(w: Worker, batch: Batch) -> float:
-    """One optimizer step on this worker's share ``batch`` of the global batch; returns the
-    global batch's loss. That loss is the sum of the workers' losses and DDP averages the
-    gradients over the workers, so each one backpropagates ``world`` times its loss: the
-    averaged gradient is the global batch's, as one worker would compute it."""
-    loss = forward(w, batch)  # this worker's share of the global batch's loss
-    total = batch_loss(w, loss)  # the global batch's loss, on every rank
-    check_loss(w, total)  # every rank goes on, or every rank stops
-    w.optimizer.zero_grad(set_to_none=True)
-    (loss * w.world).backward()
-    torch.nn.utils.clip_grad_norm_(w.core.parameters(), w.cfg.optim.grad_clip)
-    w.optimizer.step()
-    return total.item()
+    return meter
 
 
 def epoch_batches(w: Worker, shard: DataIterator) -> Iterator[Batch]:
@@ -327,8 +319,8 @@ def agreed(w: Worker, batches: Iterator[Batch], meter: Meter) -> Iterator[Batch]
 
 
 class Meter:
-    """An epoch's global-batch losses, examples and data wait; on rank 0 (the one with a
-    logger) a line and MLflow points every ``tracking.log_every`` steps."""
+    """An epoch's losses (of the global batches), examples and data wait; on rank 0 (the one
+    with a logger) a line and MLflow points every ``tracking.log_every`` steps."""
 
     def __init__(self, w: Worker, steps_hint: int) -> None:
         self.w, self.steps_hint = w, steps_hint
@@ -364,7 +356,9 @@ class Meter:
             step=w.state.step,
         )
 
-    def epoch(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float]:
+        """The mean loss of the global batches, examples/s and the share of the time spent
+        waiting for data."""
         seconds = time.perf_counter() - self.t_start
         return {
             "train/epoch_loss": float(np.mean(self.losses)),
@@ -488,7 +482,7 @@ def run_epochs(w: Worker, settings: LoopSettings) -> None:
     shard = ray.train.get_dataset_shard("train")
     shard = faults.at_start(w.faults, shard, rank=w.rank, world=w.world, epoch=w.state.epoch)
     while w.state.epoch < w.cfg.optim.epochs:
-        stats = train_epoch(w, shard, hint)
+        stats = train_epoch(w, epoch_batches(w, shard), hint).stats()
         val = validator(w)
         w.state.epoch += 1
         w.state.best_rsum = max(w.state.best_rsum, val["val/rsum"])

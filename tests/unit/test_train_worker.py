@@ -44,6 +44,7 @@ from shan.train.worker import (
     Validator,
     agree,
     check_loss,
+    epoch_batches,
     first_error,
     forward,
     make_worker,
@@ -363,6 +364,11 @@ def test_the_nan_fault_poisons_the_last_ranks_loss_at_its_step():
 
 
 # -- an epoch over a fake shard -------------------------------------------------------------------
+def epoch(w, shard, steps_hint: int) -> dict[str, float]:
+    """One epoch of ``w`` over ``shard`` as the worker runs it: its stats."""
+    return train_epoch(w, epoch_batches(w, shard), steps_hint).stats()
+
+
 class FakeShard:
     """What ``ray.train.get_dataset_shard`` gives: image rows in numpy batches; ``fail_after``
     batches, the next one raises ``error`` (a damaged file)."""
@@ -391,7 +397,7 @@ class FakeShard:
 def test_an_epoch_takes_every_full_batch_and_logs_on_rank_0(capsys):
     w = build()
     before = [p.detach().clone() for p in w.core.parameters()]
-    stats = train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)
+    stats = epoch(w, FakeShard(images=6, per=2), steps_hint=3)
     assert w.state.step == 3  # 12 examples, batches of 4
     assert set(stats) == {"train/epoch_loss", "train/epoch_examples_per_s", "train/data_wait"}
     assert np.isfinite(stats["train/epoch_loss"]) and 0 <= stats["train/data_wait"] <= 1
@@ -406,15 +412,15 @@ def test_an_epoch_takes_every_full_batch_and_logs_on_rank_0(capsys):
 def test_an_epoch_sets_the_warm_up_rate_of_each_step():
     w = build()
     rates = []
-    original = worker.train_step
+    original = worker.forward
 
     def spy(w, b):
         rates.append(w.optimizer.param_groups[0]["lr"])
         return original(w, b)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(worker, "train_step", spy)
-        train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)
+        mp.setattr(worker, "forward", spy)
+        epoch(w, FakeShard(images=6, per=2), steps_hint=3)
     assert rates == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
@@ -422,7 +428,7 @@ def test_a_non_finite_loss_stops_the_epoch_before_any_update():
     w = build(faults=Faults(nan_at_step=0))
     before = [p.detach().clone() for p in w.core.parameters()]
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(), steps_hint=3)
+        epoch(w, FakeShard(), steps_hint=3)
     assert "non-finite loss (nan) at epoch 1, step 0" in str(stop.value.error)
     assert w.state.step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, w.core.parameters()))
@@ -434,7 +440,7 @@ def test_the_rows_log_holds_the_rows_of_each_finished_pass(tmp_path):
     w = build(faults=Faults(rows_log=str(tmp_path)))
     w.state.epoch = 1  # resumed after epoch 1
     shard = faults.at_start(w.faults, FakeShard(images=6, per=2), rank=0, world=1, epoch=1)
-    train_epoch(w, shard, steps_hint=3)
+    epoch(w, shard, steps_hint=3)
     (written,) = tmp_path.iterdir()
     assert written.name == "epoch2-rank0.json"
     record = json.loads(written.read_text())
@@ -444,7 +450,7 @@ def test_the_rows_log_holds_the_rows_of_each_finished_pass(tmp_path):
     stopping = faults.at_start(w.faults, FakeShard(fail_after=1, error=error), rank=0, world=1,
                                epoch=2)  # fmt: skip
     with pytest.raises(Stop):
-        train_epoch(w, stopping, steps_hint=3)
+        epoch(w, stopping, steps_hint=3)
     assert [p.name for p in tmp_path.iterdir()] == ["epoch2-rank0.json"]
 
 
@@ -452,21 +458,21 @@ def test_a_damaged_file_mid_epoch_stops_with_its_error():
     error = DataError("train/part-00001.parquet: not a readable Parquet file")
     w = build()
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(images=6, chunk=2, fail_after=1, error=error), steps_hint=3)
+        epoch(w, FakeShard(images=6, chunk=2, fail_after=1, error=error), steps_hint=3)
     assert stop.value.error is error and w.state.step == 1
 
 
 def test_the_injected_error_stops_the_epoch_at_its_step():
     w = build(faults=Faults(fail_with="CheckpointError", fail_at_step=2))
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(), steps_hint=3)
+        epoch(w, FakeShard(), steps_hint=3)
     assert type(stop.value.error).__name__ == "CheckpointError" and w.state.step == 2
 
 
 def test_a_worker_without_a_single_batch_stops_the_run():
     w = build()
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(images=1, per=2), steps_hint=0)  # 2 examples < batch of 4
+        epoch(w, FakeShard(images=1, per=2), steps_hint=0)  # 2 examples < batch of 4
     assert isinstance(stop.value.error, JobError)
     assert "smaller than the global batch (optim.batch_size)" in str(stop.value.error)
 
@@ -478,15 +484,15 @@ def test_each_worker_takes_its_share_of_the_global_batch(monkeypatch, batch_size
     world`` examples (the other ranks agree, as they would through the process group)."""
     monkeypatch.setattr(worker.dist, "all_reduce", lambda t, op: None)
     sizes = []
-    original = worker.train_step
+    original = worker.forward
 
     def spy(w, b):
         sizes.append(len(b))
         return original(w, b)
 
-    monkeypatch.setattr(worker, "train_step", spy)
+    monkeypatch.setattr(worker, "forward", spy)
     w = build(changed(config(), "optim", batch_size=batch_size), rank=0, world=world)
-    train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)  # 12 examples
+    epoch(w, FakeShard(images=6, per=2), steps_hint=3)  # 12 examples
     assert sizes == [each] * (12 // each)
 
 
@@ -514,7 +520,7 @@ def test_a_global_batch_smaller_than_the_workers_stops_before_training():
     with pytest.raises(ConfigError, match=r"optim.batch_size \(2\).*number of workers \(3\)"):
         worker.epoch_steps(w, 100)
     with pytest.raises(ConfigError, match="optim.batch_size"):
-        train_epoch(w, FakeShard(), steps_hint=3)
+        epoch(w, FakeShard(), steps_hint=3)
 
 
 def test_the_logged_loss_is_the_global_batchs(monkeypatch):
@@ -539,7 +545,7 @@ def test_the_logged_loss_is_the_global_batchs(monkeypatch):
 def test_a_programming_error_is_not_turned_into_a_stop():
     w = build()
     with pytest.raises(KeyError):
-        train_epoch(w, FakeShard(fail_after=1, error=KeyError("bug")), steps_hint=3)
+        epoch(w, FakeShard(fail_after=1, error=KeyError("bug")), steps_hint=3)
 
 
 # -- validation -----------------------------------------------------------------------------------
