@@ -29,12 +29,6 @@ from shan.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: demo, f30k, coco
 
-# the user errors that a worker may raise (shan.errors.USER_ERRORS, by name; debug.fail_with)
-USER_ERROR_NAMES = (
-    "ConfigError", "DataError", "StorageError", "GloveError", "VocabError", "CheckpointError",
-    "JobError",
-)  # fmt: skip
-
 NAME_MAX = 100
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 NAME_RULE = (
@@ -383,28 +377,6 @@ class TrackingConfig(_Section):
 
 
 @dataclass
-class DebugConfig(_Section):
-    """Test hooks. Never set in real configs."""
-
-    kill_worker_at_step: int | None = _key(None, "SIGKILL rank 1 (or 0) at this global step, once")
-    kill_marker: str | None = _key(None, "file created before the kill, so it happens only once")
-    nan_at_step: int | None = _key(None, "make the last rank's loss non-finite at this step")
-    fail_with: str | None = _key(None, "a user error type the last rank raises", USER_ERROR_NAMES)
-    fail_at_step: int | None = _key(None, "... at this global step; null: when the worker starts")
-    rows_log: str | None = _key(None, "folder: each rank writes the image rows it read each epoch")
-
-    def problems(self, prefix: str = "debug.") -> list[str]:
-        p = Problems(prefix)
-        p.at_least("kill_worker_at_step", self.kill_worker_at_step, 0, optional=True)
-        p.text("kill_marker", self.kill_marker, optional=True)
-        p.at_least("nan_at_step", self.nan_at_step, 0, optional=True)
-        p.one_of("fail_with", self.fail_with, USER_ERROR_NAMES, optional=True)
-        p.at_least("fail_at_step", self.fail_at_step, 0, optional=True)
-        p.text("rows_log", self.rows_log, optional=True)
-        return list(p)
-
-
-@dataclass
 class Config(Checked):
     """Everything a training or evaluation job needs."""
 
@@ -416,7 +388,6 @@ class Config(Checked):
     data: DataConfig = field(default_factory=DataConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def problems(self) -> list[str]:
         """Every problem of every section, one line each (empty: the config is valid)."""
@@ -426,7 +397,7 @@ class Config(Checked):
         p.at_most("seed", self.seed, 2**32 - 1)
         out = list(p)
         for section in (
-            self.model, self.loss, self.optim, self.data, self.scaling, self.tracking, self.debug,
+            self.model, self.loss, self.optim, self.data, self.scaling, self.tracking,
         ):  # fmt: skip
             out += section.problems()
         workers, batch = self.scaling.num_workers, self.optim.batch_size
@@ -718,11 +689,20 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def _checked(data: Any, problems: list[str]) -> Config:
-    cfg = _build(Config, data, "", problems)
+    cfg = _build(Config, _without_retired(data), "", problems)
     problems += cfg.problems()
     if problems:
         raise ConfigError(*problems)
     return cfg
+
+
+def _without_retired(data: Any) -> Any:
+    """``data`` less a ``debug`` section of nulls only: the test hooks that configs (and so
+    the checkpoints, and ``--print-config``'s output) carried before they left the config."""
+    debug = data.get("debug") if isinstance(data, dict) else None
+    if isinstance(debug, dict) and all(v is None for v in debug.values()):
+        return {k: v for k, v in data.items() if k != "debug"}
+    return data
 
 
 # -- the key list of ``--help`` --------------------------------------------------------------------

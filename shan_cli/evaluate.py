@@ -100,7 +100,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-bf16", action="store_true", help="float32 on GPU too")
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
-    p.add_argument("--exit-after-tiles", type=at_least(1), help=argparse.SUPPRESS)  # tests
     return p
 
 
@@ -118,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--promote needs --model models:/NAME@ALIAS, got {args.model!r}")
         if args.ensemble:
             p.error("--promote evaluates one model: it cannot run with --ensemble")
-    import os
 
     from shan.data import fs
     from shan.eval import outputs
@@ -138,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         bf16=not args.no_bf16,
         wait_timeout_s=args.wait_timeout,
     )
-    if args.exit_after_tiles:
-        opts.on_tile = lambda n: os._exit(137) if n >= args.exit_after_tiles else None
     out = args.out or default_out(args.model, args.split, args.protocol)
     outputs.check_out(out)
     if not args.no_mlflow:

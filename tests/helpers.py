@@ -183,3 +183,17 @@ def library_scores(ckpt: Path, req: dict) -> dict[str, np.ndarray]:
     loaded = load_model(ckpt)
     tokens = [loaded.vocab.encode(c, loaded.config.data.max_words) for c in req["captions"]]
     return score_matrix(loaded.model, req["features"], req["counts"], tokens, torch.device("cpu"))
+
+
+def register_checkpoint(c, run_id: str, name: str) -> str:
+    """A model version of ``name`` whose source is the run's ``checkpoint/`` artifact: the
+    layout before the MLflow model (:func:`shan.tracking.pyfunc.register`), which evaluation
+    still resolves. ``c``: an ``MlflowClient``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.create_registered_model(name)
+    except MlflowException:
+        pass  # it exists
+    source = f"{c.get_run(run_id).info.artifact_uri}/checkpoint"
+    return c.create_model_version(name, source=source, run_id=run_id).version

@@ -56,7 +56,6 @@ class EvalOptions(Checked):
     experiment: str = "shan-eval"
     log_matrices_mb: float = 256.0  # larger sims_*.npy stay in --out, not in MLflow
     wait_timeout_s: float = 1800.0  # on a cluster: how long to wait for room for the actors
-    on_tile: Callable[[int], None] | None = None  # test hook
     tags: dict = field(default_factory=dict)
 
     def problems(self) -> list[str]:
@@ -273,7 +272,7 @@ def _matrices(
                 fp,
             )
             store = tiles.TileStore(fs.join(out, "tiles", f"model-{i}"), plan, log, guard)
-            sims = tiles.compute(pool, plan, store, split, model_index=i, on_tile=opts.on_tile)
+            sims = tiles.compute(pool, plan, store, split, model_index=i)
             total = sims if total is None else {k: total[k] + sims[k] for k in sims}
     finally:
         for a in pool.actors:

@@ -380,7 +380,6 @@ def compute(
     split: SplitArrays,
     *,
     model_index: int = 0,
-    on_tile: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Score every tile that ``store`` does not hold usable and assemble the full matrices
     (checked complete and finite). ``split``: features (N, R, F), num_regions (N,), tokens.
@@ -411,7 +410,7 @@ def compute(
     with progress:
         _run_tiles(
             pool, plan, store, sims, todo=todo, img=img, cap=cap, model_index=model_index,
-            progress=progress, on_tile=on_tile,
+            progress=progress,
         )  # fmt: skip
     check_complete(plan, sims)
     return sims
@@ -428,7 +427,6 @@ def _run_tiles(
     cap: dict[int, Any],
     model_index: int,
     progress: Progress,
-    on_tile: Callable[[int], None] | None,
 ) -> None:
     """Score the ``todo`` tiles on the pool's actors, saving and placing each into ``sims``;
     an actor that dies has its tile redone by another."""
@@ -436,7 +434,7 @@ def _run_tiles(
     from ray.exceptions import RayActorError
 
     a = pool.actors
-    queue, finished = list(todo), 0
+    queue = list(todo)
     pending: dict[Any, tuple[Any, tuple[int, int]]] = {}  # object ref: (actor, tile)
     alive, failures = list(a), {id(x): 0 for x in a}
 
@@ -467,10 +465,7 @@ def _run_tiles(
             raise JobError(f"model {model_index} scored tile {tile} wrong: {why}")
         store.save(*tile, scores)
         place(plan, sims, *tile, scores)
-        finished += 1
         progress.update()
-        if on_tile is not None:
-            on_tile(finished)
         submit(actor)
 
 

@@ -1,2 +1,3 @@
-"""Training on Ray Train: the driver (``driver``) and the per-worker loop (``worker``). Sizing and
-Ray start-up are in ``shan.runtime``, MLflow helpers in ``shan.tracking``."""
+"""Training on Ray Train: the driver (``driver``), the per-worker loop (``worker``) and the faults
+the tests inject into it (``faults``). Sizing and Ray start-up are in ``shan.runtime``, MLflow
+helpers in ``shan.tracking``."""

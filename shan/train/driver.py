@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,13 +37,9 @@ from shan.runtime import (
     wait_for_room,
     worker_errors,
 )
-from shan.tracking import context, datasets, notes
-from shan.tracking import runs as tracking
+from shan.tracking import context, datasets, notes, runs
 from shan.tracking.names import unflat_metrics
 from shan.vocab import Vocabulary
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
 
 
 @dataclass
@@ -177,12 +173,12 @@ def run_training(
         from shan.glove import load_glove
 
         glove = load_glove(cfg.model.glove_path, vocab, cfg.model.word_dim)
-    uri = tracking.tracking_uri()
-    tracking.check_reachable(uri)
+    uri = runs.tracking_uri()
+    runs.check_reachable(uri)
     storage = storage_root(cfg)
     run_name = cfg.tracking.run_name or new_run_name(cfg, lambda n: _taken(cfg, uri, storage, n))
     cfg.tracking.run_name = run_name
-    run_id = tracking.start_run(
+    run_id = runs.start_run(
         uri,
         cfg.tracking.experiment,
         run_name,
@@ -190,11 +186,11 @@ def run_training(
         {**context.source_tags("train", "jobs/train.py"), "shan.data": root,
          "shan.config": cfg.name},
     )  # fmt: skip
-    log(f"MLflow: run {run_id} ({run_name}) at {tracking.redact(uri)}")
-    box = tracking.FatalBox(uri, run_id, secrets.token_hex(8))
-    with tracking.Heartbeat(uri, run_id):
+    log(f"MLflow: run {run_id} ({run_name}) at {runs.redact(uri)}")
+    box = runs.FatalBox(uri, run_id, secrets.token_hex(8))
+    with runs.Heartbeat(uri, run_id):
         try:
-            datasets.log_dataset(tracking.client(uri), run_id, card, given, "training")
+            datasets.log_dataset(runs.client(uri), run_id, card, given, "training")
             fit = Fit(
                 root=root, storage=storage, card=card, vocab=vocab, glove=glove, uri=uri,
                 run_id=run_id, token=box.token,
@@ -207,20 +203,20 @@ def run_training(
             if error is e:
                 raise
             raise error from (None if isinstance(error, USER_ERRORS) else e)
-    tracking.end_run(uri, run_id, "FINISHED")
+    runs.end_run(uri, run_id, "FINISHED")
     return out
 
 
 def _taken(cfg: Config, uri: str, storage: str, name: str) -> bool:
     """Whether a generated run name is in use: an MLflow run, Ray storage or a local copy."""
-    c = tracking.client(uri)
+    c = runs.client(uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None and tracking.runs_named(c, exp.experiment_id, name):
+    if exp is not None and runs.runs_named(c, exp.experiment_id, name):
         return True
     return fs.exists(fs.join(storage, name)) or checkpoint_dir(name).exists()
 
 
-def _as_user_error(e: BaseException, box: tracking.FatalBox) -> BaseException:
+def _as_user_error(e: BaseException, box: runs.FatalBox) -> BaseException:
     """The error to raise for training failure ``e``: a user error a worker left in the box
     (as its own type), a user error as it is, else a JobError with the failure's line."""
     if isinstance(e, (KeyboardInterrupt, *USER_ERRORS)):
@@ -241,7 +237,7 @@ def _end_failed(uri: str, run_id: str, error: BaseException, log: Callable[[str]
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     line = "; ".join(str(error).splitlines()) or type(error).__name__
     try:
-        tracking.end_run(uri, run_id, status, error=line, kind=type(error).__name__)
+        runs.end_run(uri, run_id, status, error=line, kind=type(error).__name__)
     except Exception as e:  # the training's own error matters more
         log(f"could not mark MLflow run {run_id} {status}: {type(e).__name__}")
 
@@ -253,6 +249,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     from ray.train.torch import TorchTrainer
 
     from shan.data.reader import open_split
+    from shan.train import faults
     from shan.train.worker import LoopSettings, train_loop_per_worker
 
     ray = init_ray(log)
@@ -272,6 +269,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
         data_root=fit.root,
         torch_threads=res.torch_threads,
         train_captions=fit.card.splits[cfg.data.train_split].captions,
+        faults=faults.from_env(),  # the tests' only
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -302,7 +300,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
         datasets={"train": open_split(fit.root, cfg.data.train_split).randomize_block_order()},
     )
     result = trainer.fit()
-    record = tracking.FatalBox(fit.uri, fit.run_id, fit.token).read()
+    record = runs.FatalBox(fit.uri, fit.run_id, fit.token).read()
     if record is not None:  # the workers stopped together on a user error
         raise from_record(record)
     return result
@@ -325,7 +323,7 @@ def _log_outcome(
     uri, run_id, run_name = fit.uri, fit.run_id, str(cfg.tracking.run_name)
     best_ckpt, best_metrics = _best(result)
     table = format_table(unflat_metrics(best_metrics))
-    c = tracking.client(uri)
+    c = runs.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = best_ckpt.to_directory(str(Path(tmp) / "checkpoint"))
         saved = _keep_local_copy(local, run_name, log)  # first: kept if MLflow then fails
@@ -373,17 +371,3 @@ def _keep_local_copy(local: str, run_name: str, log: Callable[[str], None] = pri
         except OSError:
             log(f"{old} holds files that are not a checkpoint's: left there")
     return str(dest)
-
-
-def register_checkpoint(c: MlflowClient, run_id: str, name: str) -> str:
-    """A model version of ``name`` whose source is the run's ``checkpoint/`` artifact: the
-    layout before the MLflow model (:func:`shan.tracking.pyfunc.register`), which evaluation
-    still resolves."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.create_registered_model(name)
-    except MlflowException:
-        pass  # it exists
-    source = f"{c.get_run(run_id).info.artifact_uri}/checkpoint"
-    return c.create_model_version(name, source=source, run_id=run_id).version

@@ -13,17 +13,15 @@ find the error in the box and stop at once. A worker that dies is restarted as b
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,13 +31,15 @@ import torch.distributed as dist
 from shan.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shan.config import Config
 from shan.data.reader import Batch, ExampleStream, read_split
-from shan.errors import BY_NAME, USER_ERRORS, JobError, to_record
+from shan.errors import USER_ERRORS, JobError, to_record
 from shan.loss import BatchLoss
 from shan.model import SHAN
 from shan.scoring import autocast, score_matrix, split_metrics
 from shan.tracking.names import flat_metrics
 from shan.tracking.runs import FatalBox, MetricLogger
 from shan.tracking.system import SystemMetrics
+from shan.train import faults
+from shan.train.faults import Faults
 from shan.vocab import Vocabulary
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class LoopSettings:
     data_root: str
     torch_threads: int
     train_captions: int  # captions in the train split (for the steps estimate)
+    faults: Faults | None = None  # the tests' (SHAN_TEST_FAULTS); None: none
 
 
 def say(line: str) -> None:
@@ -68,7 +69,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-GO, DONE, FAIL = 2, 1, 0  # a rank's state at a step; the ranks agree on the minimum
+GO, DONE, FAIL = 2, 1, 0  # a rank's vote at a step; the ranks agree on the lowest
 
 
 class Stop(Exception):
@@ -80,7 +81,9 @@ class Stop(Exception):
 
 
 @dataclass
-class Progress:
+class TrainState:
+    """Where the training is: what a checkpoint holds besides weights and optimizer."""
+
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best_rsum: float = -math.inf
@@ -99,7 +102,8 @@ class Worker:
     rank: int
     world: int
     logger: MetricLogger | None
-    progress: Progress
+    state: TrainState
+    faults: Faults | None = None
 
 
 def lr_at(cfg: Config, epoch: int, step: int) -> float:
@@ -144,7 +148,8 @@ def make_worker(
         rank=rank,
         world=world,
         logger=logger,
-        progress=Progress(),
+        state=TrainState(),
+        faults=settings.faults,
     )
 
 
@@ -153,11 +158,8 @@ def build_worker(settings: LoopSettings) -> Worker:
     import ray.train
     import ray.train.torch
 
-    cfg = settings.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.debug.fail_with and cfg.debug.fail_at_step is None and rank == world - 1:
-        raise BY_NAME[cfg.debug.fail_with](f"debug: {cfg.debug.fail_with} on rank {rank} at start")
     torch.set_num_threads(settings.torch_threads)
     device = ray.train.torch.get_device()
     say(f"rank {rank} of {world} on node {node_address()} ({device}, pid {os.getpid()})")
@@ -173,28 +175,9 @@ def node_address() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-def recorded(rows: Iterable[Any], seen: list[list[int]]) -> Iterator[Any]:
-    """``rows`` as they are, appending ``[image_id, captions]`` of each image row to ``seen``."""
-    for batch in rows:
-        for iid, toks in zip(batch["image_id"], batch["tokens"], strict=True):
-            seen.append([int(iid), len(toks)])
-        yield batch
-
-
-def write_rows_log(w: Worker, seen: list[list[int]]) -> None:
-    """``debug.rows_log``/``epoch<E>-rank<R>.json``: the image rows (``[image_id, captions]``)
-    this rank read in epoch E (1-based), and its node's address."""
-    from shan.data import fs
-
-    folder = w.cfg.debug.rows_log
-    assert folder is not None
-    name = f"epoch{w.progress.epoch + 1}-rank{w.rank}.json"
-    record = {"rank": w.rank, "node": node_address(), "rows": seen}
-    fs.write_bytes(fs.join(folder, name), json.dumps(record).encode())
-
-
 def restore(w: Worker) -> None:
-    """Weights, optimizer state and progress from Ray Train's latest checkpoint, if any."""
+    """Weights, optimizer state and training state from Ray Train's latest checkpoint, if
+    any."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -205,18 +188,18 @@ def restore(w: Worker) -> None:
     w.core.load_state_dict(saved.weights)
     if saved.optimizer is not None:
         w.optimizer.load_state_dict(saved.optimizer)
-    w.progress = Progress(saved.epoch, saved.step, saved.best_rsum)
+    w.state = TrainState(saved.epoch, saved.step, saved.best_rsum)
     if w.rank == 0 and w.logger is not None:
-        say(f"resumed from the checkpoint of epoch {w.progress.epoch}, step {w.progress.step}")
-        w.logger.log({"train/resumed_at_epoch": w.progress.epoch}, step=w.progress.step)
+        say(f"resumed from the checkpoint of epoch {w.state.epoch}, step {w.state.step}")
+        w.logger.log({"train/resumed_at_epoch": w.state.epoch}, step=w.state.step)
 
 
-def agree(w: Worker, state: int) -> int:
-    """The lowest ``state`` of all ranks: FAIL if any rank failed, else DONE if any rank has
+def agree(w: Worker, vote: int) -> int:
+    """The lowest ``vote`` of all ranks: FAIL if any rank failed, else DONE if any rank has
     no batch left (DDP needs equal step counts), else GO."""
     if w.world == 1:
-        return state
-    flag = torch.tensor([state], device=w.device)
+        return vote
+    flag = torch.tensor([vote], device=w.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return int(flag.item())
 
@@ -229,28 +212,6 @@ def first_error(w: Worker, error: BaseException | None) -> dict[str, Any]:
         dist.all_gather_object(parts, record)
         record = next((p for p in parts if p), None)
     return record or {"type": "JobError", "message": "a worker stopped the run"}
-
-
-def maybe_inject_failure(w: Worker) -> None:
-    """Test hook: SIGKILL the last rank at ``debug.kill_worker_at_step``, once per marker file."""
-    d = w.cfg.debug
-    if d.kill_worker_at_step != w.progress.step or w.rank != w.world - 1 or not d.kill_marker:
-        return
-    marker = Path(d.kill_marker)
-    if marker.exists():
-        return
-    marker.write_text(f"killed rank {w.rank} at step {w.progress.step}\n")
-    say(f"debug: killing rank {w.rank} (pid {os.getpid()}) at step {w.progress.step}")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_inject_error(w: Worker) -> None:
-    """Test hook: the last rank raises ``debug.fail_with`` at ``debug.fail_at_step``."""
-    d = w.cfg.debug
-    if d.fail_with and d.fail_at_step == w.progress.step and w.rank == w.world - 1:
-        raise BY_NAME[d.fail_with](
-            f"debug: {d.fail_with} on rank {w.rank} at step {w.progress.step}"
-        )
 
 
 def forward(w: Worker, batch: Batch) -> torch.Tensor:
@@ -268,8 +229,6 @@ def forward(w: Worker, batch: Batch) -> torch.Tensor:
             block=sc.score_block,
             checkpoint=sc.checkpoint_blocks,
         )
-    if w.cfg.debug.nan_at_step == w.progress.step and w.rank == w.world - 1:
-        loss = loss * float("nan")
     return loss
 
 
@@ -289,102 +248,123 @@ def check_loss(w: Worker, loss: torch.Tensor) -> None:
     error = None
     if not torch.isfinite(loss):
         error = JobError(
-            f"non-finite loss ({loss.item()}) at epoch {w.progress.epoch + 1}, "
-            f"step {w.progress.step}: lower optim.lr or check the data"
+            f"non-finite loss ({loss.item()}) at epoch {w.state.epoch + 1}, "
+            f"step {w.state.step}: lower optim.lr or check the data"
         )
     if agree(w, FAIL if error else GO) == FAIL:
         raise Stop(error)
 
 
-def train_step(w: Worker, batch: Batch) -> float:
-    """One optimizer step on this worker's share ``batch``: loss, agreement that every rank's
-    is finite, backward, clipping, Adam. Returns the global batch's loss.
+def train_epoch(w: Worker, batches: Iterable[Batch], steps_hint: int) -> Meter:
+    """One epoch: an optimizer step per global batch, of which ``batches`` are this rank's
+    shares (:func:`epoch_batches`). The global batch's loss is the sum of the ranks' losses and
+    DDP averages the gradients over the ranks, so each rank backpropagates ``world`` times its
+    loss: the averaged gradient is the global batch's, as one worker would compute it."""
+    cfg, meter = w.cfg, Meter(w, steps_hint)
+    w.model.train()
+    for batch in agreed(w, iter(batches), meter):  # every rank has one, none failed
+        lr = lr_at(cfg, w.state.epoch, w.state.step)
+        for group in w.optimizer.param_groups:
+            group["lr"] = lr
+        loss = forward(w, batch)  # this rank's share of the global batch's loss
+        total = batch_loss(w, loss)  # the global batch's loss, on every rank
+        check_loss(w, total)  # every rank goes on, or every rank stops
+        w.optimizer.zero_grad(set_to_none=True)
+        (loss * w.world).backward()
+        torch.nn.utils.clip_grad_norm_(w.core.parameters(), cfg.optim.grad_clip)
+        w.optimizer.step()
+        w.state.step += 1
+        meter.step(total.item(), len(batch), lr)  # rank 0 logs every tracking.log_every steps
+    if not meter.losses:  # the ranks stopped at the same step, so all of them are here
+        raise Stop(JobError("this worker got no training batch: the train split is smaller "
+                            "than the global batch (optim.batch_size)"))  # fmt: skip
+    return meter
 
-    The global batch's loss is the sum of the workers' losses and DDP averages the gradients
-    over the workers, so each worker backpropagates ``world`` times its loss: the averaged
-    gradient is the gradient of the global batch's loss, as one worker would compute it.
-    """
-    loss = forward(w, batch)
-    total = batch_loss(w, loss)
-    check_loss(w, total)
-    w.optimizer.zero_grad(set_to_none=True)
-    (loss * w.world).backward()
-    torch.nn.utils.clip_grad_norm_(w.core.parameters(), w.cfg.optim.grad_clip)
-    w.optimizer.step()
-    return total.item()
 
-
-def train_epoch(w: Worker, shard: DataIterator, steps_hint: int) -> dict[str, float]:
-    """One pass over this worker's data shard, ``optim.batch_size // world`` examples a step;
-    returns the mean loss of the global batches, examples/s and data-wait share."""
-    cfg, epoch = w.cfg, w.progress.epoch
-    rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
-    seen: list[list[int]] = []
-    if cfg.debug.rows_log:
-        rows = recorded(rows, seen)
+def epoch_batches(w: Worker, shard: DataIterator) -> Iterator[Batch]:
+    """This rank's batches of an epoch (``optim.batch_size // world`` examples each), made
+    from the image rows of its data shard."""
+    cfg = w.cfg
     stream = ExampleStream(
         cfg.optim.worker_batch(w.world),
         cfg.data.shuffle_buffer,
         cfg.data.max_words,
-        seed=[cfg.seed, epoch, w.rank],
+        seed=[cfg.seed, w.state.epoch, w.rank],
     )
-    batches = stream(rows)
-    w.model.train()
-    losses: list[float] = []
-    examples, wait, t_start = 0, 0.0, time.perf_counter()
-    t_log, ex_log = t_start, 0
+    return stream(shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2))
+
+
+def agreed(w: Worker, batches: Iterator[Batch], meter: Meter) -> Iterator[Batch]:
+    """``batches`` while every rank has one and none failed, so that the ranks take the same
+    steps. A user error on any rank (a damaged file, ...) stops them all (:class:`Stop`); when
+    any rank runs out, the rest of this rank's batches is read and dropped (the next epoch
+    starts clean). The tests' faults come in here (:func:`shan.train.faults.at_step`)."""
     while True:
-        t0 = time.perf_counter()
-        error = None
-        try:
-            maybe_inject_error(w)
-            batch = next(batches, None)
-        except USER_ERRORS as e:  # a damaged file, ...: every rank stops with it
-            error, batch = e, None
-        wait += time.perf_counter() - t0
-        state = agree(w, FAIL if error else GO if batch is not None else DONE)
-        if state == FAIL:
+        error, batch = None, None
+        with meter.waiting():
+            try:
+                batch = next(batches, None)
+                batch = faults.at_step(w.faults, w.state.step, w.rank, w.world, batch)
+            except USER_ERRORS as e:  # every rank stops with it
+                error, batch = e, None
+        vote = agree(w, FAIL if error else GO if batch is not None else DONE)
+        if vote == FAIL:
             raise Stop(error)
-        if state == DONE:
+        if vote == DONE:
             break
-        assert batch is not None  # this rank said GO: it has a batch
-        lr = lr_at(cfg, epoch, w.progress.step)
-        for group in w.optimizer.param_groups:
-            group["lr"] = lr
-        maybe_inject_failure(w)
-        losses.append(train_step(w, batch))
-        examples += len(batch)
-        w.progress.step += 1
-        if w.logger is not None and len(losses) % cfg.tracking.log_every == 0:  # rank 0
-            now = time.perf_counter()
-            rate = (examples - ex_log) / (now - t_log)
-            t_log, ex_log = now, examples
-            recent = float(np.mean(losses[-cfg.tracking.log_every :]))
-            say(
-                f"epoch {epoch + 1}/{cfg.optim.epochs} step {len(losses)}/~{steps_hint} "
-                f"loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker"
-            )
-            w.logger.log(
-                {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate},
-                step=w.progress.step,
-            )
-    for _ in batches:  # drain what is left, so that the next epoch starts clean
+        assert batch is not None  # this rank voted GO: it has a batch
+        yield batch
+    for _ in batches:
         pass
-    if cfg.debug.rows_log:
-        write_rows_log(w, seen)
-    if not losses:  # the ranks stopped at the same step, so all of them are here
-        raise Stop(
-            JobError(
-                "this worker got no training batch: the train split is smaller than "
-                "the global batch (optim.batch_size)"
-            )
+
+
+class Meter:
+    """An epoch's losses (of the global batches), examples and data wait; on rank 0 (the one
+    with a logger) a line and MLflow points every ``tracking.log_every`` steps."""
+
+    def __init__(self, w: Worker, steps_hint: int) -> None:
+        self.w, self.steps_hint = w, steps_hint
+        self.losses: list[float] = []
+        self.examples, self.wait = 0, 0.0
+        self.t_start = self.t_log = time.perf_counter()
+        self.ex_log = 0
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait += time.perf_counter() - t0
+
+    def step(self, loss: float, examples: int, lr: float) -> None:
+        self.losses.append(loss)
+        self.examples += examples
+        w, every = self.w, self.w.cfg.tracking.log_every
+        if w.logger is None or len(self.losses) % every:
+            return
+        now = time.perf_counter()
+        rate = (self.examples - self.ex_log) / (now - self.t_log)
+        self.t_log, self.ex_log = now, self.examples
+        recent = float(np.mean(self.losses[-every:]))
+        say(
+            f"epoch {w.state.epoch + 1}/{w.cfg.optim.epochs} step {len(self.losses)}/"
+            f"~{self.steps_hint} loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker"
         )
-    seconds = time.perf_counter() - t_start
-    return {
-        "train/epoch_loss": float(np.mean(losses)),
-        "train/epoch_examples_per_s": examples / seconds,
-        "train/data_wait": wait / seconds,
-    }
+        w.logger.log(
+            {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate},
+            step=w.state.step,
+        )
+
+    def stats(self) -> dict[str, float]:
+        """The mean loss of the global batches, examples/s and the share of the time spent
+        waiting for data."""
+        seconds = time.perf_counter() - self.t_start
+        return {
+            "train/epoch_loss": float(np.mean(self.losses)),
+            "train/epoch_examples_per_s": self.examples / seconds,
+            "train/data_wait": self.wait / seconds,
+        }
 
 
 class Validator:
@@ -423,17 +403,17 @@ def report(w: Worker, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if w.rank == 0:
-            state = Checkpoint(
+            saved = Checkpoint(
                 weights=w.core.state_dict(),
                 config=w.cfg,
                 vocab=w.vocab,
                 optimizer=w.optimizer.state_dict(),
-                epoch=w.progress.epoch,
-                step=w.progress.step,
-                best_rsum=w.progress.best_rsum,
+                epoch=w.state.epoch,
+                step=w.state.step,
+                best_rsum=w.state.best_rsum,
                 metrics=metrics,
             )
-            save_checkpoint(d, state)
+            save_checkpoint(d, saved)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -446,7 +426,7 @@ def train_loop_per_worker(config: dict[str, LoopSettings]) -> None:
     if box.read() is not None:
         return  # a user error ended this training; the driver raises it
     try:
-        train(settings, box)
+        run_worker(settings, box)
     except USER_ERRORS as e:  # raised outside the steps: the other ranks may be anywhere
         box.write(to_record(e))
         raise
@@ -479,7 +459,7 @@ def system_metrics(settings: LoopSettings) -> SystemMetrics:
     return SystemMetrics(settings.mlflow_uri, settings.mlflow_run_id, every, node_address())
 
 
-def train(settings: LoopSettings, box: FatalBox) -> None:
+def run_worker(settings: LoopSettings, box: FatalBox) -> None:
     with system_metrics(settings):  # stopped when the loop ends or fails
         w = build_worker(settings)
         try:
@@ -516,16 +496,17 @@ def run_epochs(w: Worker, settings: LoopSettings) -> None:
         announce_batch(w)
     validator = Validator(w, settings.data_root)
     shard = ray.train.get_dataset_shard("train")
-    while w.progress.epoch < w.cfg.optim.epochs:
-        stats = train_epoch(w, shard, hint)
+    shard = faults.at_start(w.faults, shard, rank=w.rank, world=w.world, epoch=w.state.epoch)
+    while w.state.epoch < w.cfg.optim.epochs:
+        stats = train_epoch(w, epoch_batches(w, shard), hint).stats()
         val = validator(w)
-        w.progress.epoch += 1
-        w.progress.best_rsum = max(w.progress.best_rsum, val["val/rsum"])
-        metrics = {"epoch": w.progress.epoch, "step": w.progress.step, **stats, **val}
+        w.state.epoch += 1
+        w.state.best_rsum = max(w.state.best_rsum, val["val/rsum"])
+        metrics = {"epoch": w.state.epoch, "step": w.state.step, **stats, **val}
         if w.logger is not None:  # rank 0
-            w.logger.log({k: v for k, v in metrics.items() if "/" in k}, step=w.progress.epoch)
+            w.logger.log({k: v for k, v in metrics.items() if "/" in k}, step=w.state.epoch)
             say(
-                f"epoch {w.progress.epoch}/{w.cfg.optim.epochs}: loss "
+                f"epoch {w.state.epoch}/{w.cfg.optim.epochs}: loss "
                 f"{stats['train/epoch_loss']:.4f}, dev rsum {val['val/rsum']:.1f} "
                 f"(R@1 i2t {val['val/i2t_r1']:.1f}, t2i {val['val/t2i_r1']:.1f}), "
                 f"{stats['train/epoch_examples_per_s']:.0f} examples/s per worker, data wait "

@@ -20,6 +20,7 @@ from typing import Any
 from netns_cluster import DASHBOARD_PORT, HEAD_IP, NetnsCluster
 from shan_stack import BUCKET, S3_KEY, S3_SECRET
 
+from shan.train import faults
 from tests.helpers import ROOT
 
 TINY = "tests/configs/tiny.yaml"  # in the job's working directory
@@ -47,9 +48,9 @@ class Scenario:
         self.seen.update(values)
         print(f"[{time.monotonic() - self.t0:6.1f} s] {what}", flush=True)
 
-    def submit(self, *argv: str) -> str:
-        env = {k: v for k, v in self.cluster.env().items()
-               if k.startswith(("AWS_", "MLFLOW_"))}  # fmt: skip
+    def submit(self, *argv: str, env: dict[str, str] | None = None) -> str:
+        env = {**{k: v for k, v in self.cluster.env().items()
+                  if k.startswith(("AWS_", "MLFLOW_"))}, **(env or {})}  # fmt: skip
         return self.jobs.submit_job(
             entrypoint=" ".join(["python", *argv]),
             runtime_env={"working_dir": str(ROOT), "env_vars": env},
@@ -92,7 +93,7 @@ def train(s: Scenario) -> str:
     job = s.submit("jobs/train.py", "--config", TINY, "--data", DATA, "--name", name,
                    "--register", name, *WORKERS, "--wait-timeout", "300",
                    f"tracking.storage_path={STORAGE}",
-                   f"debug.rows_log={s.state / 'rows'}")  # fmt: skip
+                   env=faults.env(rows_log=str(s.state / "rows")))  # fmt: skip
     waiting = s.wait_for("wait line", s.line(job, "waiting for the cluster to offer"), job, 180)
     time.sleep(3)  # still waiting: nothing started on the head's nothing
     s.note("training waits", waiting=waiting, started_early="Ray Train:" in s.logs(job))

@@ -301,8 +301,7 @@ def register_untrained(env: dict, data: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from shan.data.format import load_vocab
-    from shan.train.driver import register_checkpoint
-    from tests.helpers import save_untrained
+    from tests.helpers import register_checkpoint, save_untrained
 
     with contextlib.ExitStack() as stack:
         saved = dict(os.environ)

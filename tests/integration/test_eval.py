@@ -20,6 +20,7 @@ from shan.config import load_config
 from shan.data.format import load_vocab
 from shan.data.reader import ExampleStream, read_split
 from shan.errors import CheckpointError, ConfigError, JobError
+from shan.eval import tiles
 from shan.eval.job import EvalOptions, EvalResult, evaluate
 from shan.eval.record import log_evaluation
 from shan.loss import TripletLoss
@@ -28,6 +29,7 @@ from shan.model import SCORES, SHAN
 from shan.promotion import promote
 from shan.scoring import score_matrix
 from tests.helpers import ROOT, TINY
+from tests.integration.killed_evaluation import saving_then
 
 
 def make_checkpoint(root: str, folder: Path, steps: int, seed: int = 0) -> Path:
@@ -134,24 +136,19 @@ def test_killing_an_actor_mid_run_gives_the_same_matrix(
     evaluate([str(checkpoints["good"])], synthetic_small, str(clean), opts(), log=lambda s: None)
     killed = []
 
-    def kill_one(n_done: int) -> None:
-        if n_done == 2 and not killed:
-            actors = [
-                a
-                for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
-                if a.class_name == "TileScorer"
-            ]
-            os.kill(actors[0].pid, signal.SIGKILL)
-            killed.append(actors[0].pid)
+    def kill_one() -> None:
+        actors = [
+            a
+            for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name == "TileScorer"
+        ]
+        os.kill(actors[0].pid, signal.SIGKILL)
+        killed.append(actors[0].pid)
 
     hit = tmp_path / "hit"
-    evaluate(
-        [str(checkpoints["good"])],
-        synthetic_small,
-        str(hit),
-        opts(on_tile=kill_one),
-        log=lambda s: None,
-    )
+    with pytest.MonkeyPatch.context() as mp:  # after the second tile saved
+        mp.setattr(tiles.TileStore, "save", saving_then(2, kill_one))
+        evaluate([str(checkpoints["good"])], synthetic_small, str(hit), opts(), log=lambda s: None)
     assert killed
     a, b = load_out(clean), load_out(hit)
     for k in SCORES:
@@ -179,9 +176,8 @@ def test_killed_job_rerun_skips_finished_tiles(services, synthetic_small, checkp
         "0.5",
         "--no-mlflow",
     ]
-    first = subprocess.run(
-        [*cmd, "--exit-after-tiles", "5"], capture_output=True, text=True, timeout=300
-    )
+    killed = [sys.executable, "-m", "tests.integration.killed_evaluation", "5", *cmd[2:]]
+    first = subprocess.run(killed, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert first.returncode == 137, first.stderr[-2000:]
     assert not (out / "metrics.json").exists()
     finished = sorted((out / "tiles" / "model-0").glob("tile-*.npz"))
@@ -267,7 +263,7 @@ def test_scheduled_promotion_against_mlflow(
 ):
     from mlflow.tracking import MlflowClient
 
-    from shan.train.driver import register_checkpoint
+    from tests.helpers import register_checkpoint
 
     c = MlflowClient()
     exp = c.get_experiment_by_name("shan-tests") or c.get_experiment(

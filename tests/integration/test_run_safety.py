@@ -54,7 +54,7 @@ def test_continuing_with_another_config_names_the_keys(store):
     assert "model.d" not in line
     c = tracking.client(store)
     assert c.get_run(rid).info.status == "FINISHED"  # refused before touching it
-    more = params("optim.epochs=60", "scaling.num_workers=2", "debug.nan_at_step=1")
+    more = params("optim.epochs=60", "scaling.num_workers=2", "tracking.log_every=5")
     assert tracking.start_run(store, "safety", "cfg-run", more, {}, settle=0) == rid
 
 

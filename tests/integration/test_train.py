@@ -12,6 +12,7 @@ from pathlib import Path
 from shan_stack import free_port
 
 from shan.tracking.runs import ERROR_TAG, ERROR_TYPE_TAG, RUN_TAG, quote
+from shan.train import faults
 from tests.cli import driver_lines, last_line
 from tests.helpers import ROOT, TINY
 
@@ -27,10 +28,12 @@ def train(*args: str, env: dict | None = None, timeout: int = 420) -> subprocess
     )
 
 
-def run_tiny(name: str, data: str, storage, *extra: str) -> subprocess.CompletedProcess:
+def run_tiny(
+    name: str, data: str, storage, *extra: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """The tiny config on ``data`` as run ``name``, Ray Train storage under ``storage``."""
     return train("--config", TINY, "--data", data, "--name", name,
-                 f"tracking.storage_path={storage}", *extra)  # fmt: skip
+                 f"tracking.storage_path={storage}", *extra, env=env)  # fmt: skip
 
 
 def mlflow_runs(name: str):
@@ -190,7 +193,7 @@ def test_non_finite_loss_fails_the_run_at_once(services, synthetic_small, tmp_pa
     """Rank 1's loss turns NaN early in epoch 2 (18 steps per epoch), after a checkpoint: the
     run ends FAILED with that line, and is not retried although tracking.max_failures is 2."""
     name = "tiny-nan"
-    r = run_tiny(name, synthetic_small, tmp_path, "debug.nan_at_step=22")
+    r = run_tiny(name, synthetic_small, tmp_path, env=faults.env(nan_at_step=22))
     line = "non-finite loss (nan) at epoch 2, step 22: lower optim.lr or check the data"
     assert r.returncode == 2, r.stderr[-3000:]
     assert last_line(r.stderr) == f"error: {line}"
@@ -206,8 +209,8 @@ def test_a_worker_user_error_crosses_as_its_type(services, synthetic_small, tmp_
     """A DataError of rank 1 in the steps reaches the driver as a DataError, the ranks stop
     together and nothing is retried."""
     name = "tiny-data-error"
-    r = run_tiny(name, synthetic_small, tmp_path, "debug.fail_with=DataError",
-                 "debug.fail_at_step=5", "optim.epochs=1")  # fmt: skip
+    r = run_tiny(name, synthetic_small, tmp_path, "optim.epochs=1",
+                 env=faults.env(fail_with="DataError", fail_at_step=5))  # fmt: skip
     assert r.returncode == 2, r.stderr[-3000:]
     line = "debug: DataError on rank 1 at step 5"
     assert last_line(r.stderr) == f"error: {line}"
@@ -221,8 +224,8 @@ def test_a_user_error_outside_the_steps_is_not_retried(services, synthetic_small
     the one that Ray Train starts again stops at once, finding the error left in the run."""
     name = "tiny-start-error"
     r = train("--config", TINY, "--data", synthetic_small, "--name", name,
-              f"tracking.storage_path={tmp_path}", "debug.fail_with=CheckpointError",
-              env={"RAY_DEDUP_LOGS": "0"})  # fmt: skip
+              f"tracking.storage_path={tmp_path}",
+              env={"RAY_DEDUP_LOGS": "0", **faults.env(fail_with="CheckpointError")})  # fmt: skip
     assert r.returncode == 2, r.stderr[-3000:]
     line = "debug: CheckpointError on rank 1 at start"
     assert last_line(r.stderr) == f"error: {line}"

@@ -212,7 +212,7 @@ def test_print_config_prints_the_resolved_config(no_training, tmp_path, capsys):
         "2024",
     )
     assert list(printed) == ["name", "seed", "model", "loss", "optim", "data", "scaling",
-                             "tracking", "debug"]  # fmt: skip
+                             "tracking"]  # fmt: skip
 
 
 def test_print_config_with_bad_values_is_the_usual_errors(no_training, capsys):

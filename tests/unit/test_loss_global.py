@@ -24,7 +24,7 @@ import shan.train.worker as worker
 from shan.config import Config, LossConfig, ModelConfig, OptimConfig, ScalingConfig
 from shan.data.reader import Batch, pad_tokens
 from shan.loss import TripletLoss, gather_rows, share_triplet_loss, triplet_loss
-from shan.train.worker import LoopSettings, forward, make_worker, train_step
+from shan.train.worker import LoopSettings, forward, make_worker, train_epoch
 from shan.vocab import Vocabulary
 
 WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball", "man", "woman", "sits"]
@@ -157,10 +157,10 @@ class NoLogger:
 
 
 def steps(w: worker.Worker, batch: Batch) -> list[tuple[float, list[torch.Tensor]]]:
-    """The loss and the (DDP-averaged) gradients of STEPS train_step calls."""
+    """The loss and the (DDP-averaged) gradients of STEPS steps of the worker's loop."""
     out = []
     for _ in range(STEPS):
-        loss = train_step(w, batch)
+        (loss,) = train_epoch(w, [batch], steps_hint=1).losses
         out.append((loss, [p.grad.clone() for p in w.core.parameters() if p.requires_grad]))
     return out
 

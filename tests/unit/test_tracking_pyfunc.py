@@ -368,7 +368,7 @@ def test_a_downloaded_mlflow_model_folder_resolves_to_its_checkpoint(logged, tmp
 def test_resolve_the_plain_checkpoint_layout(logged):
     from mlflow.tracking import MlflowClient
 
-    from shan.train.driver import register_checkpoint
+    from tests.helpers import register_checkpoint
 
     c = MlflowClient(tracking_uri=logged["uri"])
     run_id = c.create_run(logged["exp"]).info.run_id

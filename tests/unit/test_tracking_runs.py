@@ -52,13 +52,15 @@ def test_quote_refuses_what_mlflow_cannot_match():
 def test_config_differences_name_the_changed_keys():
     old = {k: str(v) for k, v in Config().flat().items()}
     new = load_config(None, ["optim.lr=1e-3", "model.d=64", "optim.epochs=40",
-                             "tracking.run_name=other", "debug.nan_at_step=3",
+                             "tracking.run_name=other",
                              "scaling.num_workers=4"]).flat()  # fmt: skip
     diff = config_differences(old, new)
     assert [k for k, _, _ in diff] == ["model.d", "optim.lr"]
     assert ("optim.lr", "0.0002", "0.001") in diff
     assert config_differences(old, Config().flat()) == []
     assert config_differences({}, new) == []  # keys the run never stored are new ones
+    # keys the run stored that the config no longer has (the former debug.*) are no change
+    assert config_differences({**old, "debug.nan_at_step": "3"}, new) == diff
 
 
 # -- credentials -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from shan.config import (  # noqa: E402
     config_from_dict,
 )
 from shan.data.reader import Batch, pad_tokens  # noqa: E402
-from shan.train.worker import LoopSettings, lr_at, make_worker, train_step  # noqa: E402
+from shan.train.worker import LoopSettings, make_worker, train_epoch  # noqa: E402
 from shan.vocab import Vocabulary  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -102,8 +102,9 @@ def deterministic_cpu():
 def compute_losses(
     cfg: Config | None = None, steps: int = STEPS, device: str = "cpu"
 ) -> list[float]:
-    """The losses of ``steps`` train_step calls, the learning rate set as the epoch loop sets it
-    (``device="cuda"``: the GPU check compares them with the recorded CPU ones)."""
+    """The losses of ``steps`` steps of the worker's epoch loop, ``STEPS_PER_EPOCH`` of the
+    batch an epoch (``device="cuda"``: the GPU check compares them with the recorded CPU
+    ones)."""
     cfg = cfg or golden_config()
     vocab = Vocabulary(WORDS)
     settings = LoopSettings(
@@ -122,15 +123,11 @@ def compute_losses(
         # rank 1: no MetricLogger, so no MLflow; world 1: no process group, no DDP
         w = make_worker(settings, torch.device(device), rank=1, world=1)
         assert w.logger is None
-        w.model.train()
-        losses = []
-        for step in range(steps):
-            w.progress.epoch = step // STEPS_PER_EPOCH
-            lr = lr_at(cfg, w.progress.epoch, w.progress.step)
-            for group in w.optimizer.param_groups:
-                group["lr"] = lr
-            losses.append(train_step(w, batch))
-            w.progress.step += 1
+        losses: list[float] = []
+        while len(losses) < steps:
+            w.state.epoch = len(losses) // STEPS_PER_EPOCH
+            n = min(STEPS_PER_EPOCH, steps - len(losses))
+            losses += train_epoch(w, [batch] * n, steps_hint=n).losses
     return losses
 
 

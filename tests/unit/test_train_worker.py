@@ -1,13 +1,15 @@
 """The training worker's loop without Ray (``shan.train.worker``): what ``make_worker`` builds
 on each rank (the MLflow logger only on rank 0, GloVe rows given by the driver), the agreement
-between ranks on a non-finite loss or a user error, the debug hooks, an epoch over a fake data
+between ranks on a non-finite loss or a user error, the tests' faults, an epoch over a fake data
 shard, and the validator's share of the dev split. MLflow's logger and the collective calls are
 fakes; no process group is started."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
+import re
 import signal
 import warnings
 
@@ -20,7 +22,6 @@ from shan.config import (
     Config,
     ConfigError,
     DataConfig,
-    DebugConfig,
     ModelConfig,
     OptimConfig,
     TrackingConfig,
@@ -28,10 +29,12 @@ from shan.config import (
 from shan.data.format import DataError, load_vocab
 from shan.data.reader import Batch, pad_tokens, read_split
 from shan.data.synthetic import generate_synthetic
-from shan.errors import JobError
+from shan.errors import CheckpointError, JobError
 from shan.loss import BatchLoss
 from shan.scoring import evaluate_split
 from shan.tracking.names import flat_metrics
+from shan.train import faults
+from shan.train.faults import Faults
 from shan.train.worker import (
     DONE,
     FAIL,
@@ -41,11 +44,10 @@ from shan.train.worker import (
     Validator,
     agree,
     check_loss,
+    epoch_batches,
     first_error,
     forward,
     make_worker,
-    maybe_inject_error,
-    maybe_inject_failure,
     train_epoch,
 )
 from shan.vocab import Vocabulary
@@ -67,7 +69,7 @@ def config(**sections) -> Config:
     return Config(**{**base, **sections}).validate()
 
 
-def settings(cfg: Config | None = None, vocab: Vocabulary | None = None, glove=None):
+def settings(cfg: Config | None = None, vocab: Vocabulary | None = None, glove=None, faults=None):
     return LoopSettings(
         config=cfg or config(),
         vocab=vocab or Vocabulary(WORDS),
@@ -78,6 +80,7 @@ def settings(cfg: Config | None = None, vocab: Vocabulary | None = None, glove=N
         data_root="",
         torch_threads=1,
         train_captions=0,
+        faults=faults,
     )
 
 
@@ -113,7 +116,7 @@ def one_thread():
 def no_kill(monkeypatch):
     """Never SIGKILL the test process: os.kill records instead."""
     kills: list[tuple[int, int]] = []
-    monkeypatch.setattr(worker.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: kills.append((pid, sig)))
     return kills
 
 
@@ -124,10 +127,6 @@ def build(cfg: Config | None = None, rank: int = 0, world: int = 1, **kw):
 def changed(cfg: Config, section: str, **kw) -> Config:
     """``cfg`` with ``kw`` set in one of its sections."""
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **kw)})
-
-
-def debug(**kw) -> Config:
-    return dataclasses.replace(config(), debug=DebugConfig(**kw))
 
 
 # -- make_worker ----------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def test_every_rank_starts_from_the_same_weights_and_optimizer_settings():
         assert torch.equal(p, q), name
     group = a.optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (1e-3, 0.01)
-    assert (a.progress.epoch, a.progress.step, a.progress.best_rsum) == (0, 0, -np.inf)
+    assert (a.state.epoch, a.state.step, a.state.best_rsum) == (0, 0, -np.inf)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -243,7 +242,7 @@ def test_first_error_is_the_lowest_failing_ranks_on_every_rank(monkeypatch):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_loss_stops_every_rank_naming_epoch_and_step(bad):
     w = build()
-    w.progress.epoch, w.progress.step = 2, 17
+    w.state.epoch, w.state.step = 2, 17
     check_loss(w, torch.tensor(0.5))  # finite: goes on
     with pytest.raises(Stop) as stop:
         check_loss(w, torch.tensor(bad))
@@ -260,43 +259,85 @@ def test_a_rank_with_a_finite_loss_stops_too_when_another_failed(monkeypatch):
     assert stop.value.error is None  # the failing rank's error is found by first_error
 
 
-# -- debug hooks ----------------------------------------------------------------------------------
-def test_the_error_hook_raises_on_the_last_rank_at_its_step_only():
-    maybe_inject_error(build())  # not configured: nothing
-    cfg = debug(fail_with="DataError", fail_at_step=3)
-    w = build(cfg)
+# -- the tests' faults ----------------------------------------------------------------------------
+def at_step(w, batch=None):
+    return faults.at_step(w.faults, w.state.step, w.rank, w.world, batch)
+
+
+def test_the_error_fault_raises_on_the_last_rank_at_its_step_only():
+    at_step(build())  # no faults: nothing
+    f = Faults(fail_with="DataError", fail_at_step=3)
+    w = build(faults=f)
     for step in (0, 2, 4):
-        w.progress.step = step
-        maybe_inject_error(w)
-    w.progress.step = 3
+        w.state.step = step
+        at_step(w)
+    w.state.step = 3
     with pytest.raises(DataError, match="debug: DataError on rank 0 at step 3"):
-        maybe_inject_error(w)
-    first = build(cfg, rank=0, world=2)  # not the last rank
-    first.progress.step = 3
-    maybe_inject_error(first)
-    last = build(cfg, rank=1, world=2)
-    last.progress.step = 3
+        at_step(w)
+    first = build(rank=0, world=2, faults=f)  # not the last rank
+    first.state.step = 3
+    at_step(first)
+    last = build(rank=1, world=2, faults=f)
+    last.state.step = 3
     with pytest.raises(DataError, match="on rank 1 at step 3"):
-        maybe_inject_error(last)
+        at_step(last)
 
 
-def test_the_kill_hook_fires_once_on_the_last_rank_with_a_marker(tmp_path, no_kill):
+def test_the_start_fault_raises_on_the_last_rank_only():
+    f = Faults(fail_with="CheckpointError")
+    shard = object()
+    assert faults.at_start(None, shard, rank=1, world=2, epoch=0) is shard
+    assert faults.at_start(f, shard, rank=0, world=2, epoch=0) is shard
+    with pytest.raises(CheckpointError, match="debug: CheckpointError on rank 1 at start"):
+        faults.at_start(f, shard, rank=1, world=2, epoch=0)
+    at_step_only = Faults(fail_with="CheckpointError", fail_at_step=0)
+    assert faults.at_start(at_step_only, shard, rank=1, world=2, epoch=0) is shard
+
+
+def test_the_kill_fault_fires_once_on_the_last_rank_with_a_marker(tmp_path, no_kill):
     marker = tmp_path / "killed"
-    maybe_inject_failure(build())  # not configured
-    no_marker = build(debug(kill_worker_at_step=0))
-    maybe_inject_failure(no_marker)
-    other_step = build(debug(kill_worker_at_step=1, kill_marker=str(marker)))
-    maybe_inject_failure(other_step)
-    other_rank = build(debug(kill_worker_at_step=0, kill_marker=str(marker)), rank=0, world=2)
-    maybe_inject_failure(other_rank)
+    at_step(build())  # no faults
+    no_marker = build(faults=Faults(kill_worker_at_step=0))
+    at_step(no_marker)
+    other_step = build(faults=Faults(kill_worker_at_step=1, kill_marker=str(marker)))
+    at_step(other_step)
+    f = Faults(kill_worker_at_step=0, kill_marker=str(marker))
+    at_step(build(rank=0, world=2, faults=f))
     assert no_kill == [] and not marker.exists()
 
-    w = build(debug(kill_worker_at_step=0, kill_marker=str(marker)), rank=1, world=2)
-    maybe_inject_failure(w)  # os.kill is the fixture's recorder
+    w = build(rank=1, world=2, faults=f)
+    at_step(w)  # os.kill is the fixture's recorder
     assert [sig for _, sig in no_kill] == [signal.SIGKILL]
     assert marker.read_text() == "killed rank 1 at step 0\n"
-    maybe_inject_failure(w)  # the marker is there: once only
+    at_step(w)  # the marker is there: once only
     assert len(no_kill) == 1
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"nan_at_step": -1}', "nan_at_step must be an integer >= 0, got -1"),
+        ('{"fail_at_step": "2"}', "fail_at_step must be an integer >= 0, got '2'"),
+        ('{"fail_with": "KeyError"}', "fail_with must be one of ConfigError, DataError"),
+        ('{"rows_log": ""}', "rows_log must be a non-empty text"),
+        ('{"nan_at": 1}', "unknown nan_at"),
+        ("[1]", "must hold a JSON object"),
+    ],
+)
+def test_faults_are_checked_where_they_are_read(monkeypatch, text, problem):
+    monkeypatch.setenv(faults.ENV, text)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        faults.from_env()
+
+
+def test_faults_travel_in_the_environment(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.from_env() is None
+    ((key, value),) = faults.env(nan_at_step=3, rows_log="/tmp/rows").items()
+    monkeypatch.setenv(key, value)
+    assert faults.from_env() == Faults(nan_at_step=3, rows_log="/tmp/rows")
+    with pytest.raises(ValueError, match="fail_with must be one of"):
+        faults.env(fail_with="Nope")
 
 
 def batch(cfg: Config, vocab: Vocabulary, images=4, per=2, seed=0) -> Batch:
@@ -309,19 +350,25 @@ def batch(cfg: Config, vocab: Vocabulary, images=4, per=2, seed=0) -> Batch:
                  torch.from_numpy(rows))  # fmt: skip
 
 
-def test_the_nan_hook_poisons_the_last_ranks_loss_at_its_step():
-    cfg = debug(nan_at_step=1)
-    w = build(cfg)
-    b = batch(cfg, w.vocab)
-    assert torch.isfinite(forward(w, b))  # step 0
-    w.progress.step = 1
-    assert torch.isnan(forward(w, b))
-    first = build(cfg, rank=0, world=2)
-    first.progress.step = 1
-    assert torch.isfinite(forward(first, b))
+def test_the_nan_fault_poisons_the_last_ranks_loss_at_its_step():
+    f = Faults(nan_at_step=1)
+    w = build(faults=f)
+    b = batch(w.cfg, w.vocab)
+    assert torch.isfinite(forward(w, at_step(w, b)))  # step 0
+    w.state.step = 1
+    assert torch.isnan(forward(w, at_step(w, b)))
+    assert at_step(w, None) is None  # no batch left: nothing to poison
+    first = build(rank=0, world=2, faults=f)
+    first.state.step = 1
+    assert torch.isfinite(forward(first, at_step(first, b)))
 
 
 # -- an epoch over a fake shard -------------------------------------------------------------------
+def epoch(w, shard, steps_hint: int) -> dict[str, float]:
+    """One epoch of ``w`` over ``shard`` as the worker runs it: its stats."""
+    return train_epoch(w, epoch_batches(w, shard), steps_hint).stats()
+
+
 class FakeShard:
     """What ``ray.train.get_dataset_shard`` gives: image rows in numpy batches; ``fail_after``
     batches, the next one raises ``error`` (a damaged file)."""
@@ -350,8 +397,8 @@ class FakeShard:
 def test_an_epoch_takes_every_full_batch_and_logs_on_rank_0(capsys):
     w = build()
     before = [p.detach().clone() for p in w.core.parameters()]
-    stats = train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)
-    assert w.progress.step == 3  # 12 examples, batches of 4
+    stats = epoch(w, FakeShard(images=6, per=2), steps_hint=3)
+    assert w.state.step == 3  # 12 examples, batches of 4
     assert set(stats) == {"train/epoch_loss", "train/epoch_examples_per_s", "train/data_wait"}
     assert np.isfinite(stats["train/epoch_loss"]) and 0 <= stats["train/data_wait"] <= 1
     assert any(not torch.equal(a, b) for a, b in zip(before, w.core.parameters()))
@@ -365,47 +412,67 @@ def test_an_epoch_takes_every_full_batch_and_logs_on_rank_0(capsys):
 def test_an_epoch_sets_the_warm_up_rate_of_each_step():
     w = build()
     rates = []
-    original = worker.train_step
+    original = worker.forward
 
     def spy(w, b):
         rates.append(w.optimizer.param_groups[0]["lr"])
         return original(w, b)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(worker, "train_step", spy)
-        train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)
+        mp.setattr(worker, "forward", spy)
+        epoch(w, FakeShard(images=6, per=2), steps_hint=3)
     assert rates == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
 def test_a_non_finite_loss_stops_the_epoch_before_any_update():
-    w = build(debug(nan_at_step=0))
+    w = build(faults=Faults(nan_at_step=0))
     before = [p.detach().clone() for p in w.core.parameters()]
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(), steps_hint=3)
+        epoch(w, FakeShard(), steps_hint=3)
     assert "non-finite loss (nan) at epoch 1, step 0" in str(stop.value.error)
-    assert w.progress.step == 0
+    assert w.state.step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, w.core.parameters()))
+
+
+def test_the_rows_log_holds_the_rows_of_each_finished_pass(tmp_path):
+    """Each rank writes the image rows it read in an epoch (numbered on from the checkpoint's)
+    once its pass is over; an epoch that stops writes nothing."""
+    w = build(faults=Faults(rows_log=str(tmp_path)))
+    w.state.epoch = 1  # resumed after epoch 1
+    shard = faults.at_start(w.faults, FakeShard(images=6, per=2), rank=0, world=1, epoch=1)
+    epoch(w, shard, steps_hint=3)
+    (written,) = tmp_path.iterdir()
+    assert written.name == "epoch2-rank0.json"
+    record = json.loads(written.read_text())
+    assert record["rank"] == 0 and record["node"]
+    assert record["rows"] == [[100 + i, 2] for i in range(6)]
+    error = DataError("train/part-00001.parquet: truncated")
+    stopping = faults.at_start(w.faults, FakeShard(fail_after=1, error=error), rank=0, world=1,
+                               epoch=2)  # fmt: skip
+    with pytest.raises(Stop):
+        epoch(w, stopping, steps_hint=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch2-rank0.json"]
 
 
 def test_a_damaged_file_mid_epoch_stops_with_its_error():
     error = DataError("train/part-00001.parquet: not a readable Parquet file")
     w = build()
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(images=6, chunk=2, fail_after=1, error=error), steps_hint=3)
-    assert stop.value.error is error and w.progress.step == 1
+        epoch(w, FakeShard(images=6, chunk=2, fail_after=1, error=error), steps_hint=3)
+    assert stop.value.error is error and w.state.step == 1
 
 
 def test_the_injected_error_stops_the_epoch_at_its_step():
-    w = build(debug(fail_with="CheckpointError", fail_at_step=2))
+    w = build(faults=Faults(fail_with="CheckpointError", fail_at_step=2))
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(), steps_hint=3)
-    assert type(stop.value.error).__name__ == "CheckpointError" and w.progress.step == 2
+        epoch(w, FakeShard(), steps_hint=3)
+    assert type(stop.value.error).__name__ == "CheckpointError" and w.state.step == 2
 
 
 def test_a_worker_without_a_single_batch_stops_the_run():
     w = build()
     with pytest.raises(Stop) as stop:
-        train_epoch(w, FakeShard(images=1, per=2), steps_hint=0)  # 2 examples < batch of 4
+        epoch(w, FakeShard(images=1, per=2), steps_hint=0)  # 2 examples < batch of 4
     assert isinstance(stop.value.error, JobError)
     assert "smaller than the global batch (optim.batch_size)" in str(stop.value.error)
 
@@ -417,15 +484,15 @@ def test_each_worker_takes_its_share_of_the_global_batch(monkeypatch, batch_size
     world`` examples (the other ranks agree, as they would through the process group)."""
     monkeypatch.setattr(worker.dist, "all_reduce", lambda t, op: None)
     sizes = []
-    original = worker.train_step
+    original = worker.forward
 
     def spy(w, b):
         sizes.append(len(b))
         return original(w, b)
 
-    monkeypatch.setattr(worker, "train_step", spy)
+    monkeypatch.setattr(worker, "forward", spy)
     w = build(changed(config(), "optim", batch_size=batch_size), rank=0, world=world)
-    train_epoch(w, FakeShard(images=6, per=2), steps_hint=3)  # 12 examples
+    epoch(w, FakeShard(images=6, per=2), steps_hint=3)  # 12 examples
     assert sizes == [each] * (12 // each)
 
 
@@ -453,7 +520,7 @@ def test_a_global_batch_smaller_than_the_workers_stops_before_training():
     with pytest.raises(ConfigError, match=r"optim.batch_size \(2\).*number of workers \(3\)"):
         worker.epoch_steps(w, 100)
     with pytest.raises(ConfigError, match="optim.batch_size"):
-        train_epoch(w, FakeShard(), steps_hint=3)
+        epoch(w, FakeShard(), steps_hint=3)
 
 
 def test_the_logged_loss_is_the_global_batchs(monkeypatch):
@@ -478,7 +545,7 @@ def test_the_logged_loss_is_the_global_batchs(monkeypatch):
 def test_a_programming_error_is_not_turned_into_a_stop():
     w = build()
     with pytest.raises(KeyError):
-        train_epoch(w, FakeShard(fail_after=1, error=KeyError("bug")), steps_hint=3)
+        epoch(w, FakeShard(fail_after=1, error=KeyError("bug")), steps_hint=3)
 
 
 # -- validation -----------------------------------------------------------------------------------
