@@ -53,8 +53,47 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
         address = os.environ.get("RAY_ADDRESS") if on_cluster() else None
         log(f"Ray: connecting to {address}" if address else "Ray: starting a local instance")
         # "local": always a new instance, never a stale cluster that `ray start` left recorded
-        ray.init(address=address or "local", log_to_driver=True)
+        ray.init(
+            address=address or "local",
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_threads.__name__}"},
+        )
+    quiet_threads()
     return ray
+
+
+def quiet_threads() -> None:
+    """Route a thread's ``InterruptedError`` to Ray Data's log file, not the console.
+
+    Ray Data stops its threads (a ``ListFiles`` or read task's) by interrupting them; one
+    that ends with the ``InterruptedError`` printed a traceback on a loaded machine, although
+    the run went on well. This process's :data:`threading.excepthook` logs such an end to the
+    ``ray.data`` logger marked hidden (``ray-data.log`` in the session's logs only); any other
+    error of a thread is printed as before. Run in the driver and, as Ray's
+    ``worker_process_setup_hook``, in each of the job's Ray workers."""
+    import logging
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "quiet_threads", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not None and issubclass(args.exc_type, InterruptedError):
+            import ray.data  # noqa: F401  (configures the "ray.data" logger and its file)
+
+            name = args.thread.name if args.thread is not None else "?"
+            logging.getLogger("ray.data").warning(
+                "thread %s ended, interrupted",
+                name,
+                exc_info=args.exc_value,
+                extra={"hide": True},  # Ray Data's console filter drops it; its file keeps it
+            )
+            return
+        previous(args)
+
+    hook.quiet_threads = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 @dataclass

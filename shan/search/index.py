@@ -11,6 +11,7 @@ never overwritten.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from shan.data.fs import write_error
 from shan.errors import JobError
 from shan.progress import Progress
 
@@ -102,7 +104,9 @@ def save_index(path: Path, index: ImageIndex) -> None:
         "image_ids": torch.tensor(np.asarray(index.image_ids, dtype=np.int64)),
         **{f: getattr(index.images, f) for f in TENSORS},
     }
-    write_atomically(path, lambda f: torch.save(payload, f))
+    buf = io.BytesIO()  # torch.save to a file hides a full disk in a RuntimeError
+    torch.save(payload, buf)
+    write_atomically(path, lambda f: f.write(buf.getbuffer()))
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -187,7 +191,7 @@ def image_index(
     try:
         save_index(path, index)
     except OSError as e:
-        raise JobError(f"cannot write the image index {path}: {e.strerror or e}") from e
+        raise write_error(e, f"the image index {path}") from None
     log(f"image index: {len(index)} images encoded, cached in {path}")
     return index, True
 

@@ -21,7 +21,14 @@ from shan.data.format import CARD, load_card, load_vocab
 from shan.data.reader import read_split
 from shan.errors import JobError
 from shan.search.index import ImageIndex, image_index, index_key, write_atomically
-from shan.search.query import Match, Query, parse_query, score_queries, top_matches
+from shan.search.query import (
+    Match,
+    Query,
+    check_count,
+    parse_query,
+    score_queries,
+    top_matches,
+)
 from shan.tracking import refs
 
 if TYPE_CHECKING:
@@ -93,8 +100,7 @@ def search(
     opts = opts or SearchOptions()
     if opts.top < 1:
         raise JobError(f"top must be at least 1, got {opts.top}")
-    if not sentences:
-        raise JobError("no query: give at least one sentence")
+    check_count(len(sentences))
     check_picture(opts.picture)
     card = load_card(data)
     vocab = load_vocab(data, card)
@@ -109,7 +115,7 @@ def search(
     max_words = loaded.weights.config.data.max_words
     queries = [parse_query(vocab, s, max_words, i + 1) for i, s in enumerate(sentences)]
     t0 = time.perf_counter()
-    split = read_split(data, opts.split, card)
+    split = read_split(data, opts.split, card, max_words=max_words)
     key = index_key(loaded.files, data_fingerprint(fs.read_bytes(fs.join(data, CARD)), split),
                     opts.split)  # fmt: skip
     index, built = image_index(
