@@ -13,7 +13,7 @@ import pytest
 from shan_stack import free_port
 
 from tests.cli import Case, assert_user_error, run_job, snapshot
-from tests.helpers import TINY
+from tests.helpers import TINY, damage_row
 
 
 def tiny(*args: str):
@@ -28,6 +28,17 @@ def foreign_checkpoint_folder(tmp: Path) -> list[str]:
     (folder / "model.pt").write_bytes(b"weights")
     (folder / "notes.txt").write_text("not a checkpoint file\n")
     return tiny("--name", "keep-me")(tmp)
+
+
+def num_regions_beyond(tmp: Path) -> list[str]:
+    """A data set whose train row 1 says it has 10^9 regions (of 4)."""
+    from shan.data.synthetic import generate_synthetic
+
+    data = tmp / "data"
+    generate_synthetic(str(data), images={"train": 8, "dev": 4}, regions=4, feature_dim=16,
+                       concepts=10, log=lambda s: None)  # fmt: skip
+    damage_row(data, "train", 1, num_regions=10**9)
+    return ["--config", TINY, "--data", str(data)]
 
 
 CASES: list[Case] = [
@@ -68,6 +79,9 @@ CASES: list[Case] = [
     Case("checkpoint-folder-foreign", "train",
          "`--name N` where `checkpoints/N` holds files this project did not write",
          foreign_checkpoint_folder, ("checkpoints/keep-me", "notes.txt", "another --name")),
+    Case("data-num-regions-beyond", "train",
+         "a training row whose `num_regions` says 10⁹ of its 4 regions", num_regions_beyond,
+         ("train/part-00000.parquet", "row 1", "num_regions 1000000000 not in 1..4")),
 ]  # fmt: skip
 
 
