@@ -241,7 +241,7 @@ class ExampleStream:
         import torch
 
         feats = torch.from_numpy(np.stack([p[0] for p in picks]))  # (B, R, F)
-        tokens, lengths = pad_tokens((p[2] for p in picks), self._cut())
+        tokens, lengths = pad_tokens(p[2] for p in picks)  # cut as they entered the pool
         return Batch(
             features=feats,
             num_regions=torch.tensor([int(p[1]) for p in picks]),
@@ -249,6 +249,3 @@ class ExampleStream:
             lengths=lengths,
             image_ids=torch.tensor([int(p[3]) for p in picks]),
         )
-
-    def _cut(self) -> int | None:
-        return None if self.max_words is None else self.max_words + 2  # <start>, <end>
