@@ -37,6 +37,7 @@ _FILE = (
 OURS_FILE = re.compile(rf"^(v\d+/)?({_FILE})$")
 # one score's (i2t R@1..K, t2i R@1..K) in percent
 Curve = tuple[list[float], list[float]]
+TITLE_CHARS = 160  # an attention picture's title (its caption) at most
 OURS_DIR = re.compile(r"^(v\d+|(v\d+/)?tiles|(v\d+/)?tiles/model-\d+)$")
 
 
@@ -201,6 +202,8 @@ def plot_attention(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(words[j])
+    if len(title) > TITLE_CHARS:  # a caption of any length: the picture's title stays a line
+        title = title[: TITLE_CHARS - 3] + "..."
     fig.suptitle(title, fontsize=9, y=1.06)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")

@@ -139,3 +139,14 @@ def test_word_region_attention_is_each_words_distribution_over_the_regions():
     with torch.no_grad():
         expected = model.l2l_attention(im, cap)[1][0].numpy()  # the model's own L2L beta
     np.testing.assert_allclose(beta, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_attention_picture_of_a_200000_word_caption_has_a_one_line_title():
+    import time
+
+    words = ["<start>", *["dog"] * 80, "<end>"]
+    beta = np.full((4, len(words)), 0.25, dtype=np.float32)
+    t0 = time.perf_counter()
+    png = outputs.plot_attention(words, beta, None, "image 7: " + "dog " * 200_000)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert time.perf_counter() - t0 < 60  # the whole caption as a title: minutes of layout
