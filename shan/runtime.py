@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from shan.config import ConfigError, ScalingConfig
@@ -63,14 +64,16 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
 
 
 def quiet_threads() -> None:
-    """Route a thread's ``InterruptedError`` to Ray Data's log file, not the console.
+    """Route the errors that end Ray's own threads to Ray's log files, not the console.
 
-    Ray Data stops its threads (a ``ListFiles`` or read task's) by interrupting them; one
-    that ends with the ``InterruptedError`` printed a traceback on a loaded machine, although
-    the run went on well. This process's :data:`threading.excepthook` logs such an end to the
-    ``ray.data`` logger marked hidden (``ray-data.log`` in the session's logs only); any other
-    error of a thread is printed as before. Run in the driver and, as Ray's
-    ``worker_process_setup_hook``, in each of the job's Ray workers."""
+    On a loaded machine a run that went well printed tracebacks of Ray's threads: an
+    ``InterruptedError`` in a Ray Data ``ListFiles`` thread (Ray Data stops its threads by
+    interrupting them), an ``RpcError`` in Ray Train's ``PlacementGroupCleanerMonitor``. This
+    process's :data:`threading.excepthook` logs a thread's end by an ``InterruptedError``, or
+    any error of a thread whose code is Ray's, to the ``ray.data`` logger marked hidden
+    (``ray-data.log`` in the session's logs, not the console); any other thread's error is
+    printed as before. Run in the driver and, as Ray's ``worker_process_setup_hook``, in each
+    of the job's Ray workers."""
     import logging
     import threading
 
@@ -79,13 +82,16 @@ def quiet_threads() -> None:
         return
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if args.exc_type is not None and issubclass(args.exc_type, InterruptedError):
+        if args.exc_type is not None and (
+            issubclass(args.exc_type, InterruptedError) or _rays_thread(args.exc_traceback)
+        ):
             import ray.data  # noqa: F401  (configures the "ray.data" logger and its file)
 
             name = args.thread.name if args.thread is not None else "?"
             logging.getLogger("ray.data").warning(
-                "thread %s ended, interrupted",
+                "Ray's thread %s ended by %s",
                 name,
+                args.exc_type.__name__,
                 exc_info=args.exc_value,
                 extra={"hide": True},  # Ray Data's console filter drops it; its file keeps it
             )
@@ -94,6 +100,19 @@ def quiet_threads() -> None:
 
     hook.quiet_threads = True  # type: ignore[attr-defined]
     threading.excepthook = hook
+
+
+def _rays_thread(tb: TracebackType | None) -> bool:
+    """Whether the thread of traceback ``tb`` runs Ray's code: its first frame past
+    :mod:`threading` is in Ray's package."""
+    import threading
+
+    import ray
+
+    package = os.path.dirname(ray.__file__) + os.sep
+    while tb is not None and tb.tb_frame.f_code.co_filename == threading.__file__:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(package)
 
 
 @dataclass

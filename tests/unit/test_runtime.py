@@ -307,16 +307,20 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-def _end_thread_with(error: BaseException) -> None:
-    def run() -> None:
-        raise error
+def _end_thread_with(error: BaseException, in_ray: bool = False) -> None:
+    """A thread ended by ``error``; ``in_ray``: its code as if in Ray's package (as Ray
+    Train's ``PlacementGroupCleanerMonitor``)."""
+    import ray
 
-    t = threading.Thread(target=run, name="ListFiles-0")
+    where = os.path.join(os.path.dirname(ray.__file__), "fake.py") if in_ray else __file__
+    space: dict = {"error": error}
+    exec(compile("def run():\n    raise error\n", where, "exec"), space)
+    t = threading.Thread(target=space["run"], name="ListFiles-0")
     t.start()
     t.join()
 
 
-def test_an_interrupted_thread_goes_to_ray_datas_log_file_only(monkeypatch, capfd):
+def test_rays_thread_errors_go_to_its_log_file_not_the_console(monkeypatch, capfd):
     import ray.data  # noqa: F401  (its logging set up, as in a job)
 
     # Python's own hook (pytest's would catch the thread's error), restored after the test
@@ -332,6 +336,10 @@ def test_an_interrupted_thread_goes_to_ray_datas_log_file_only(monkeypatch, capf
         (record,) = kept.records
         assert getattr(record, "hide", False) and "ListFiles-0" in record.getMessage()
         assert record.exc_info and record.exc_info[0] is InterruptedError
+        _end_thread_with(RuntimeError("GCS unavailable"), in_ray=True)  # Ray's own thread
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "GCS unavailable" not in err
+        assert "ended by RuntimeError" in kept.records[-1].getMessage()
         _end_thread_with(ValueError("a real failure"))  # anything else: printed as before
         err = capfd.readouterr().err
         assert "ValueError: a real failure" in err and "Traceback" in err
