@@ -8,7 +8,8 @@ The split's images are encoded once per model and data set and cached in --cache
 named after the model's checkpoint digest, the data's fingerprint and the split); later
 searches load them and only encode and score the sentences. Results go to stdout: a table per
 sentence, or with --json a list with, per sentence, its matches {rank, image, row, total, l2l,
-g2l, g2g}; progress lines go to stderr.
+g2l, g2g}; progress lines go to stderr. A search takes at most 1,000 sentences, each of at
+most 2,000 characters and 200 words, with at least one word (not only punctuation).
 """
 
 from __future__ import annotations
