@@ -13,6 +13,7 @@ builds, and every weight must be finite.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from shan.config import Config, ConfigError, bounded_yaml, config_from_dict
+from shan.data.fs import out_of_space, write_error
 from shan.errors import CheckpointError
 from shan.fingerprint import file_digests
 from shan.vocab import VocabError, Vocabulary
@@ -72,8 +74,17 @@ class LoadedModel:
 
 
 def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` into ``folder`` (created): model.pt, config.yaml, vocab.json."""
-    folder = Path(folder)
+    """Write ``ckpt`` into ``folder`` (created): model.pt, config.yaml, vocab.json. A full
+    disk is a StorageError naming the folder (a user error: retrying would not help)."""
+    try:
+        return _save(Path(folder), ckpt)
+    except OSError as e:
+        if out_of_space(e):
+            raise write_error(e, f"the checkpoint {folder}") from None
+        raise
+
+
+def _save(folder: Path, ckpt: Checkpoint) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "model": ckpt.weights,
@@ -86,7 +97,9 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
         payload["optimizer"] = ckpt.optimizer
     import torch
 
-    torch.save(payload, folder / MODEL_FILE)
+    buf = io.BytesIO()  # torch.save to a file hides a full disk in a RuntimeError
+    torch.save(payload, buf)
+    (folder / MODEL_FILE).write_bytes(buf.getbuffer())
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(ckpt.config.to_dict(), sort_keys=False))
     ckpt.vocab.save(folder / VOCAB_FILE)
     return folder

@@ -305,7 +305,10 @@ class DataConfig(_Section):
         p.text("path", self.path, optional=True)
         p.named("train_split", self.train_split)
         p.named("val_split", self.val_split)
+        from shan.vocab import MAX_WORDS  # the data format's limit
+
         p.at_least("max_words", self.max_words, 1)
+        p.at_most("max_words", self.max_words, MAX_WORDS)
         p.at_least("shuffle_buffer", self.shuffle_buffer, 0)
         p.at_least("val_max_images", self.val_max_images, 1, optional=True)
         return list(p)

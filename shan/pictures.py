@@ -16,6 +16,8 @@ import numpy as np
 
 from shan.data import fs
 
+TITLE_CHARS = 160  # an attention picture's title (its caption) at most
+
 if TYPE_CHECKING:
     from shan.data.reader import SplitArrays
     from shan.model import SHAN
@@ -99,6 +101,8 @@ def plot_attention(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(words[j])
+    if len(title) > TITLE_CHARS:  # a caption of any length: the picture's title stays a line
+        title = title[: TITLE_CHARS - 3] + "..."
     fig.suptitle(title, fontsize=9, y=1.06)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")

@@ -196,3 +196,22 @@ def quiet_ray_data(ctx: Any = None, *, own_progress: bool = False) -> None:
     if not is_interactive(sys.stdout):
         ctx.use_ray_tqdm = False
         ctx.enable_operator_progress_bars = False
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train's per-report line ("Reporting training result N: <the report's ~60 metrics>
+    from rank R", logged at INFO by each worker through a logger named after its source file)
+    off the console: that logger keeps Ray's log files (the root logger's file handlers) and
+    no longer reaches the job's output. Call it in a Ray Train worker (idempotent)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logger = logging.getLogger(context.__file__)
+    logger.propagate = False
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        )
+        if not console and handler not in logger.handlers:
+            logger.addHandler(handler)

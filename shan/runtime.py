@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from shan.config import ConfigError, ScalingConfig
@@ -53,8 +54,65 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
         address = os.environ.get("RAY_ADDRESS") if on_cluster() else None
         log(f"Ray: connecting to {address}" if address else "Ray: starting a local instance")
         # "local": always a new instance, never a stale cluster that `ray start` left recorded
-        ray.init(address=address or "local", log_to_driver=True)
+        ray.init(
+            address=address or "local",
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_threads.__name__}"},
+        )
+    quiet_threads()
     return ray
+
+
+def quiet_threads() -> None:
+    """Route the errors that end Ray's own threads to Ray's log files, not the console.
+
+    On a loaded machine a run that went well printed tracebacks of Ray's threads: an
+    ``InterruptedError`` in a Ray Data ``ListFiles`` thread (Ray Data stops its threads by
+    interrupting them), an ``RpcError`` in Ray Train's ``PlacementGroupCleanerMonitor``. This
+    process's :data:`threading.excepthook` logs a thread's end by an ``InterruptedError``, or
+    any error of a thread whose code is Ray's, to the ``ray.data`` logger marked hidden
+    (``ray-data.log`` in the session's logs, not the console); any other thread's error is
+    printed as before. Run in the driver and, as Ray's ``worker_process_setup_hook``, in each
+    of the job's Ray workers."""
+    import logging
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "quiet_threads", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not None and (
+            issubclass(args.exc_type, InterruptedError) or _rays_thread(args.exc_traceback)
+        ):
+            import ray.data  # noqa: F401  (configures the "ray.data" logger and its file)
+
+            name = args.thread.name if args.thread is not None else "?"
+            logging.getLogger("ray.data").warning(
+                "Ray's thread %s ended by %s",
+                name,
+                args.exc_type.__name__,
+                exc_info=args.exc_value,
+                extra={"hide": True},  # Ray Data's console filter drops it; its file keeps it
+            )
+            return
+        previous(args)
+
+    hook.quiet_threads = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _rays_thread(tb: TracebackType | None) -> bool:
+    """Whether the thread of traceback ``tb`` runs Ray's code: its first frame past
+    :mod:`threading` is in Ray's package."""
+    import threading
+
+    import ray
+
+    package = os.path.dirname(ray.__file__) + os.sep
+    while tb is not None and tb.tb_frame.f_code.co_filename == threading.__file__:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(package)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from shan.errors import VocabError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+MAX_WORDS = 1000  # words a caption keeps at most: the data format's limit (and data.max_words')
 
 # Words that Punkt's English model treats as abbreviations (a period after them does not end a
 # sentence), those likely in captions: titles, streets, places, times. Picked by hand, each checked

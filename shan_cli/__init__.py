@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from shan.data.fs import out_of_space, write_error
 from shan.errors import USER_ERRORS, problems
 
 
@@ -26,6 +27,14 @@ def run_job(main: Callable[[], int | None]) -> None:
         for problem in problems(e):  # a message's further lines follow, indented
             first, *rest = problem.splitlines() or [""]
             print(f"error: {first}", *(f"  {line}" for line in rest), sep="\n", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError as e:  # an allocation no bound caught: one line, not a traceback
+        print(f"error: out of memory{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk met by a writer that does not name its destination
+        if not out_of_space(e):
+            raise
+        print(f"error: {write_error(e, e.filename or 'a file')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

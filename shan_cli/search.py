@@ -8,7 +8,8 @@ The split's images are encoded once per model and data set and cached in --cache
 named after the model's checkpoint digest, the data's fingerprint and the split); later
 searches load them and only encode and score the sentences. Results go to stdout: a table per
 sentence, or with --json a list with, per sentence, its matches {rank, image, row, total, l2l,
-g2l, g2g}; progress lines go to stderr.
+g2l, g2g}; progress lines go to stderr. A search takes at most 1,000 sentences, each of at
+most 2,000 characters and 200 words, with at least one word (not only punctuation).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 from shan.errors import JobError
 from shan_cli.argtypes import at_least
@@ -49,10 +51,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def read_queries(path: str) -> list[str]:
-    """The non-blank lines of ``path``; JobError naming the file when it cannot be read."""
+    """The non-blank lines of ``path``, read bounded: a line longer than the longest query or
+    more queries than a search takes is a JobError naming the file and line, before the rest
+    is read (``/dev/zero`` too)."""
+    from shan.search.query import MAX_QUERIES, MAX_QUERY_CHARS
+
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+            queries = _bounded_lines(f, path, MAX_QUERY_CHARS, MAX_QUERIES)
     except FileNotFoundError:
         raise JobError(f"--queries {path} does not exist") from None
     except IsADirectoryError:
@@ -61,10 +67,26 @@ def read_queries(path: str) -> list[str]:
         raise JobError(f"--queries {path} is not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise JobError(f"--queries {path}: cannot read it ({e.strerror})") from None
-    queries = [line for line in lines if line]
     if not queries:
         raise JobError(f"--queries {path} holds no sentence")
     return queries
+
+
+def _bounded_lines(f: TextIO, path: str, width: int, most: int) -> list[str]:
+    """The stripped non-blank lines of ``f``, each read ``width`` + 1 characters at most; at
+    most ``most`` of them, and ``most`` * 10 lines in all (blank ones included)."""
+    queries: list[str] = []
+    for n in range(1, most * 10 + 2):
+        line = f.readline(width + 2)  # the text, its newline, one more: too long
+        if not line:
+            return queries
+        if len(line.rstrip("\r\n")) > width:
+            raise JobError(f"--queries {path}: line {n} is longer than {width:,} characters")
+        if line.strip():
+            queries.append(line.strip())
+        if len(queries) > most:
+            raise JobError(f"--queries {path} holds more than {most:,} sentences")
+    raise JobError(f"--queries {path} has more than {most * 10:,} lines")
 
 
 def main(argv: list[str] | None = None) -> int:

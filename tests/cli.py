@@ -98,7 +98,7 @@ class Case:
     arguments; the error line must contain every string of ``names``."""
 
     id: str
-    job: str  # prepare_data, train or evaluate
+    job: str  # prepare_data, train, evaluate or search
     input: str  # the bad input, as the table of docs/reliability.md says it
     argv: Callable[[Path], list[str]]
     names: tuple[str, ...]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +201,57 @@ def register_checkpoint(c, run_id: str, name: str) -> str:
         pass  # it exists
     source = f"{c.get_run(run_id).info.artifact_uri}/checkpoint"
     return c.create_model_version(name, source=source, run_id=run_id).version
+
+
+def damage_row(
+    root: Path,
+    split: str,
+    row: int = 0,
+    *,
+    num_regions: int | None = None,
+    caption_words: int | None = None,
+) -> Path:
+    """Rewrite ``split``'s first shard of the data set at ``root`` with row ``row`` changed:
+    its ``num_regions``, or its first caption made ``caption_words`` words long (its text and
+    its tokens: the second token repeated). Returns the shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(root) / split / "part-00000.parquet"
+    table = pq.read_table(path)
+    if num_regions is not None:
+        counts = table.column("num_regions").to_pylist()
+        counts[row] = num_regions
+        i = table.schema.get_field_index("num_regions")
+        table = table.set_column(i, table.schema.field(i), pa.array(counts, pa.int32()))
+    if caption_words is not None:
+        caps, toks = table.column("captions").to_pylist(), table.column("tokens").to_pylist()
+        t = toks[row][0]
+        toks[row][0] = [t[0], *[t[1]] * caption_words, t[-1]]
+        caps[row][0] = " ".join([caps[row][0].split()[0]] * caption_words)
+        for name, values in (("captions", caps), ("tokens", toks)):
+            i = table.schema.get_field_index(name)
+            field = table.schema.field(i)
+            table = table.set_column(i, field, pa.array(values, field.type))
+    pq.write_table(table, path)
+    return path
+
+
+@contextmanager
+def mounted_tmpfs(folder: Path, size: str = "2m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``folder`` (made) for the block, then unmounted: a small
+    disk to fill. The test is skipped, saying why, where mounting is not permitted."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: a small file system cannot be made here")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:  # lazily when a file is still open there (a failed test's): never left mounted
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -23,12 +23,13 @@ import pyarrow as pa
 from shan.config import name_problem
 from shan.data import fs
 from shan.errors import DataError
-from shan.vocab import Vocabulary
+from shan.vocab import MAX_WORDS, Vocabulary
 
 FORMAT = "shan-parquet/1"
 CARD = "dataset.json"
 VOCAB = "vocab.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
+MAX_TOKENS = MAX_WORDS + 2  # token ids a caption holds at most: <start>, its words, <end>
 
 
 @dataclass
@@ -212,11 +213,7 @@ def check_rows(
             f"{where}: row {first_row + r} (image id {int(image_ids[r])}) has NaN or infinite "
             "features (after conversion to the stored dtype)"
         )
-    k = features.shape[1]
-    wrong = (num_regions < 1) | (num_regions > k)
-    if wrong.any():
-        r = int(np.flatnonzero(wrong)[0])
-        raise DataError(f"{where}: row {first_row + r}: num_regions {num_regions[r]} not in 1..{k}")
+    check_num_regions(where, first_row, num_regions, features.shape[1])
     for r, (iid, caps) in enumerate(zip(image_ids.tolist(), captions)):
         if iid in seen_ids:
             raise DataError(f"{where}: row {first_row + r}: duplicate image id {iid}")
@@ -227,4 +224,28 @@ def check_rows(
             if c is None or not c.strip():
                 raise DataError(
                     f"{where}: row {first_row + r} (image id {iid}): caption {j} is empty"
+                )
+
+
+def check_num_regions(where: str, first_row: int, num_regions: np.ndarray, regions: int) -> None:
+    """DataError naming ``where``, the row and the value when a row's ``num_regions`` (N,) is
+    not in 1..``regions`` (the features' R): its features would be read past their end."""
+    counts = np.asarray(num_regions)
+    wrong = (counts < 1) | (counts > regions)
+    if wrong.any():
+        r = int(np.flatnonzero(wrong)[0])
+        raise DataError(
+            f"{where}: row {first_row + r}: num_regions {counts[r]} not in 1..{regions}"
+        )
+
+
+def check_tokens(where: str, first_row: int, tokens: list[list[list[int]]]) -> None:
+    """DataError naming ``where``, the row and the caption when a caption's token ids (per
+    row, per caption) are more than the format's :data:`MAX_TOKENS`."""
+    for r, caps in enumerate(tokens):
+        for j, t in enumerate(caps):
+            if len(t) > MAX_TOKENS:
+                raise DataError(
+                    f"{where}: row {first_row + r}: caption {j} has {len(t) - 2:,} words, more "
+                    f"than the format's {MAX_WORDS:,}"
                 )

@@ -6,6 +6,7 @@ S3 settings come from the usual variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KE
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -90,6 +91,31 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"cannot read {uri}: {e}") from e
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file too big
+
+
+def out_of_space(e: BaseException) -> int | None:
+    """The errno when ``e`` (or what it was raised from) is a full disk, a quota or a file too
+    big (:data:`NO_SPACE`); else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+            return cause.errno
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def write_error(e: BaseException, where: str) -> StorageError:
+    """The one-line StorageError naming ``where`` for an error met writing there; a full disk
+    in plain words (pyarrow's message repeats the errno and a detail)."""
+    code = out_of_space(e)
+    if code is not None:
+        return StorageError(f"cannot write {where}: {os.strerror(code).lower()} (errno {code})")
+    return StorageError(f"cannot write {where}: {e}")
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     try:
@@ -97,7 +123,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as e:
-        raise StorageError(f"cannot write {uri}: {e}") from e
+        raise write_error(e, uri) from e
 
 
 def write_atomic(
@@ -155,7 +181,10 @@ def check_writable(uri: str) -> None:
 
 def list_files(uri: str) -> list[str]:
     """Paths, relative to ``uri``, of every file under the folder or prefix ``uri`` (empty when
-    it does not exist)."""
+    it does not exist). Locally, links are followed but never back into a folder already
+    walked (:func:`walk_files`)."""
+    if not is_remote(uri):
+        return walk_files(local_path(uri))
     fsys, root = filesystem(uri)
     try:
         infos = fsys.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -163,6 +192,42 @@ def list_files(uri: str) -> list[str]:
         raise StorageError(f"cannot list {uri}: {e}") from e
     root = root.rstrip("/")
     return sorted(i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+
+def walk_files(folder: Path) -> list[str]:
+    """Paths, relative to ``folder``, of the files under it, through links to files and folders.
+    Each folder is walked once: the real folders first, then the folders links lead to that
+    were not walked yet (a link to itself or to a parent is not followed, so a loop of links
+    ends). StorageError when a folder cannot be listed."""
+    if not folder.is_dir():
+        return []
+    seen: set[tuple[int, int] | None] = set()
+    out: list[str] = []
+    todo = [str(folder)]  # folders to walk: the given one, then those links lead to
+
+    def fail(e: OSError) -> None:
+        raise StorageError(f"cannot list {e.filename or folder}: {e.strerror or e}")
+
+    while todo:
+        for root, dirs, names in os.walk(todo.pop(0), onerror=fail, followlinks=False):
+            if _key(root) in seen:
+                dirs[:] = []
+                continue
+            seen.add(_key(root))
+            todo += [os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
+            rel = os.path.relpath(root, folder)
+            for name in names:
+                if os.path.isfile(os.path.join(root, name)):  # not a dangling link, pipe, ...
+                    out.append(name if rel == "." else os.path.join(rel, name))
+    return sorted(out)
+
+
+def _key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def delete_file(uri: str) -> None:

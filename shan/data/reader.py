@@ -12,7 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shan.data import fs
-from shan.data.format import DataError, DatasetCard, image_uri, load_card, split_files
+from shan.data.format import (
+    DataError,
+    DatasetCard,
+    check_num_regions,
+    image_uri,
+    load_card,
+    split_files,
+)
+from shan.vocab import MAX_WORDS
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading a split needs none
     import ray.data
@@ -63,10 +71,39 @@ class SplitArrays:
         )
 
 
-def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitArrays:
-    """Read every file of ``split`` with pyarrow (no Ray needed)."""
+def cap_tokens(tokens: list[int], max_words: int | None) -> list[int]:
+    """A caption's token ids with at most ``max_words`` words (None: the format's
+    :data:`~shan.vocab.MAX_WORDS`): the first words, then its last id (``<end>``)."""
+    n = (max_words or MAX_WORDS) + 2
+    return tokens if len(tokens) <= n else [*tokens[: n - 1], tokens[-1]]
+
+
+def checked_table(path: str, card: DatasetCard, columns: list[str] | None = None) -> pa.Table:
+    """One file of a split (:func:`read_table`), its ``num_regions`` checked against the card's
+    regions: a DataError naming the file, row and value."""
+    table = read_table(path, columns)
+    if "num_regions" not in table.column_names:
+        raise DataError(f"{path}: missing column 'num_regions'")
+    check_num_regions(path, 0, table.column("num_regions").to_numpy(), card.regions)
+    return table
+
+
+def check_split(root: str, split: str, card: DatasetCard | None = None) -> list[str]:
+    """The files of ``split``, each one's ``num_regions`` checked (only that column is read)."""
     card = card or load_card(root)
-    tables = [read_table(f) for f in split_files(root, card, split)]
+    files = split_files(root, card, split)
+    for f in files:
+        checked_table(f, card, ["num_regions"])
+    return files
+
+
+def read_split(
+    root: str, split: str, card: DatasetCard | None = None, max_words: int | None = None
+) -> SplitArrays:
+    """Read every file of ``split`` with pyarrow (no Ray needed); ``num_regions`` checked, each
+    caption cut to ``max_words`` words (:func:`cap_tokens`)."""
+    card = card or load_card(root)
+    tables = [checked_table(f, card) for f in split_files(root, card, split)]
     table = pa.concat_tables(tables)
     if "features" not in table.column_names:
         raise DataError(f"{root}/{split}: missing column 'features'")
@@ -87,7 +124,7 @@ def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitA
         image_ids=table.column("image_id").to_numpy(),
         features=feats,
         num_regions=table.column("num_regions").to_numpy(),
-        tokens=[t for ts in toks for t in ts],
+        tokens=[cap_tokens(t, max_words) for ts in toks for t in ts],
         captions=[c for cs in caps for c in cs],
         caption_image=np.repeat(np.arange(len(caps)), counts),
         boxes=boxes,
@@ -97,14 +134,14 @@ def read_split(root: str, split: str, card: DatasetCard | None = None) -> SplitA
 
 
 def open_split(root: str, split: str, columns: list[str] | None = None) -> ray.data.Dataset:
-    """``split`` as a Ray Data dataset (local or ``s3://``), one row per image; Ray Data's
-    progress set for a job's log (:func:`shan.progress.quiet_ray_data`)."""
+    """``split`` as a Ray Data dataset (local or ``s3://``), one row per image, its
+    ``num_regions`` checked first (:func:`check_split`); Ray Data's progress set for a job's
+    log (:func:`shan.progress.quiet_ray_data`)."""
     import ray.data
 
     from shan.progress import quiet_ray_data
 
-    card = load_card(root)
-    files = split_files(root, card, split)
+    files = check_split(root, split)
     filesystem, _ = fs.filesystem(files[0])
     paths = [fs.filesystem(f)[1] for f in files]
     quiet_ray_data()  # before the dataset takes its copy of the context
@@ -188,7 +225,7 @@ class ExampleStream:
             feats, counts, ids = rows["features"], rows["num_regions"], rows["image_id"]
             for r, toks in enumerate(rows["tokens"]):
                 for t in toks:
-                    pool.append((feats[r], counts[r], t, ids[r]))
+                    pool.append((feats[r], counts[r], cap_tokens(t, self.max_words), ids[r]))
             while len(pool) >= self.buffer + self.batch_size:
                 yield self._draw(pool)
         while len(pool) >= self.batch_size or (pool and not self.drop_last):
@@ -204,7 +241,7 @@ class ExampleStream:
         import torch
 
         feats = torch.from_numpy(np.stack([p[0] for p in picks]))  # (B, R, F)
-        tokens, lengths = pad_tokens((p[2] for p in picks), self._cut())
+        tokens, lengths = pad_tokens(p[2] for p in picks)  # cut as they entered the pool
         return Batch(
             features=feats,
             num_regions=torch.tensor([int(p[1]) for p in picks]),
@@ -212,6 +249,3 @@ class ExampleStream:
             lengths=lengths,
             image_ids=torch.tensor([int(p[3]) for p in picks]),
         )
-
-    def _cut(self) -> int | None:
-        return None if self.max_words is None else self.max_words + 2  # <start>, <end>

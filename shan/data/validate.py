@@ -15,6 +15,7 @@ from shan.data.format import (
     DataError,
     DatasetCard,
     check_rows,
+    check_tokens,
     load_card,
     load_vocab,
     split_files,
@@ -99,6 +100,7 @@ def _check_batch(
     regions = batch.column("num_regions").to_numpy()
     with np.errstate(invalid="ignore"):
         check_rows(path, first, ids, feats, regions, captions=caps, seen_ids=seen)
+    check_tokens(path, first, toks)
     for r, (c, t) in enumerate(zip(caps, toks)):
         if len(c) != len(t):
             raise DataError(f"{path}: row {first + r}: {len(c)} captions but {len(t)} token lists")

@@ -39,7 +39,7 @@ from shan.data.format import (
     check_split_name,
     schema,
 )
-from shan.vocab import Vocabulary, tokenizer_id
+from shan.vocab import MAX_WORDS, Vocabulary, tokenizer_id
 
 
 class HashingFile:
@@ -155,7 +155,8 @@ class SplitWriter:
                 captions=captions,
                 seen_ids=self.seen,
             )
-        tokens = [[self.ds.vocab.encode(c, self.ds.max_words) for c in caps] for caps in captions]
+        cut = self.ds.max_words or MAX_WORDS  # the format's limit when the caller sets none
+        tokens = [[self.ds.vocab.encode(c, cut) for c in caps] for caps in captions]
         columns = {
             "image_id": pa.array(image_ids),
             "features": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(feats)),
@@ -246,6 +247,8 @@ class DatasetWriter:
         overwrite: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
+        if max_words is not None and not 1 <= max_words <= MAX_WORDS:
+            raise DataError(f"max_words must lie in 1..{MAX_WORDS}, got {max_words}")
         self.dest, self.card, self.vocab, self.max_words = dest, card, vocab, max_words
         self.card.vocab_size, self.card.max_words = len(vocab), max_words
         self.card.tokenizer = tokenizer_id()  # the tokens column's ids depend on it
@@ -286,8 +289,15 @@ class DatasetWriter:
             for w in self._splits.values():
                 w.abort()
             self.target.discard(self.created)
+            if exc is not None and fs.out_of_space(exc):  # one line naming the destination
+                raise fs.write_error(exc, f"the data set {self.dest}") from None
             return
-        self._finish()
+        try:
+            self._finish()
+        except OSError as e:
+            if fs.out_of_space(e):
+                raise fs.write_error(e, f"the data set {self.dest}") from None
+            raise
 
     def _finish(self) -> None:
         try:

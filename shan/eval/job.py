@@ -214,7 +214,8 @@ def evaluate(
         for r in model_refs:
             resolved.append(refs.resolve(r, uri))
         models = [load_eval_model(m, data, card, vocab) for m in resolved]
-        split = read_split(data, opts.split, card)
+        cut = max(m.weights.config.data.max_words for m in models)  # the models' longest
+        split = read_split(data, opts.split, card, max_words=cut)
         n = protocol_images(opts.protocol, len(split.image_ids), opts.fold_size)
         if n < len(split.image_ids):
             split = split.head(n)

@@ -10,6 +10,7 @@ that is not that index is refused, never overwritten.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shan.data import fs
+from shan.data.fs import write_error
 from shan.errors import JobError
 from shan.fingerprint import INDEX_FORMAT
 from shan.progress import Progress
@@ -56,7 +58,9 @@ def save_index(path: Path, index: ImageIndex) -> None:
         "image_ids": torch.tensor(np.asarray(index.image_ids, dtype=np.int64)),
         **{f: getattr(index.images, f) for f in TENSORS},
     }
-    fs.write_atomic(path, lambda f: torch.save(payload, f))
+    buf = io.BytesIO()  # torch.save to a file hides a full disk in a RuntimeError
+    torch.save(payload, buf)
+    fs.write_atomic(path, buf.getvalue())
 
 
 def load_index(path: Path, key: str, n_images: int) -> ImageIndex:
@@ -136,7 +140,7 @@ def image_index(
     try:
         save_index(path, index)
     except OSError as e:
-        raise JobError(f"cannot write the image index {path}: {e.strerror or e}") from e
+        raise write_error(e, f"the image index {path}") from None
     log(f"image index: {len(index)} images encoded, cached in {path}")
     return index, True
 

@@ -23,7 +23,14 @@ from shan.errors import JobError
 from shan.fingerprint import data_fingerprint, index_key
 from shan.pictures import attention_picture, marked_png
 from shan.search.index import ImageIndex, cache_problem, image_index
-from shan.search.query import Match, Query, parse_query, score_queries, top_matches
+from shan.search.query import (
+    Match,
+    Query,
+    check_count,
+    parse_query,
+    score_queries,
+    top_matches,
+)
 from shan.tracking import refs
 
 if TYPE_CHECKING:
@@ -101,8 +108,7 @@ def search(
     """Rank the images of ``data``'s split for each sentence with the model ``model_ref``
     (anything :func:`shan.tracking.refs.resolve` accepts)."""
     opts = opts or SearchOptions()
-    if not sentences:
-        raise JobError("no query: give at least one sentence")
+    check_count(len(sentences))
     opts.check()
     card = load_card(data)
     vocab = load_vocab(data, card)
@@ -117,7 +123,7 @@ def search(
     max_words = loaded.config.data.max_words
     queries = [parse_query(vocab, s, max_words, i + 1) for i, s in enumerate(sentences)]
     t0 = time.perf_counter()
-    split = read_split(data, opts.split, card)
+    split = read_split(data, opts.split, card, max_words=max_words)
     key = index_key(loaded.files, data_fingerprint(fs.read_bytes(fs.join(data, CARD)), split),
                     opts.split)  # fmt: skip
     index, built = image_index(

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from shan.model import SHAN, EncodedImages
 
 QUERY_CHUNK = 256  # captions encoded and scored at a time
+MAX_QUERY_CHARS = 2000  # a query's length: characters ...
+MAX_QUERY_WORDS = 200  # ... and words (the model keeps its data.max_words of them)
+MAX_QUERIES = 1000  # queries a search scores
+SHOWN = 10  # unknown words an error names (then a count)
 IMAGES_PER_BLOCK = 1024  # images per scorer block (one caption): its tensors stay small
 
 
@@ -48,18 +52,54 @@ class Match:
 
 
 def parse_query(vocab: Vocabulary, text: str, max_words: int | None = None, n: int = 1) -> Query:
-    """``text`` (the ``n``-th query) as a :class:`Query`; JobError when it has no word, or only
-    words the vocabulary lacks (naming them)."""
+    """``text`` (the ``n``-th query) as a :class:`Query`; JobError when it is longer than
+    :data:`MAX_QUERY_CHARS` or :data:`MAX_QUERY_WORDS`, has no word (empty, or punctuation
+    only), or only words the vocabulary lacks (naming the first :data:`SHOWN`)."""
+    if len(text) > MAX_QUERY_CHARS:
+        raise JobError(
+            f"query {n} ({shorten(text)}) has {len(text):,} characters; at most "
+            f"{MAX_QUERY_CHARS:,} are accepted"
+        )
     words = tokenize(text)
-    if not words:
-        raise JobError(f"query {n} is empty: {text!r} has no words")
+    if len(words) > MAX_QUERY_WORDS:
+        raise JobError(
+            f"query {n} ({shorten(text)}) has {len(words):,} words; at most {MAX_QUERY_WORDS} "
+            "are accepted"
+        )
+    if not any(any(ch.isalnum() for ch in w) for w in words):
+        what = "has no words" if not words else "has no word, only punctuation"
+        raise JobError(f"query {n} is empty: {shorten(text)} {what}")
     unknown = list(dict.fromkeys(w for w in words if w not in vocab.word2idx))
     if len(unknown) == len(set(words)):
         raise JobError(
-            f"query {n} ({text!r}): none of its words is in the model's vocabulary "
-            f"(unknown: {', '.join(unknown)})"
+            f"query {n} ({shorten(text)}): none of its words is in the model's vocabulary "
+            f"(unknown: {listed(unknown)})"
         )
     return Query(text, vocab.encode(text, max_words), unknown)
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """``repr(text)``, cut to about ``width`` characters with its length said."""
+    if len(text) <= width:
+        return repr(text)
+    return f"{text[:width]!r}... ({len(text):,} characters)"
+
+
+def listed(words: list[str], shown: int = SHOWN) -> str:
+    """The first ``shown`` of ``words``, comma-separated, then how many more."""
+    head = ", ".join(w if len(w) <= 40 else w[:40] + "..." for w in words[:shown])
+    return head + (f" and {len(words) - shown:,} more" if len(words) > shown else "")
+
+
+def check_count(n_queries: int) -> None:
+    """JobError unless 1 .. :data:`MAX_QUERIES` queries are given."""
+    if n_queries < 1:
+        raise JobError("no query: give at least one sentence")
+    if n_queries > MAX_QUERIES:
+        raise JobError(
+            f"{n_queries:,} queries: a search takes at most {MAX_QUERIES:,}; split them into "
+            "several searches"
+        )
 
 
 def query_block(n_queries: int) -> tuple[int, int]:
@@ -122,7 +162,7 @@ def format_matches(query: Query, matches: list[Match]) -> str:
     """A query's matches as a small table."""
     head = repr(query.text)
     if query.unknown:
-        head += f"  (not in the vocabulary: {', '.join(query.unknown)})"
+        head += f"  (not in the vocabulary: {listed(query.unknown)})"
     lines = [head, f"{'rank':>5} {'image':>10} {'total':>8} {'l2l':>8} {'g2l':>8} {'g2g':>8}"]
     for m in matches:
         lines.append(

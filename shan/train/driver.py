@@ -25,6 +25,7 @@ from shan.checkpoint import FILES as CHECKPOINT_FILES  # all a local checkpoint 
 from shan.config import Config, ConfigError, ScalingConfig
 from shan.data import fs
 from shan.data.format import DatasetCard, load_card, load_vocab
+from shan.data.reader import check_split
 from shan.data.synthetic import demo_data_root
 from shan.errors import USER_ERRORS, JobError, from_record
 from shan.metrics import format_table
@@ -144,6 +145,7 @@ def check_data(cfg: Config, root: str) -> tuple[DatasetCard, Vocabulary]:
     for split in (cfg.data.train_split, cfg.data.val_split):
         if split not in card.splits:
             raise JobError(f"data set {root} has no {split!r} split (it has {list(card.splits)})")
+        check_split(root, split, card)  # each row's num_regions, before MLflow or Ray
     if card.feature_dim != cfg.model.feature_dim:
         raise JobError(
             f"data set {root} has {card.feature_dim}-d region features but model.feature_dim "

@@ -34,6 +34,7 @@ from shan.data.reader import Batch, ExampleStream, read_split
 from shan.errors import USER_ERRORS, JobError, to_record
 from shan.loss import BatchLoss
 from shan.model import SHAN
+from shan.progress import quiet_ray_train_reports
 from shan.scoring import autocast, score_matrix, split_metrics
 from shan.tracking.names import flat_metrics
 from shan.tracking.runs import FatalBox, MetricLogger
@@ -158,6 +159,7 @@ def build_worker(settings: LoopSettings) -> Worker:
     import ray.train
     import ray.train.torch
 
+    quiet_ray_train_reports()  # Ray Train's per-report metric dump: its log file only
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(settings.torch_threads)
@@ -371,7 +373,7 @@ class Validator:
     """The dev split, scored after each epoch; rows are shared out among the workers."""
 
     def __init__(self, w: Worker, root: str) -> None:
-        data = read_split(root, w.cfg.data.val_split)
+        data = read_split(root, w.cfg.data.val_split, max_words=w.cfg.data.max_words)
         if w.cfg.data.val_max_images:
             data = data.head(w.cfg.data.val_max_images)
         self.data = data

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.cli import Case, assert_user_error, last_line, run_job, snapshot
-from tests.helpers import make_precomp
+from tests.helpers import damage_row, make_precomp, mounted_tmpfs
 
 SYN = ["--train", "8", "--dev", "4", "--test", "0", "--regions", "4", "--feature-dim", "6"]
 
@@ -130,6 +130,34 @@ def missing_column(tmp: Path) -> list[str]:
     return ["validate", str(out)]
 
 
+def damaged_set(**damage: int):
+    """``validate`` of a data set with row 2 of its train shard damaged (``damage_row``)."""
+
+    def argv(tmp: Path) -> list[str]:
+        out = existing_data_set(tmp)
+        damage_row(out, "train", 2, **damage)
+        return ["validate", str(out)]
+
+    return argv
+
+
+def full_disk(tmp: Path) -> list[str]:
+    """A small data set on the 2 MB file system at ``tmp/disk``, replaced by one too big."""
+    from shan.data.synthetic import generate_synthetic
+
+    out = tmp / "disk" / "mine"
+    generate_synthetic(str(out), images={"train": 8}, regions=4, feature_dim=6, log=lambda s: None)
+    return ["synthetic", "--out", str(out), "--overwrite", "--train", "2000", "--dev", "0",
+            "--test", "0", "--regions", "36", "--feature-dim", "256"]  # fmt: skip
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs at ``tmp_path/disk`` for the test (unmounted after it)."""
+    with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
+        yield disk
+
+
 ROWS = np.random.default_rng(0).normal(size=(12, 4, 6)).astype(np.float32)
 NAN_ROWS = ROWS.copy()
 NAN_ROWS[3, 1, 2] = np.nan
@@ -234,6 +262,16 @@ CASES = [
          ("part-00000.parquet", "not a readable Parquet")),
     Case("missing-column", "prepare_data", "a shard without its `tokens` column",
          missing_column, ("part-00000.parquet", "missing column 'tokens'")),
+    Case("caption-200000-words", "prepare_data", "`validate` of a caption of 200,000 words",
+         damaged_set(caption_words=200_000),
+         ("train/part-00000.parquet", "row 2", "caption 0 has 200,000 words", "1,000")),
+    Case("num-regions-beyond", "prepare_data", "`validate` of a row saying 10⁹ of its 4 regions",
+         damaged_set(num_regions=10**9),
+         ("train/part-00000.parquet", "row 2", "num_regions 1000000000 not in 1..4")),
+    Case("disk-full", "prepare_data",
+         "`synthetic --out` (with `--overwrite`) on a 2 MB file system it outgrows",
+         full_disk, ("cannot write the data set", "disk/mine", "no space left on device"),
+         needs=("small_disk",)),
 ]  # fmt: skip
 
 
@@ -245,14 +283,16 @@ def _truncated_npy(tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_touches_nothing(case: Case, tmp_path: Path):
+def test_bad_input_is_one_line_and_touches_nothing(case: Case, tmp_path: Path, request):
+    for fixture in case.needs:
+        request.getfixturevalue(fixture)
     args = case.argv(tmp_path)
     before = snapshot(tmp_path)
     cwd = tmp_path if "." in args else None
     r = run_job(case.job, *args, env=case.env, cwd=cwd)
     assert_user_error(r, *case.names, lines=case.lines)
     assert snapshot(tmp_path) == before  # nothing deleted, changed or added
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
 
 
 def test_a_caption_file_with_a_byte_order_mark_converts(tmp_path: Path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import Case, assert_user_error, run_job, snapshot
-from tests.helpers import save_untrained
+from tests.helpers import damage_row, save_untrained
 
 _BASE: dict[str, Path] = {}  # the tiny data set and checkpoint (the module's fixture)
 _HELD: list[int] = []  # locks a case holds while the job runs
@@ -80,6 +80,20 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _data_with(**damage: int):
+    """A copy of the data set, row 2 of its test shard damaged (``tests.helpers.damage_row``)."""
+
+    def argv(tmp: Path) -> list[str]:
+        data = tmp / "data"
+        shutil.copytree(_BASE["data"], data)
+        damage_row(data, "test", 2, **damage)
+        a = args(tmp)
+        a[a.index("--data") + 1] = str(data)
+        return a
+
+    return argv
 
 
 def opt(*extra: str):
@@ -264,6 +278,9 @@ CASES: list[Case] = [
          lambda tmp: [*args(tmp)[:3], str(tmp / "no-data"), *args(tmp)[4:]], ("no-data",)),
     Case("split-unknown", "evaluate", "`--split` the data set does not have",
          opt("--split", "nope"), ("'nope'",)),
+    Case("data-num-regions-beyond", "evaluate",
+         "a data row whose `num_regions` says 10⁹ of its 4 regions",
+         _data_with(num_regions=10**9), ("part-00000.parquet", "row 2", "num_regions 1000000000")),
     # the output location
     Case("out-foreign-files", "evaluate", "`--out` holding files that are not an evaluation's",
          _foreign_out, ("--out", "notes.txt")),

@@ -42,9 +42,19 @@ def scan_files(imgs: Path) -> None:
     (imgs / "list.txt").write_text("img0.jpg\nimg1.png\n")
 
 
+def self_links(imgs: Path) -> None:
+    """Two links of the images folder to itself (a walk that follows them never ends)."""
+    (imgs / "again").symlink_to(".")
+    (imgs / "and-again").symlink_to(imgs)
+
+
 CASES = [
     Case("image-missing", "prepare_data", "a caption naming an image that is not there",
          lambda t: images(t, edit=lambda i: (i / "img2.jpg").unlink()),
+         ("captions.csv, line 6", "'img2.jpg'", "is not in")),
+    Case("images-folder-links-to-itself", "prepare_data",
+         "an images folder holding two links to itself (and a caption naming a missing image)",
+         lambda t: images(t, edit=lambda i: (self_links(i), (i / "img2.jpg").unlink())),
          ("captions.csv, line 6", "'img2.jpg'", "is not in")),
     Case("image-corrupt", "prepare_data", "an image that fails to decode",
          lambda t: images(t, edit=write("img1.png", b"\x89PNG\r\n\x1a\nbroken")),
@@ -109,3 +119,14 @@ def test_bad_input_is_one_line_and_touches_nothing(case: Case, tmp_path: Path):
     assert_user_error(r, *case.names, lines=case.lines)
     assert snapshot(tmp_path) == before  # nothing deleted, changed or added
     assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
+
+
+def test_an_images_folder_linking_to_itself_is_walked_once(tmp_path: Path):
+    args = images(tmp_path, edit=self_links)
+    r = run_job("prepare_data", *args, env={"RAY_ADDRESS": None}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from shan.data.reader import read_split
+
+    split = read_split(str(tmp_path / "out"), "train")
+    names = sorted(Path(u).name for u in split.image_uris or [])
+    assert names == ["img0.jpg", "img1.png", "img2.jpg"]  # each image once, not once a link

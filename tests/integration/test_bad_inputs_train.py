@@ -13,7 +13,7 @@ import pytest
 from shan_stack import free_port
 
 from tests.cli import Case, assert_user_error, run_job, snapshot
-from tests.helpers import TINY
+from tests.helpers import TINY, damage_row
 
 
 def tiny(*args: str):
@@ -45,6 +45,17 @@ BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\
     f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
 )
 DEEP_LIST = "model:\n  d: " + "[" * 100_000 + "]" * 100_000 + "\n"
+
+
+def num_regions_beyond(tmp: Path) -> list[str]:
+    """A data set whose train row 1 says it has 10^9 regions (of 4)."""
+    from shan.data.synthetic import generate_synthetic
+
+    data = tmp / "data"
+    generate_synthetic(str(data), images={"train": 8, "dev": 4}, regions=4, feature_dim=16,
+                       concepts=10, log=lambda s: None)  # fmt: skip
+    damage_row(data, "train", 1, num_regions=10**9)
+    return ["--config", TINY, "--data", str(data)]
 
 
 CASES: list[Case] = [
@@ -99,6 +110,9 @@ CASES: list[Case] = [
          config_file("big.yaml", "# padding\n" * 120_000), ("big.yaml", "over the limit of")),
     Case("override-alias", "train", "an override holding a YAML alias (`model.d=&a [*a]`)",
          tiny("model.d=&a [1, *a]"), ("override model.d", "alias")),
+    Case("data-num-regions-beyond", "train",
+         "a training row whose `num_regions` says 10⁹ of its 4 regions", num_regions_beyond,
+         ("train/part-00000.parquet", "row 1", "num_regions 1000000000 not in 1..4")),
 ]  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from shan.config import Config
 from shan.errors import CheckpointError
 from shan.model import SCORES, SHAN
 from shan.vocab import Vocabulary
-from tests.helpers import WORDS, random_batch, tiny_config
+from tests.helpers import WORDS, mounted_tmpfs, random_batch, tiny_config
 
 VOCAB = Vocabulary(WORDS)
 
@@ -255,3 +255,14 @@ def test_damaged_description_files(saved, tmp_path, name, content, message):
     with pytest.raises(CheckpointError, match=message) as e:
         load_model(folder)
     assert name in str(e.value)
+
+
+def test_a_full_disk_is_a_storage_error_naming_the_checkpoint(saved, tmp_path):
+    from shan.data.fs import StorageError
+
+    _, ckpt, _ = saved
+    with mounted_tmpfs(tmp_path / "small", "64k") as small:
+        folder = small / "run" / "best"
+        with pytest.raises(StorageError, match=rf"cannot write the checkpoint {folder}: no "
+                           r"space left on device \(errno 28\)"):  # fmt: skip
+            save_checkpoint(folder, ckpt)

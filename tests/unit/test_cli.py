@@ -1,8 +1,10 @@
 """The command lines' package (``shan_cli``): a user error is one ``error:`` line per problem
-and exit status 2; ``shan`` dispatches to the jobs. In this process: the jobs' subprocess runs
-are the integration tests'."""
+and exit status 2 (a MemoryError and a full disk too); ``shan`` dispatches to the jobs. In
+this process: the jobs' subprocess runs are the integration tests'."""
 
 from __future__ import annotations
+
+import errno
 
 import pytest
 
@@ -263,3 +265,31 @@ def test_mlflow_download_bars_are_off_in_a_log_only(monkeypatch, tty):
         run_job(main)
     assert e.value.code == 0
     assert seen["bar"] == (None if tty else "false")
+
+
+def test_an_unbounded_allocation_is_one_line_not_a_traceback(capsys):
+    def main():
+        raise MemoryError
+
+    with pytest.raises(SystemExit) as info:
+        run_job(main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: out of memory"]
+
+
+def test_a_full_disk_no_writer_named_is_one_line_naming_the_file(capsys):
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", "/mnt/full/out.json")
+
+    with pytest.raises(SystemExit) as info:
+        run_job(main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: cannot write /mnt/full/out.json: no space left on device (errno 28)"
+    ]
+
+    def other():
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError, match="I/O error"):  # not ours to hide: its traceback stays
+        run_job(other)

@@ -1,9 +1,11 @@
 """Local paths and ``s3://`` URLs (``shan.data.fs``): which are remote, how they are joined, and
-the local reads, writes, listings and deletions, each failure a StorageError naming the path.
+the local reads, writes, listings (never around a loop of links) and deletions, each failure
+(a full disk too) a StorageError naming the path.
 No S3 endpoint is contacted: an S3 filesystem is only built, never used."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -11,6 +13,7 @@ import pytest
 
 from shan.data import fs
 from shan.data.fs import StorageError
+from tests.helpers import mounted_tmpfs
 
 
 @pytest.mark.parametrize(
@@ -159,3 +162,67 @@ def test_write_atomic_makes_the_folder_only_when_asked(tmp_path):
     assert not gone.parent.exists()
     fs.write_atomic(str(gone), b"x", make_parents=True)
     assert gone.read_bytes() == b"x"
+
+
+def test_links_back_into_walked_folders_are_not_followed(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"a")
+    (root / "sub" / "b.jpg").write_bytes(b"b")
+    (root / "self1").symlink_to(".")
+    (root / "self2").symlink_to(root)  # two links to itself: the issue's loop
+    (root / "sub" / "up").symlink_to("..")
+    (root / "alias").symlink_to("sub")  # a second way to a folder walked: once is enough
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "c.jpg").write_bytes(b"c")
+    (outside / "back").symlink_to(root)
+    (root / "more").symlink_to(outside)  # a folder only a link leads to is walked
+    (root / "file-link.jpg").symlink_to(root / "a.jpg")
+    (root / "dangling.jpg").symlink_to(tmp_path / "gone")
+    assert fs.list_files(str(root)) == ["a.jpg", "file-link.jpg", "more/c.jpg", "sub/b.jpg"]
+
+
+def test_walk_files_of_a_missing_folder_is_empty_and_an_unreadable_one_named(tmp_path):
+    assert fs.walk_files(tmp_path / "nope") == []
+    if os.geteuid() == 0:
+        pytest.skip("root reads any folder: the unreadable case needs another user")
+    locked = tmp_path / "a" / "locked"
+    locked.mkdir(parents=True)
+    locked.chmod(0)
+    try:
+        with pytest.raises(fs.StorageError, match=f"cannot list {locked}"):
+            fs.walk_files(tmp_path / "a")
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_a_full_disk_is_recognised_directly_or_behind_another_error(code):
+    full = OSError(code, "Error writing bytes to file. Detail: [errno 28] No space left")
+    assert fs.out_of_space(full) == code
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file") from e
+    except RuntimeError as wrapped:
+        assert fs.out_of_space(wrapped) == code
+    assert fs.out_of_space(OSError(errno.EACCES, "denied")) is None
+    assert fs.out_of_space(ValueError("no space left")) is None
+
+
+def test_write_error_is_one_line_naming_where():
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left")
+    e = fs.write_error(full, "the data set /mnt/x")
+    assert isinstance(e, fs.StorageError)
+    assert str(e) == "cannot write the data set /mnt/x: no space left on device (errno 28)"
+    other = fs.write_error(OSError(errno.EACCES, "Permission denied"), "/mnt/y")
+    assert str(other) == "cannot write /mnt/y: [Errno 13] Permission denied"
+
+
+def test_write_bytes_on_a_full_disk_names_the_file(tmp_path):
+    with mounted_tmpfs(tmp_path / "small", "64k") as small:
+        target = small / "big.bin"
+        with pytest.raises(fs.StorageError, match=rf"cannot write {target}: no space left"):
+            fs.write_bytes(str(target), b"x" * 200_000)

@@ -1,5 +1,6 @@
 """Validating a data set (``shan.data.validate``): damaged or foreign shards, a missing column
-or card, and a file whose bytes differ from the card's checksum are named."""
+or card, a file whose bytes differ from the card's checksum, a caption over the format's
+limit and a row's num_regions beyond its features are named."""
 
 import pytest
 
@@ -7,7 +8,8 @@ from shan.data.format import DataError, load_card
 from shan.data.precomp import convert_precomp
 from shan.data.reader import read_split
 from shan.data.validate import validate
-from tests.helpers import make_precomp, quiet
+from shan.vocab import MAX_WORDS
+from tests.helpers import damage_row, make_precomp, quiet
 
 
 @pytest.fixture
@@ -53,3 +55,22 @@ def test_the_card_checksums_catch_a_changed_file(converted):
     vocab.write_text(vocab.read_text().replace("}", " }", 1))  # same words, other bytes
     with pytest.raises(DataError, match="vocab.json: its content differs"):
         validate(str(out))
+
+
+def test_a_caption_over_the_formats_limit_is_named(converted):
+    shard = damage_row(converted, "train", 3, caption_words=200_000)
+    with pytest.raises(DataError, match=rf"{shard}: row 3: caption 0 has 200,000 words, more "
+                       rf"than the format's {MAX_WORDS:,}"):  # fmt: skip
+        validate(str(converted))
+
+
+def test_a_caption_at_the_limit_is_valid(converted):
+    damage_row(converted, "train", 3, caption_words=MAX_WORDS)
+    with pytest.raises(DataError, match="checksum"):  # the rows pass; the bytes changed
+        validate(str(converted))
+
+
+def test_a_row_over_its_regions_is_named(converted):
+    shard = damage_row(converted, "dev", 1, num_regions=10**9)
+    with pytest.raises(DataError, match=rf"{shard}: row 1: num_regions 1000000000 not in 1..4"):
+        validate(str(converted))

@@ -71,3 +71,12 @@ def test_a_marked_png_is_still_the_same_picture():
         im.load()  # every chunk's CRC checked
         assert im.size == (3, 2) and im.info["Software"] == "shan test"
         assert im.convert("RGB").getpixel((1, 1)) == (200, 10, 10)
+
+
+def test_an_attention_picture_of_a_200000_word_caption_has_a_one_line_title():
+    """A caption of any length is cut to a one-line title (the whole caption as a title took
+    minutes of layout); pytest's timeout is the guard."""
+    words = ["<start>", *["dog"] * 80, "<end>"]
+    beta = np.full((4, len(words)), 0.25, dtype=np.float32)
+    png = pictures.plot_attention(words, beta, None, "image 7: " + "dog " * 200_000)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from types import SimpleNamespace
@@ -148,3 +149,36 @@ def test_ray_data_reports_plainly_in_a_log_and_not_at_all_beside_our_own():
     assert not ctx.enable_operator_progress_bars
     quiet_ray_data(ctx, own_progress=True)
     assert not ctx.enable_progress_bars
+
+
+def test_ray_trains_per_report_line_keeps_its_log_file_and_leaves_the_console():
+    from ray.train.v2._internal.execution import context
+
+    from shan.progress import quiet_ray_train_reports
+
+    root, logger = logging.getLogger(), logging.getLogger(context.__file__)
+    console, logfile = logging.StreamHandler(io.StringIO()), Kept()
+    saved = root.handlers[:], logger.propagate, logger.handlers[:]
+    root.handlers[:] = [console, logfile]  # as Ray Train sets a worker's root logger
+    try:
+        quiet_ray_train_reports()
+        quiet_ray_train_reports()  # idempotent
+        logger.warning("Reporting training result 1: {'train/loss': 0.5, ...} from rank 0")
+        logging.getLogger("shan.other").warning("the job's own line")
+        assert console.stream.getvalue() == "the job's own line\n"
+        messages = [r.getMessage() for r in logfile.records]
+        assert messages[0].startswith("Reporting training result 1")
+        assert messages[1:] == ["the job's own line"]
+    finally:
+        root.handlers[:], logger.propagate, logger.handlers[:] = saved
+
+
+class Kept(logging.Handler):
+    """A handler that is not a console stream (as Ray's session log file handler)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

@@ -1,9 +1,12 @@
-"""Sizing groups of Ray workers and actors, the loopback switch, and Ray failures on one line
-(no Ray started: clusters are dicts, failures are objects shaped like Ray's)."""
+"""Sizing groups of Ray workers and actors, the loopback switch, Ray failures on one line, and
+an interrupted Ray Data thread kept off the console (no Ray started: clusters are dicts,
+failures are objects shaped like Ray's)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import replace
 
 import pytest
@@ -20,6 +23,7 @@ from shan.runtime import (
     keep_ray_on_loopback,
     on_cluster,
     plan_group,
+    quiet_threads,
     size_group,
     training_request,
     worker_errors,
@@ -291,3 +295,53 @@ def test_failure_line_of_anything_else():
     e = ControllerError(cause=None)
     e.controller_failure = "not an exception"  # ignored: the error itself is described
     assert failure_line(e) == "ControllerError: controller failed"
+
+
+# -- a thread Ray Data interrupts ends in its log, not on the console ---------------------------
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _end_thread_with(error: BaseException, in_ray: bool = False) -> None:
+    """A thread ended by ``error``; ``in_ray``: its code as if in Ray's package (as Ray
+    Train's ``PlacementGroupCleanerMonitor``)."""
+    import ray
+
+    where = os.path.join(os.path.dirname(ray.__file__), "fake.py") if in_ray else __file__
+    space: dict = {"error": error}
+    exec(compile("def run():\n    raise error\n", where, "exec"), space)
+    t = threading.Thread(target=space["run"], name="ListFiles-0")
+    t.start()
+    t.join()
+
+
+def test_rays_thread_errors_go_to_its_log_file_not_the_console(monkeypatch, capfd):
+    import ray.data  # noqa: F401  (its logging set up, as in a job)
+
+    # Python's own hook (pytest's would catch the thread's error), restored after the test
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    kept = Records()
+    logging.getLogger("ray.data").addHandler(kept)
+    try:
+        quiet_threads()
+        quiet_threads()  # once is enough: not wrapped twice
+        _end_thread_with(InterruptedError())
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "InterruptedError" not in err
+        (record,) = kept.records
+        assert getattr(record, "hide", False) and "ListFiles-0" in record.getMessage()
+        assert record.exc_info and record.exc_info[0] is InterruptedError
+        _end_thread_with(RuntimeError("GCS unavailable"), in_ray=True)  # Ray's own thread
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "GCS unavailable" not in err
+        assert "ended by RuntimeError" in kept.records[-1].getMessage()
+        _end_thread_with(ValueError("a real failure"))  # anything else: printed as before
+        err = capfd.readouterr().err
+        assert "ValueError: a real failure" in err and "Traceback" in err
+    finally:
+        logging.getLogger("ray.data").removeHandler(kept)

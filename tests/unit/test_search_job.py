@@ -13,10 +13,11 @@ import torch
 
 from shan.checkpoint import load_model
 from shan.data.reader import read_split
+from shan.errors import JobError
 from shan.scoring import score_matrix
 from shan.vocab import Vocabulary
 from shan_cli import run_job
-from shan_cli.search import main
+from shan_cli.search import main, read_queries
 from tests.helpers import ROOT, save_untrained
 
 
@@ -152,3 +153,25 @@ def test_a_picture_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path,
     with pytest.raises(JobError, match=r"--picture .*x\.png: cannot write it"):
         job.write_picture(str(gone / "x.png"), b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     assert not gone.exists()
+
+
+def test_a_queries_file_is_read_bounded(tmp_path):
+    from shan.search.query import MAX_QUERIES, MAX_QUERY_CHARS
+
+    with pytest.raises(JobError, match=r"--queries /dev/zero: line 1 is longer than 2,000 "):
+        read_queries("/dev/zero")  # read 2,002 characters, not until memory runs out
+    long = tmp_path / "long.txt"
+    long.write_text("a dog\n" + "b" * (MAX_QUERY_CHARS + 1) + "\n")
+    with pytest.raises(JobError, match=rf"{long}: line 2 is longer than 2,000 characters"):
+        read_queries(str(long))
+    edge = tmp_path / "edge.txt"
+    edge.write_text("c" * MAX_QUERY_CHARS + "\r\n\n  a dog  \n")
+    assert read_queries(str(edge)) == ["c" * MAX_QUERY_CHARS, "a dog"]
+    many = tmp_path / "many.txt"
+    many.write_text("a dog\n" * (MAX_QUERIES + 1))
+    with pytest.raises(JobError, match=rf"{many} holds more than 1,000 sentences"):
+        read_queries(str(many))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n" * (MAX_QUERIES * 10 + 1))
+    with pytest.raises(JobError, match=rf"{blank} has more than 10,000 lines"):
+        read_queries(str(blank))

@@ -1,6 +1,7 @@
 """Search queries (``shan.search.query``): a query's scores are its caption's column of the
-library's full similarity matrix, the ranking is by the total with ties in split order, and an
-empty sentence or one of only unknown words is refused."""
+library's full similarity matrix, the ranking is by the total with ties in split order; an
+empty sentence, one of punctuation only or only unknown words, one too long and too many
+queries are refused, in errors of bounded length."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 
 from shan.errors import JobError
 from shan.scoring import encode_images, score_matrix
-from shan.search.query import parse_query, score_queries, top_matches
+from shan.search.query import (
+    MAX_QUERIES,
+    MAX_QUERY_CHARS,
+    MAX_QUERY_WORDS,
+    check_count,
+    format_matches,
+    parse_query,
+    score_queries,
+    top_matches,
+)
 from shan.vocab import Vocabulary
 from tests.helpers import WORDS, tiny_model
 
@@ -59,3 +69,48 @@ def test_parse_query_refuses_empty_and_all_unknown_sentences():
         parse_query(vocab, "   ", n=2)
     with pytest.raises(JobError, match=r"query 3 .*unknown: zebra, okapi\)$"):
         parse_query(vocab, "Zebra okapi zebra", n=3)
+
+
+def test_a_query_is_bounded_in_characters_and_words():
+    vocab = Vocabulary(WORDS)
+    parse_query(vocab, "a" + " dog" * (MAX_QUERY_WORDS - 1))  # at the limit
+    with pytest.raises(JobError, match=rf"query 4 \('a dog .*\.\.\. \(801 characters\)\) has "
+                       rf"{MAX_QUERY_WORDS + 1} words; at most {MAX_QUERY_WORDS}"):  # fmt: skip
+        parse_query(vocab, "a" + " dog" * MAX_QUERY_WORDS, n=4)
+    text = "zq " * 40_000  # 120,000 characters of unknown words
+    with pytest.raises(JobError) as info:
+        parse_query(vocab, text, n=1)
+    message = str(info.value)
+    assert message == (f"query 1 ({text[:60]!r}... (120,000 characters)) has 120,000 "
+                       f"characters; at most {MAX_QUERY_CHARS:,} are accepted")  # fmt: skip
+
+
+def test_a_query_of_punctuation_only_is_refused():
+    vocab = Vocabulary([*WORDS, ".", ","])
+    with pytest.raises(JobError, match=r"query 2 is empty: '\. , \.' has no word, only punct"):
+        parse_query(vocab, ". , .", n=2)
+    assert parse_query(vocab, "a dog .").tokens == vocab.encode("a dog .")
+
+
+def test_an_error_about_unknown_words_names_ten_and_counts_the_rest():
+    vocab = Vocabulary(WORDS)
+    words = [f"zq{i}" for i in range(150)]
+    with pytest.raises(JobError) as info:
+        parse_query(vocab, " ".join(words), n=1)
+    message = str(info.value)
+    assert message.endswith(f"(unknown: {', '.join(words[:10])} and 140 more)")
+    assert len(message) < 300
+
+
+def test_the_number_of_queries_is_bounded():
+    check_count(MAX_QUERIES)
+    with pytest.raises(JobError, match="no query"):
+        check_count(0)
+    with pytest.raises(JobError, match=f"1,001 queries: a search takes at most {MAX_QUERIES:,}"):
+        check_count(MAX_QUERIES + 1)
+
+
+def test_the_table_of_a_query_lists_few_unknown_words():
+    vocab = Vocabulary(WORDS)
+    q = parse_query(vocab, "a " + " ".join(f"zq{i}" for i in range(30)))
+    assert format_matches(q, []).splitlines()[0].endswith("zq9 and 20 more)")

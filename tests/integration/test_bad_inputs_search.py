@@ -1,0 +1,94 @@
+"""Bad inputs of ``jobs/search.py``, through the real command line: exit 2, one ``error:`` line
+of bounded length naming the query, file or value, no traceback, no results, and nothing
+written (no index cached). The data set is a tiny synthetic one and the model an untrained
+tiny checkpoint; every case fails before an image is encoded."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.helpers import damage_row, save_untrained
+
+_BASE: dict[str, Path] = {}  # the tiny data set and checkpoint (the module's fixture)
+LONGEST_LINE = 400  # characters: an error line never carries a whole query or word list
+
+
+@pytest.fixture(scope="module", autouse=True)
+def base(tmp_path_factory):
+    from shan.data.format import load_vocab
+    from shan.data.synthetic import generate_synthetic
+
+    d = tmp_path_factory.mktemp("bad-search")
+    data = d / "data"
+    generate_synthetic(
+        str(data), images={"test": 6}, regions=4, feature_dim=16, concepts=10, log=lambda s: None
+    )
+    _BASE.update(data=data, ckpt=save_untrained(d / "ckpt", load_vocab(str(data))))
+    yield _BASE
+    _BASE.clear()
+
+
+def args(tmp: Path, *extra: str, data: Path | None = None) -> list[str]:
+    model, root = str(_BASE["ckpt"]), str(data or _BASE["data"])
+    return ["--model", model, "--data", root, "--cache", str(tmp / "cache"), *extra]
+
+
+def query(text: str):
+    return lambda tmp: args(tmp, text)
+
+
+def queries(lines: list[str] | None = None, path: str | None = None):
+    """``--queries`` a file of ``lines`` (or the file ``path``)."""
+
+    def argv(tmp: Path) -> list[str]:
+        file = path or str(tmp / "q.txt")
+        if lines is not None:
+            Path(file).write_text("\n".join(lines) + "\n")
+        return args(tmp, "--queries", file)
+
+    return argv
+
+
+def regions_beyond(tmp: Path) -> list[str]:
+    data = tmp / "data"
+    shutil.copytree(_BASE["data"], data)
+    damage_row(data, "test", 2, num_regions=10**9)
+    return args(tmp, "a red thing", data=data)
+
+
+UNKNOWN = " ".join(f"zq{i}" for i in range(150))
+
+CASES: list[Case] = [
+    Case("query-100000-characters", "search", "a query of 100,000 characters of unknown words",
+         query("zq " * 33_334), ("query 1", "100,002 characters", "at most 2,000")),
+    Case("query-too-many-words", "search", "a query of 300 words",
+         query("a " * 300), ("query 1", "300 words", "at most 200")),
+    Case("query-punctuation-only", "search", "a query of punctuation only (`. , .`)",
+         query(". , ."), ("query 1", "'. , .'", "only punctuation")),
+    Case("query-150-unknown-words", "search", "a query of 150 words the model does not know",
+         query(UNKNOWN), ("none of its words", "zq0, zq1", "and 140 more")),
+    Case("queries-dev-zero", "search", "`--queries /dev/zero`",
+         queries(path="/dev/zero"), ("--queries /dev/zero", "line 1 is longer than 2,000")),
+    Case("queries-long-line", "search", "`--queries` with a line of 5,000 characters",
+         queries(["a dog", "a cat", "x" * 5000]), ("q.txt", "line 3 is longer than 2,000")),
+    Case("queries-too-many", "search", "`--queries` with 1,001 sentences",
+         queries(["a dog"] * 1001), ("q.txt", "more than 1,000 sentences")),
+    Case("data-num-regions-beyond", "search",
+         "a data row whose `num_regions` says 10⁹ of its 4 regions", regions_beyond,
+         ("test/part-00000.parquet", "row 2", "num_regions 1000000000 not in 1..4")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_search_input(case: Case, tmp_path: Path):
+    argv = case.argv(tmp_path)
+    before = snapshot(tmp_path)
+    r = run_job(case.job, *argv, env=case.env, timeout=120)
+    assert_user_error(r, *case.names, lines=case.lines)
+    assert r.stdout == ""  # no results
+    assert max(len(line) for line in r.stderr.splitlines()) <= LONGEST_LINE, r.stderr[:1000]
+    assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()
