@@ -1,9 +1,10 @@
 """README command 1 timed as a new user meets it: ``python jobs/train.py`` in a fresh temporary
 working directory (a fresh ``SHAN_DEMO_DATA``, the local MLflow store ``./mlflow.db``, no
-``MLFLOW_TRACKING_URI``, a local Ray), its output time-stamped line by line, then the phases
-parsed from that output: start-up, data generation, MLflow set-up, Ray start-up, Ray Train
-start-up, each epoch's steps and validation, the end (best model logged, recall table) and the
-exit. Prints the phases, the total wall time and the final dev rsum.
+``MLFLOW_TRACKING_URI``, a local Ray, Ray Train's storage in that folder), its output
+time-stamped line by line, then the phases parsed from that output: start-up, data generation,
+MLflow set-up, Ray start-up, Ray Train start-up, each epoch's steps and validation, the end
+(best model logged, recall table) and the exit. Prints the phases, the total wall time and the
+final dev rsum.
 
     python benchmarks/demo.py [--keep] [--log FILE] [key=value ...]
 
@@ -40,7 +41,9 @@ def run_demo(work: Path, overrides: list[str]) -> tuple[list[tuple[float, str]],
     env["SHAN_DEMO_DATA"] = str(work / "demo")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "cluster")])
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), *overrides]
+    # Ray Train's storage in the folder too (else ~/ray_results), so that nothing is left
+    storage = f"tracking.storage_path={work / 'ray_results'}"
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), storage, *overrides]
     lines: list[tuple[float, str]] = []
     t0 = time.perf_counter()
     with subprocess.Popen(
