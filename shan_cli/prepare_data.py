@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from shan.data.format import DTYPES
 from shan.data.precomp import convert_precomp
-from shan.data.synthetic import generate_synthetic
+from shan.data.synthetic import DEMO_IMAGES, generate_synthetic
 from shan.data.validate import format_summary, validate
 from shan.extract import ON_BAD, convert_images
 from shan.features import ARCHS, EXTRACTORS
@@ -63,9 +63,8 @@ def parser() -> argparse.ArgumentParser:
     images_parser(sub)
     g = subcommand(sub, "synthetic", "generate a synthetic data set")
     g.add_argument("--out", required=True, help="destination folder or s3:// URL")
-    g.add_argument("--train", type=at_least(0), default=4000, help="train images")
-    g.add_argument("--dev", type=at_least(0), default=500, help="dev images")
-    g.add_argument("--test", type=at_least(0), default=1000, help="test images")
+    for split, n in DEMO_IMAGES.items():  # the demo data set's sizes
+        g.add_argument(f"--{split}", type=at_least(0), default=n, help=f"{split} images")
     g.add_argument("--regions", type=at_least(1), default=16, help="regions per image")
     g.add_argument("--feature-dim", type=at_least(1), default=64, help="region feature size")
     g.add_argument("--concepts", type=at_least(5), default=120, help="made-up nouns (5..2000)")

@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from shan.train.driver import run_training
 
     result = run_training(cfg, data=args.data, register=args.register)
-    print(
-        f"\nDev recall of the best epoch ({result.best_metrics['epoch']}), run {result.run_name}:"
-    )
+    epoch = result.best_metrics["epoch"]
+    print(f"\nDev recall of the best epoch ({epoch}){result.scope}, run {result.run_name}:")
     print(result.table)
     print(f"\nbest checkpoint: {result.best_checkpoint}")
     print(f"MLflow run {result.mlflow_run_id} at {redact(result.mlflow_uri)}")

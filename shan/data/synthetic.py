@@ -112,6 +112,10 @@ class SyntheticWorld:
 
 MAX_CONCEPTS = 2000  # distinct made-up nouns the syllables give comfortably
 
+# images per split of the demo data set (``shan data synthetic``'s defaults too); the train
+# split is sized with the ``demo`` config so that the whole demo runs in minutes on 2 cores
+DEMO_IMAGES = {"train": 4000, "dev": 500, "test": 1000}
+
 
 def check_sizes(
     images: dict[str, int],
@@ -151,9 +155,9 @@ def generate_synthetic(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> DatasetCard:
-    """Write a synthetic data set with ``images`` per split (default train 4000, dev 500,
-    test 1000) to ``dest``."""
-    images = {"train": 4000, "dev": 500, "test": 1000} if images is None else images
+    """Write a synthetic data set with ``images`` per split (default :data:`DEMO_IMAGES`) to
+    ``dest``."""
+    images = dict(DEMO_IMAGES) if images is None else images
     check_sizes(
         images,
         regions=regions,

@@ -43,19 +43,22 @@ def set_note(c: MlflowClient, run_id: str, text: str) -> bool:
     return True
 
 
-def training_note(run_name: str, epoch: object, table: str) -> str:
-    """Markdown: the dev recall table (:func:`shan.metrics.format_table`) of the best epoch."""
+def training_note(run_name: str, epoch: object, table: str, scope: str = "") -> str:
+    """Markdown: the dev recall table (:func:`shan.metrics.format_table`) of the best epoch;
+    ``scope``: what it covers when not the whole split (`` on the first 250 dev images ...``)."""
     return (
-        f"### Dev recall of the best epoch ({epoch})\n\n"
+        f"### Dev recall of the best epoch ({epoch}){scope}\n\n"
         f"Run `{run_name}`; recalls in percent. The checkpoint is the run's logged model "
         f"`model` (an MLflow pyfunc model).\n\n{table}\n"
     )
 
 
-def describe_training(c: MlflowClient, run_id: str, run_name: str, best: dict, table: str) -> None:
+def describe_training(
+    c: MlflowClient, run_id: str, run_name: str, best: dict, table: str, *, scope: str = ""
+) -> None:
     """The best epoch's recall table (``best``: its metrics, with ``epoch``) as the run's
     description."""
-    set_note(c, run_id, training_note(run_name, best.get("epoch"), table))
+    set_note(c, run_id, training_note(run_name, best.get("epoch"), table, scope))
 
 
 def model_links(c: MlflowClient, model: ModelRef) -> list[str]:

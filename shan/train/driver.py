@@ -51,6 +51,7 @@ class TrainingResult:
     best_checkpoint: str
     best_metrics: dict[str, float]
     table: str
+    scope: str = ""  # what the dev recall covers when not the whole split (dev_scope)
 
 
 @dataclass(kw_only=True)
@@ -79,6 +80,14 @@ def ensure_demo_data(log: Callable[[str], None] = print) -> str:
     else:
         log(f"demo data set: {root}")
     return str(root)
+
+
+def dev_scope(cfg: Config) -> str:
+    """`` on the first N dev images (data.val_max_images)`` when validation scores only the
+    first ``data.val_max_images`` images of the split, else ``""``: said wherever the dev recall
+    is shown."""
+    n = cfg.data.val_max_images
+    return f" on the first {n} {cfg.data.val_split} images (data.val_max_images)" if n else ""
 
 
 def new_run_name(cfg: Config, taken: Callable[[str], bool] = lambda name: False) -> str:
@@ -325,6 +334,7 @@ def _log_outcome(
     uri, run_id, run_name = fit.uri, fit.run_id, str(cfg.tracking.run_name)
     best_ckpt, best_metrics = _best(result)
     table = format_table(unflat_metrics(best_metrics))
+    scope = dev_scope(cfg)
     c = runs.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = best_ckpt.to_directory(str(Path(tmp) / "checkpoint"))
@@ -333,18 +343,19 @@ def _log_outcome(
         for name in ("config.yaml", "vocab.json"):
             c.log_artifact(run_id, str(Path(local) / name))
         (Path(tmp) / "recall.md").write_text(
-            f"# {run_name}: dev recall of the best epoch ({best_metrics['epoch']})\n\n{table}\n"
+            f"# {run_name}: dev recall of the best epoch ({best_metrics['epoch']}){scope}\n\n"
+            f"{table}\n"
         )
         (Path(tmp) / "best_metrics.json").write_text(json.dumps(best_metrics, indent=2))
         c.log_artifact(run_id, str(Path(tmp) / "recall.md"))
         c.log_artifact(run_id, str(Path(tmp) / "best_metrics.json"))
         c.set_tag(run_id, "shan.best_epoch", str(best_metrics["epoch"]))
-        notes.describe_training(c, run_id, run_name, best_metrics, table)
+        notes.describe_training(c, run_id, run_name, best_metrics, table, scope=scope)
         c.log_metric(run_id, "best/val_rsum", best_metrics["val/rsum"])
     if register:
         version = pyfunc.register(uri, model_uri, register, run_id)
         log(f"registered {register} version {version} ({model_uri})")
-    return TrainingResult(run_name, run_id, uri, saved, best_metrics, table)
+    return TrainingResult(run_name, run_id, uri, saved, best_metrics, table, scope)
 
 
 def _keep_local_copy(local: str, run_name: str, log: Callable[[str], None] = print) -> str:

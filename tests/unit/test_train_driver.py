@@ -22,6 +22,16 @@ from shan.errors import JobError
 from shan.train import driver
 
 
+def test_a_dev_recall_on_part_of_the_split_says_so():
+    from shan.tracking.notes import training_note
+
+    assert driver.dev_scope(load_config(None, [])) == ""
+    scope = driver.dev_scope(load_config(None, ["data.val_max_images=250"]))
+    assert scope == " on the first 250 dev images (data.val_max_images)"
+    assert driver.dev_scope(load_config("demo")) == scope  # the demo validates on half of dev
+    assert "best epoch (2) on the first 250 dev images" in training_note("r", 2, "|t|", scope)
+
+
 def test_generated_names_are_new_and_valid():
     cfg = load_config(None, ["name=demo"])
     names = {driver.new_run_name(cfg) for _ in range(2000)}
