@@ -39,6 +39,8 @@ def make_checkpoint(root: str, folder: Path, steps: int, seed: int = 0) -> Path:
         warnings.simplefilter("ignore")
         model = SHAN(cfg.model, len(vocab))
     if steps:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny steps: a second thread waiting for a busy core costs
         data = read_split(root, "train")
         rows = [
             {
@@ -63,6 +65,7 @@ def make_checkpoint(root: str, folder: Path, steps: int, seed: int = 0) -> Path:
                 done += 1
                 if done == steps:
                     break
+        torch.set_num_threads(threads)
     save_checkpoint(
         folder, Checkpoint(weights=model.state_dict(), config=cfg, vocab=vocab, step=steps)
     )
