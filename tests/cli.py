@@ -1,21 +1,30 @@
 """Running the jobs through their real command line, and the bad-input case list.
 
 Every bad input the project promises to catch is a :class:`Case` in a ``CASES`` list of a
-``tests/integration/test_bad_inputs_*.py`` module; the tests run each one as a user would (a
-subprocess of ``jobs/*.py``, the shims of ``shan_cli``) and ``tests/reliability.py`` turns the
-lists into the reliability table of docs/reliability.md.
+``tests/integration/test_bad_inputs_*.py`` module; ``tests/reliability.py`` turns the lists into
+the reliability table of docs/reliability.md. The tests run each case as a user would: through
+the job's ``main`` in this process (:func:`run_main`: the same exit status and ``error:`` lines
+as the shim, seconds faster), or, for the cases marked ``subprocess``, as a subprocess of
+``jobs/*.py`` (:func:`run_job`: the real shim, console and Ray).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import io
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_LINE = re.compile(r"^(\S+( \S+)?: )?error: ")
@@ -65,6 +74,95 @@ def run_job(
     return Result(r.returncode, r.stdout, r.stderr)
 
 
+class RayStarted(BaseException):
+    """A job run by :func:`run_main` reached for Ray (a BaseException: no handler of the job's
+    turns it into something else)."""
+
+
+@contextlib.contextmanager
+def no_ray() -> Iterator[None]:
+    """Ray unavailable in the block: ``ray.init`` (Ray's own and its automatic start) raises
+    :class:`RayStarted`, and a connection this process already has is hidden."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RayStarted("the job started Ray")
+
+    saved = ray.init, ray.is_initialized
+    ray.init, ray.is_initialized = refuse, lambda: False
+    try:
+        yield
+    finally:
+        ray.init, ray.is_initialized = saved
+
+
+@contextlib.contextmanager
+def process_state(job: str, args: tuple[str, ...], env: dict, cwd: Path | None) -> Iterator[None]:
+    """This process as ``python jobs/<job>.py ARGS`` would start, for the block: ``sys.argv``
+    (argparse's ``prog``), the environment with ``env`` applied (None: removed), the working
+    directory; all of it, warning filters and torch's thread count as they were after."""
+    saved_argv, saved_env, saved_cwd = sys.argv[:], dict(os.environ), os.getcwd()
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    sys.argv = [str(ROOT / "jobs" / f"{job}.py"), *args]
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        os.chdir(cwd or ROOT)
+        with warnings.catch_warnings():
+            yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        if torch and threads:
+            torch.set_num_threads(threads)
+
+
+def run_main(job: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> Result:
+    """``python jobs/<job>.py ARGS`` in this process: the job's ``main`` under
+    ``shan_cli.exit_status``, the shim's exit path, its stdout and stderr captured. ``env`` and
+    ``cwd`` as :func:`run_job` takes them, undone after. A traceback is exit 1 with the
+    traceback on stderr, as Python gives it; a job that reaches for Ray fails the test (such a
+    case runs as a subprocess: ``Case(subprocess=True)``)."""
+    from shan_cli import exit_status
+
+    main = importlib.import_module(f"shan_cli.{job}").main
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        process_state(job, args, env or {}, cwd),
+        no_ray(),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            code = exit_status(lambda: main(list(args)))
+        except SystemExit as e:  # argparse's exit, or sys.exit
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except RayStarted:
+            pytest.fail(f"jobs/{job}.py {' '.join(args)} started Ray: run it as a subprocess"
+                        f"\n--- stdout ---\n{out.getvalue()[-3000:]}"
+                        f"\n--- stderr ---\n{err.getvalue()[-3000:]}")  # fmt: skip
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return Result(int(code), out.getvalue(), err.getvalue())
+
+
+def run_case(case: Case, *args: str, env: dict | None = None, cwd: Path | None = None,
+             timeout: float = 300) -> Result:  # fmt: skip
+    """A bad-input case's job: in this process, or as a subprocess for a ``subprocess`` case."""
+    if case.subprocess:
+        return run_job(case.job, *args, env=env, cwd=cwd, timeout=timeout)
+    return run_main(case.job, *args, env=env, cwd=cwd)
+
+
 def assert_user_error(r: Result, *fragments: str, lines: int = 1) -> None:
     """Exit 2, no traceback, exactly ``lines`` ``error: ...`` lines, which together contain every
     fragment (the file, key or value at fault)."""
@@ -95,7 +193,9 @@ class Case:
     """One bad input, tried through the real command line.
 
     ``argv(tmp)`` makes whatever files the case needs under ``tmp`` and returns the job's
-    arguments; the error line must contain every string of ``names``."""
+    arguments; the error line must contain every string of ``names``. ``subprocess``: run it
+    as ``python jobs/<job>.py`` (a case that starts Ray, or one that keeps the shim tested);
+    the others run through the job's ``main`` in the test process (:func:`run_case`)."""
 
     id: str
     job: str  # prepare_data, train, evaluate or search
@@ -105,3 +205,4 @@ class Case:
     lines: int = 1
     env: dict = field(default_factory=dict)
     needs: tuple[str, ...] = ()  # fixtures the case needs, e.g. ("s3",)
+    subprocess: bool = False

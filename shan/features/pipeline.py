@@ -67,12 +67,15 @@ def plan_resources(
 def run_local(
     items: list[dict[str, Any]], spec: ExtractorSpec, batch_size: int, min_side: int
 ) -> Iterator[dict[str, Any]]:
-    """The same steps in this process, without Ray (small sets, trials, tests)."""
-    actor = ExtractActor(spec)
+    """The same steps in this process, without Ray (small sets, trials, tests); the extractor
+    is built once the first batch has decoded (a bad image stops the job before that)."""
+    actor = None
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = {"index": [r["index"] for r in chunk], "uri": [r["uri"] for r in chunk]}
-        yield actor(decode_batch(batch, spec.size, spec.letterbox, min_side))
+        decoded = decode_batch(batch, spec.size, spec.letterbox, min_side)
+        actor = actor or ExtractActor(spec)
+        yield actor(decoded)
 
 
 def run_ray(

@@ -1,6 +1,7 @@
 """Bad inputs of ``jobs/prepare_data.py``, through the real command line: exit 2, one line
 naming the file, option or value, no traceback, the user's files untouched and nothing that
-looks like a finished data set left behind."""
+looks like a finished data set left behind. The cases run through the job's ``main`` in the
+test process, two as subprocesses of ``jobs/prepare_data.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import Case, assert_user_error, last_line, run_job, snapshot
+from tests.cli import Case, assert_user_error, last_line, run_case, run_main, snapshot
 from tests.helpers import damage_row, make_precomp, mounted_tmpfs
 
 SYN = ["--train", "8", "--dev", "4", "--test", "0", "--regions", "4", "--feature-dim", "6"]
@@ -206,7 +207,8 @@ CASES = [
          with_file("train_caps.txt", b"a dog\n\n" + b"a cat\n" * 58), ("train_caps.txt",
          "line 2", "empty caption")),
     Case("nan-features", "prepare_data", "NaN in the region features",
-         with_file("train_ims.npy", NAN_ROWS), ("train_ims.npy", "row 3", "NaN")),
+         with_file("train_ims.npy", NAN_ROWS), ("train_ims.npy", "row 3", "NaN"),
+         subprocess=True),
     Case("features-wrong-shape", "prepare_data", "features of the wrong shape (2-d)",
          with_file("train_ims.npy", ROWS[:, 0]), ("train_ims.npy", "(images, regions, dim)")),
     Case("features-pickled", "prepare_data", "a `.npy` holding pickled objects",
@@ -235,7 +237,8 @@ CASES = [
     Case("card-not-utf8", "prepare_data", "a card (`dataset.json`) that is not UTF-8",
          card_edit(lambda c: b'{"name": "caf\xe9"}'), ("dataset.json", "UTF-8")),
     Case("card-not-json", "prepare_data", "a card that is not JSON",
-         card_edit(lambda c: b"name: demo\n"), ("dataset.json", "not a valid dataset card")),
+         card_edit(lambda c: b"name: demo\n"), ("dataset.json", "not a valid dataset card"),
+         subprocess=True),
     Case("card-absolute-path", "prepare_data", "a card naming a file by an absolute path",
          card_edit(lambda c: moved_files(c, lambda f: "/etc/" + f)),
          ("dataset.json", "leaves the data set")),
@@ -289,7 +292,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case: Case, tmp_path: Path, r
     args = case.argv(tmp_path)
     before = snapshot(tmp_path)
     cwd = tmp_path if "." in args else None
-    r = run_job(case.job, *args, env=case.env, cwd=cwd)
+    r = run_case(case, *args, env=case.env, cwd=cwd)
     assert_user_error(r, *case.names, lines=case.lines)
     assert snapshot(tmp_path) == before  # nothing deleted, changed or added
     assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
@@ -301,7 +304,7 @@ def test_a_caption_file_with_a_byte_order_mark_converts(tmp_path: Path):
     src = make_precomp(tmp_path / "src")
     caps = (src / "train_caps.txt").read_text()
     (src / "train_caps.txt").write_bytes("\ufeff".encode() + caps.encode())
-    r = run_job("prepare_data", *precomp(tmp_path))
+    r = run_main("prepare_data", *precomp(tmp_path))
     assert r.returncode == 0, r.stderr
     assert read_split(str(tmp_path / "out"), "train").captions == caps.split("\n")
 
@@ -317,7 +320,7 @@ def test_a_pickled_checkpoint_of_features_is_never_unpickled(tmp_path: Path):
 
     np.save(src / "train_ims.npy", np.array([Boom()], dtype=object), allow_pickle=True)
     assert pickle.dumps(Boom())  # a real payload
-    r = run_job("prepare_data", *precomp(tmp_path))
+    r = run_main("prepare_data", *precomp(tmp_path))
     assert_user_error(r, "train_ims.npy")
     assert not flag.exists()
 
@@ -325,7 +328,7 @@ def test_a_pickled_checkpoint_of_features_is_never_unpickled(tmp_path: Path):
 def test_a_missing_caption_file_is_the_last_line_and_writes_nothing(tmp_path: Path):
     src = make_precomp(tmp_path / "src")
     (src / "dev_caps.txt").unlink()
-    r = run_job("prepare_data", "precomp", str(src), "--out", str(tmp_path / "out"))
+    r = run_main("prepare_data", "precomp", str(src), "--out", str(tmp_path / "out"))
     assert r.returncode == 2
     assert last_line(r.stderr).startswith("error: caption file")
     assert "Traceback" not in r.stderr

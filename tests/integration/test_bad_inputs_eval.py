@@ -1,6 +1,7 @@
 """Every bad input of the evaluation job, run as a user would (``python jobs/evaluate.py``):
 exit 2, one ``error:`` line naming the file, option or value, no traceback, no metrics.json,
-and the output folder exactly as it was. They all fail before any Ray actor starts.
+and the output folder exactly as it was. They all fail before Ray starts: they run through the
+job's ``main`` in the test process, two as subprocesses of ``jobs/evaluate.py``.
 
 The checkpoints are a freshly initialised tiny model (no training) saved for a tiny synthetic
 data set, then damaged in one way per case."""
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.cli import Case, assert_user_error, run_case, run_job, snapshot
 from tests.helpers import damage_row, save_untrained
 
 _BASE: dict[str, Path] = {}  # the tiny data set and checkpoint (the module's fixture)
@@ -244,7 +245,8 @@ CASES: list[Case] = [
          damaged(model_pt=os.urandom(2048)), ("model.pt",)),
     Case("model-pt-crafted-pickle", "evaluate",
          "`model.pt` a pickle that runs code (refused by `weights_only`)",
-         damaged(model_pt=pickle.dumps(_Evil())), ("model.pt", "cannot be loaded")),
+         damaged(model_pt=pickle.dumps(_Evil())), ("model.pt", "cannot be loaded"),
+         subprocess=True),
     Case("model-pt-zip-not-torch", "evaluate", "`model.pt` a zip that is not a torch file",
          lambda tmp: args(tmp, ckpt(tmp, model_pt=_zip_not_torch())), ("model.pt",)),
     Case("model-pt-no-model-key", "evaluate", "`model.pt` a dict without `\"model\"`",
@@ -286,7 +288,8 @@ CASES: list[Case] = [
          _foreign_out, ("--out", "notes.txt")),
     Case("out-is-a-file", "evaluate", "`--out` a file", _out_is_file, ("--out", "is a file")),
     Case("out-locked", "evaluate", "`--out` another evaluation is writing (local lock)",
-         _locked_out, ("--out", "eval.lock", "another evaluation")),
+         _locked_out, ("--out", "eval.lock", "another evaluation"),
+         subprocess=True),  # the lock's holder is this process: the job runs in another
     Case("out-locked-s3", "evaluate", "`s3://` `--out` another evaluation is writing (lock object)",
          _locked_s3_out, ("eval.lock", "host elsewhere, pid 4242"), needs=("s3",)),
 ]  # fmt: skip
@@ -300,7 +303,7 @@ def test_bad_evaluation_input(case: Case, tmp_path, request):
     out = argv[argv.index("--out") + 1]
     existed = Path(out).exists()
     before = snapshot(tmp_path)
-    r = run_job(case.job, *argv, env=case.env, timeout=120)
+    r = run_case(case, *argv, env=case.env, timeout=120)
     assert_user_error(r, *case.names, lines=case.lines)
     assert "scoring on" not in r.stdout + r.stderr  # failed before any actor started
     # nothing written, deleted or changed: the user's files and an earlier evaluation's alike

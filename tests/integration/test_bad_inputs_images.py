@@ -1,7 +1,8 @@
 """Bad inputs of ``prepare_data.py images``, through the real command line: exit 2, one line
 naming the image, file or option, no traceback, the user's files untouched and nothing that
 looks like a finished data set left behind. Cases that need decoding run with ``--local``
-(the same decode and extract steps, in process); the Ray path is the integration test's."""
+(the same decode and extract steps, in process); the Ray path is the integration test's. The
+cases run through the job's ``main`` in the test process, one as a subprocess."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.cli import Case, assert_user_error, run_case, run_job, snapshot
 from tests.helpers import make_images
 
 FAST = ["--arch", "resnet50", "--image-size", "64", "--grid", "2", "--min-count", "1", "--local"]
@@ -58,7 +59,7 @@ CASES = [
          ("captions.csv, line 6", "'img2.jpg'", "is not in")),
     Case("image-corrupt", "prepare_data", "an image that fails to decode",
          lambda t: images(t, edit=write("img1.png", b"\x89PNG\r\n\x1a\nbroken")),
-         ("img1.png", "cannot be decoded", "--on-bad-image skip")),
+         ("img1.png", "cannot be decoded", "--on-bad-image skip"), subprocess=True),
     Case("image-empty", "prepare_data", "an empty image file",
          lambda t: images(t, edit=write("img1.png", b"")), ("img1.png", "empty file")),
     Case("image-tiny", "prepare_data", "an image smaller than `--min-side`",
@@ -115,15 +116,15 @@ def victim(tmp: Path) -> None:
 def test_bad_input_is_one_line_and_touches_nothing(case: Case, tmp_path: Path):
     args = case.argv(tmp_path)
     before = snapshot(tmp_path)
-    r = run_job(case.job, *args, env={"RAY_ADDRESS": None, **case.env})
+    r = run_case(case, *args, env={"RAY_ADDRESS": None, **case.env})
     assert_user_error(r, *case.names, lines=case.lines)
     assert snapshot(tmp_path) == before  # nothing deleted, changed or added
     assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
 
 
-def test_an_images_folder_linking_to_itself_is_walked_once(tmp_path: Path):
+def test_an_images_folder_linking_to_itself_is_walked_once(tmp_path: Path, services):
     args = images(tmp_path, edit=self_links)
-    r = run_job("prepare_data", *args, env={"RAY_ADDRESS": None}, timeout=120)
+    r = run_job("prepare_data", *args, timeout=300)  # on the session's Ray head
     assert r.returncode == 0, r.stderr[-3000:]
     from shan.data.reader import read_split
 

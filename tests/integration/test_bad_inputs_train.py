@@ -2,7 +2,9 @@
 
 Every case must be refused before Ray starts or an MLflow run is touched: the cases run with
 an MLflow address where nobody listens and no Ray address, so a check that came too late would
-show up as another error ("is unreachable"). None of them starts Ray.
+show up as another error ("is unreachable"). None of them starts Ray: they run through the
+job's ``main`` in this process (``tests.cli.run_main`` fails a case that reaches for Ray), one
+as a subprocess of ``jobs/train.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from shan_stack import free_port
 
-from tests.cli import Case, assert_user_error, run_job, snapshot
+from tests.cli import Case, assert_user_error, last_line, run_case, run_main, snapshot
 from tests.helpers import TINY, damage_row
 
 
@@ -78,7 +80,7 @@ CASES: list[Case] = [
          ("optim.batch_size", ">= 2")),
     Case("several-bad-values", "train", "`optim.lr=-1 model.d=big model.colour=red` together",
          tiny("optim.lr=-1", "model.d=big", "model.colour=red"),
-         ("optim.lr", "model.d", "'big'", "model.colour"), lines=3),
+         ("optim.lr", "model.d", "'big'", "model.colour"), lines=3, subprocess=True),
     Case("flag-workers-zero", "train", "`--workers 0`", tiny("--workers", "0"),
          ("--workers", "0")),
     Case("flag-gpus-zero", "train", "`--gpus-per-worker 0`", tiny("--gpus-per-worker", "0"),
@@ -123,8 +125,8 @@ def case_env() -> dict:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input(case: Case, tmp_path):
-    r = run_job(case.job, *case.argv(tmp_path), env={**case_env(), **case.env},
-                cwd=tmp_path, timeout=120)  # fmt: skip
+    r = run_case(case, *case.argv(tmp_path), env={**case_env(), **case.env},
+                 cwd=tmp_path, timeout=120)  # fmt: skip
     assert_user_error(r, *case.names, lines=case.lines)
     assert "unreachable" not in r.stderr and "Ray:" not in r.stdout + r.stderr
     assert not (tmp_path / "mlflow.db").exists()
@@ -136,8 +138,7 @@ def test_a_path_as_name_leaves_that_folder_alone(tmp_path):
     (victim / "a.txt").write_text("mine\n")
     (victim / "sub" / "b.bin").write_bytes(b"\x00\x01")
     before = snapshot(victim)
-    r = run_job("train", *tiny("--name", str(victim))(tmp_path), env=case_env(), cwd=tmp_path,
-                timeout=120)  # fmt: skip
+    r = run_main("train", *tiny("--name", str(victim))(tmp_path), env=case_env(), cwd=tmp_path)
     assert_user_error(r, "tracking.run_name", str(victim))
     assert snapshot(victim) == before and len(before) == 2
 
@@ -146,16 +147,27 @@ def test_a_foreign_checkpoint_folder_is_left_alone(tmp_path):
     argv = foreign_checkpoint_folder(tmp_path)
     folder = tmp_path / "checkpoints" / "keep-me"
     before = snapshot(folder)
-    r = run_job("train", *argv, env=case_env(), cwd=tmp_path, timeout=120)
+    r = run_main("train", *argv, env=case_env(), cwd=tmp_path)
     assert_user_error(r, "notes.txt")
     assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), [((), "is unreachable"), (("model.feature_dim=32",), "feature_dim=16")]
+)
+def test_a_real_data_set_meets_the_checks_before_ray(extra, message, synthetic_small, tmp_path):
+    """With a data set there: an MLflow server nobody answers, and a model that does not fit the
+    data's features, are each the job's last line, before Ray starts."""
+    r = run_main("train", "--config", TINY, "--data", synthetic_small, *extra, env=case_env(),
+                 cwd=tmp_path)  # fmt: skip
+    assert_user_error(r, message)
+    assert last_line(r.stderr).startswith("error: ") and message in last_line(r.stderr)
 
 
 @pytest.mark.parametrize("name", ["2024", "yes", "null"])
 def test_name_flag_is_always_a_name(name, tmp_path):
     """``--name 2024`` is the run "2024" (not an int, bool or a fresh run): the job goes past
     the config to the next check, the missing data set."""
-    r = run_job("train", *tiny("--name", name)(tmp_path), env=case_env(), cwd=tmp_path,
-                timeout=120)  # fmt: skip
+    r = run_main("train", *tiny("--name", name)(tmp_path), env=case_env(), cwd=tmp_path)
     assert_user_error(r, "no-data")
     assert "tracking.run_name" not in r.stderr

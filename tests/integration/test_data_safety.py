@@ -1,7 +1,8 @@
 """Writers never delete or overwrite what they did not write; an interrupted or failed write
-never spoils the data set it replaces nor looks complete: ``shan data precomp`` run as a
-subprocess of its shim (killed mid-write by its test hook). Local cases need nothing else;
-``s3://`` cases use the suite's S3 endpoint (moto's server on 127.0.0.1)."""
+never spoils the data set it replaces nor looks complete: ``shan data precomp`` run through
+its ``main`` in the test process, or as a subprocess of its shim where its test hook kills it
+mid-write. Local cases need nothing else; ``s3://`` cases use the suite's S3 endpoint (moto's
+server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import pytest
 from shan.data import destination, fs
 from shan.data.format import DataError, load_card
 from shan.data.validate import validate
-from tests.cli import assert_user_error, run_job, snapshot
+from tests.cli import assert_user_error, run_job, run_main, snapshot
 from tests.helpers import make_precomp
 
 
 def convert(src: Path, out: str, *extra: str):
-    return run_job("prepare_data", "precomp", str(src), "--out", out, "--chunk-rows", "4", *extra)
+    """``prepare_data.py precomp``: a subprocess where ``--kill-after-chunks`` kills it."""
+    run = run_job if "--kill-after-chunks" in extra else run_main
+    return run("prepare_data", "precomp", str(src), "--out", out, "--chunk-rows", "4", *extra)
 
 
 def two_sources(tmp: Path) -> tuple[Path, Path]:
@@ -123,7 +126,7 @@ def prefix(services):
 
 def test_s3_prefix_with_other_objects_is_refused_and_left_alone(prefix, tmp_path):
     put(f"{prefix}/report.pdf", b"%PDF someone's report")
-    r = run_job("prepare_data", "synthetic", "--out", prefix, "--train", "8", "--dev", "4")
+    r = run_main("prepare_data", "synthetic", "--out", prefix, "--train", "8", "--dev", "4")
     assert_user_error(r, prefix, "report.pdf")
     assert keys(prefix) == {"report.pdf"}
     assert fs.read_bytes(f"{prefix}/report.pdf") == b"%PDF someone's report"

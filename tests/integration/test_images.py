@@ -1,6 +1,6 @@
-"""``shan data images`` as a job (its shim ``jobs/prepare_data.py``): extraction on Ray (a local
-instance the job starts), one bad image skipped, the same features as the in-process conversion
-for the others."""
+"""``shan data images`` as a job (its shim ``jobs/prepare_data.py``): extraction on Ray (the
+session's head, as on a cluster), one bad image skipped, the same features as the in-process
+conversion for the others."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ from tests.helpers import make_images
 
 
 def test_the_job_extracts_on_ray_and_matches_the_in_process_result(
-    converted_images, tmp_path: Path
+    services, converted_images, tmp_path: Path
 ):
-    """Real Ray (a local instance started by the job), one image of the folder bad and
-    skipped: the same features as the in-process conversion for the others."""
+    """Real Ray (the session's head: ``RAY_ADDRESS``; a job starting its own local instance is
+    test_train's), one image of the folder bad and skipped: the same features as the
+    in-process conversion for the others."""
     _, local_out = converted_images
     ray_imgs = make_images(tmp_path / "imgs", 6, split=lambda i: "train" if i < 4 else "test")
     (ray_imgs / "img5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "ray-data"
-    env = {"RAY_ADDRESS": None}  # a local instance of its own, token authentication on
     r = run_job("prepare_data", "images", str(ray_imgs), "--captions",
                 str(ray_imgs / "captions.csv"), "--out", str(out), "--arch", "resnet50",
                 "--image-size", "64", "--grid", "2", "--min-count", "1",
-                "--on-bad-image", "skip", "--batch-size", "2", env=env, timeout=240)  # fmt: skip
+                "--on-bad-image", "skip", "--batch-size", "2", timeout=240)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "extract images: 100% (6/6 images)" in r.stderr and "left out 1 bad image" in r.stdout
     summary = validate(str(out))
