@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 
 from shan.data.format import DTYPES
 from shan.data.precomp import convert_precomp
@@ -27,20 +26,6 @@ from shan_cli.argtypes import at_least, positive
 
 OVERWRITE = "replace the data set at --out (only a data set: its card present)"
 DTYPE = "region features stored as (default float16)"
-
-
-def kill_after(chunks: int | None) -> Callable[[int], None] | None:
-    """Test hook: SIGKILL this process once ``chunks`` chunks are written."""
-    if chunks is None:
-        return None
-    import os
-    import signal
-
-    def kill(n: int) -> None:
-        if n >= chunks:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return kill
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,7 +44,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--rows-per-file", type=at_least(1), default=2000, help="images per shard")
     c.add_argument("--min-count", type=at_least(1), default=4, help="word count for a built vocab")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE)
-    c.add_argument("--kill-after-chunks", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL
     images_parser(sub)
     g = subcommand(sub, "synthetic", "generate a synthetic data set")
     g.add_argument("--out", required=True, help="destination folder or s3:// URL")
@@ -201,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
             rows_per_file=args.rows_per_file,
             min_count=args.min_count,
             overwrite=args.overwrite,
-            on_chunk=kill_after(args.kill_after_chunks),
         )
         print(f"wrote {args.out}")
     elif args.command == "images":

@@ -61,10 +61,20 @@ def run_job(
     job: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300
 ) -> Result:
     """``python jobs/<job>.py ARGS`` in a subprocess; ``env`` is added to this process's."""
+    return _run([str(ROOT / "jobs" / f"{job}.py"), *args], env=env, cwd=cwd, timeout=timeout)
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 300) -> Result:
+    """``python -m MODULE ARGS`` in a subprocess from the repository root (a test's wrapper
+    around a job, e.g. ``tests.integration.killed_conversion``)."""
+    return _run(["-m", module, *args], env=env, cwd=ROOT, timeout=timeout)
+
+
+def _run(argv: list[str], *, env: dict | None, cwd: Path | None, timeout: float) -> Result:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     r = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / f"{job}.py"), *args],
+        [sys.executable, *argv],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,8 +1,8 @@
 """Writers never delete or overwrite what they did not write; an interrupted or failed write
 never spoils the data set it replaces nor looks complete: ``shan data precomp`` run through
-its ``main`` in the test process, or as a subprocess of its shim where its test hook kills it
-mid-write. Local cases need nothing else; ``s3://`` cases use the suite's S3 endpoint (moto's
-server on 127.0.0.1)."""
+its ``main`` in the test process, or as a subprocess that is SIGKILLed mid-write
+(``tests/integration/killed_conversion.py``). Local cases need nothing else; ``s3://`` cases
+use the suite's S3 endpoint (moto's server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,17 @@ import pytest
 from shan.data import destination, fs
 from shan.data.format import DataError, load_card
 from shan.data.validate import validate
-from tests.cli import assert_user_error, run_job, run_main, snapshot
+from tests.cli import assert_user_error, run_main, run_module, snapshot
 from tests.helpers import make_precomp
 
 
-def convert(src: Path, out: str, *extra: str):
-    """``prepare_data.py precomp``: a subprocess where ``--kill-after-chunks`` kills it."""
-    run = run_job if "--kill-after-chunks" in extra else run_main
-    return run("prepare_data", "precomp", str(src), "--out", out, "--chunk-rows", "4", *extra)
+def convert(src: Path, out: str, *extra: str, killed_after: int | None = None):
+    """``shan data precomp`` through its ``main``; with ``killed_after``, a subprocess that is
+    SIGKILLed after that many chunks (``tests/integration/killed_conversion.py``)."""
+    args = ("precomp", str(src), "--out", out, "--chunk-rows", "4", *extra)
+    if killed_after is None:
+        return run_main("prepare_data", *args)
+    return run_module("tests.integration.killed_conversion", str(killed_after), *args)
 
 
 def two_sources(tmp: Path) -> tuple[Path, Path]:
@@ -57,7 +60,7 @@ def test_a_killed_overwrite_leaves_the_previous_data_set_valid(tmp_path):
     out = tmp_path / "out"
     assert convert(a, str(out)).returncode == 0
     before, summary = snapshot(out), validate(str(out))
-    r = convert(b, str(out), "--overwrite", "--kill-after-chunks", "2")
+    r = convert(b, str(out), "--overwrite", killed_after=2)
     assert r.returncode == -9, r.stderr  # SIGKILL mid-write
     assert snapshot(out) == before and validate(str(out)) == summary
     stages = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -72,7 +75,7 @@ def test_a_killed_overwrite_leaves_the_previous_data_set_valid(tmp_path):
 
 def test_a_killed_first_write_leaves_nothing_at_out(tmp_path):
     a, _ = two_sources(tmp_path)
-    r = convert(a, str(tmp_path / "out"), "--kill-after-chunks", "1")
+    r = convert(a, str(tmp_path / "out"), killed_after=1)
     assert r.returncode == -9
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="does not exist"):
@@ -163,7 +166,7 @@ def test_s3_killed_overwrite_leaves_the_old_data_set_valid_and_says_so_next_time
     a, b = two_sources(tmp_path)
     assert convert(a, prefix).returncode == 0
     summary = validate(prefix)
-    r = convert(b, prefix, "--overwrite", "--kill-after-chunks", "2", "--rows-per-file", "4")
+    r = convert(b, prefix, "--overwrite", "--rows-per-file", "4", killed_after=2)
     assert r.returncode == -9
     assert validate(prefix) == summary  # still the old one, complete
     left = {k.split("/")[0] for k in keys(prefix)} - {"dataset.json"}
