@@ -48,6 +48,20 @@ def save_untrained(folder: Path, vocab, config: str = TINY, seed: int = 0) -> Pa
     return save_checkpoint(folder, Checkpoint(weights=model.state_dict(), config=cfg, vocab=vocab))
 
 
+def untrained_on_synthetic(folder: Path, test_images: int) -> dict[str, Path]:
+    """``{"data": ..., "ckpt": ...}``: a tiny synthetic data set of ``test_images`` test images
+    under ``folder`` and a freshly initialised tiny checkpoint for its vocabulary."""
+    from shan.data.format import load_vocab
+    from shan.data.synthetic import generate_synthetic
+
+    data = folder / "data"
+    generate_synthetic(
+        str(data), images={"test": test_images}, regions=4, feature_dim=16, concepts=10,
+        log=lambda s: None,
+    )  # fmt: skip
+    return {"data": data, "ckpt": save_untrained(folder / "ckpt", load_vocab(str(data)))}
+
+
 def tiny_config(**kw) -> ModelConfig:
     base = dict(feature_dim=12, d=16, word_dim=6, d_a=8)
     base.update(kw)

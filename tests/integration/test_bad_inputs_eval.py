@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import Case, assert_user_error, run_case, run_job, snapshot
-from tests.helpers import damage_row, save_untrained
+from tests.helpers import damage_row, save_untrained, untrained_on_synthetic
 
 _BASE: dict[str, Path] = {}  # the tiny data set and checkpoint (the module's fixture)
 _HELD: list[int] = []  # locks a case holds while the job runs
@@ -30,15 +30,7 @@ _HELD: list[int] = []  # locks a case holds while the job runs
 
 @pytest.fixture(scope="module", autouse=True)
 def base(tmp_path_factory):
-    from shan.data.format import load_vocab
-    from shan.data.synthetic import generate_synthetic
-
-    d = tmp_path_factory.mktemp("bad-eval")
-    data = d / "data"
-    generate_synthetic(
-        str(data), images={"test": 8}, regions=4, feature_dim=16, concepts=10, log=lambda s: None
-    )
-    _BASE.update(data=data, ckpt=save_untrained(d / "ckpt", load_vocab(str(data))))
+    _BASE.update(untrained_on_synthetic(tmp_path_factory.mktemp("bad-eval"), 8))
     yield _BASE
     _BASE.clear()
 

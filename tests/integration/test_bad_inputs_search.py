@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import Case, assert_user_error, run_job, snapshot
-from tests.helpers import damage_row, save_untrained
+from tests.helpers import damage_row, untrained_on_synthetic
 
 _BASE: dict[str, Path] = {}  # the tiny data set and checkpoint (the module's fixture)
 LONGEST_LINE = 400  # characters: an error line never carries a whole query or word list
@@ -19,15 +19,7 @@ LONGEST_LINE = 400  # characters: an error line never carries a whole query or w
 
 @pytest.fixture(scope="module", autouse=True)
 def base(tmp_path_factory):
-    from shan.data.format import load_vocab
-    from shan.data.synthetic import generate_synthetic
-
-    d = tmp_path_factory.mktemp("bad-search")
-    data = d / "data"
-    generate_synthetic(
-        str(data), images={"test": 6}, regions=4, feature_dim=16, concepts=10, log=lambda s: None
-    )
-    _BASE.update(data=data, ckpt=save_untrained(d / "ckpt", load_vocab(str(data))))
+    _BASE.update(untrained_on_synthetic(tmp_path_factory.mktemp("bad-search"), 6))
     yield _BASE
     _BASE.clear()
 
