@@ -29,8 +29,9 @@ import pyarrow.fs as pafs
 import yaml
 
 from shan.checkpoint import MODEL_FILE
+from shan.config import bounded_yaml
 from shan.data import fs
-from shan.errors import CheckpointError
+from shan.errors import CheckpointError, ConfigError
 from shan.tracking import runs
 
 if TYPE_CHECKING:
@@ -271,8 +272,6 @@ def checkpoint_in(folder: str | Path, ref: str | None = None) -> Path:
 
 def _artifact_path(mlmodel: Path) -> str | None:
     """The relative folder of the ``checkpoint`` artifact that ``MLmodel`` names."""
-    from shan.config import ConfigError, bounded_yaml
-
     try:  # bounded: an MLmodel of a folder or s3:// prefix is anyone's file
         conf = bounded_yaml(mlmodel.read_text(), str(mlmodel))
         path = conf["flavors"]["python_function"]["artifacts"][ARTIFACT]["path"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shan.data import fs
 from shan.errors import BY_NAME
 
 if TYPE_CHECKING:
@@ -124,8 +125,6 @@ class RowsLog:
 
     def _recorded(self, rows: Any, epoch: int) -> Iterator[Any]:
         import ray.util
-
-        from shan.data import fs
 
         seen: list[list[int]] = []
         for batch in rows:
