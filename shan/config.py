@@ -159,6 +159,7 @@ def _finite(value: Any) -> TypeGuard[float]:
 # Upper bounds of the model's sizes, generous for real use, checked before any work starts; and
 # of the parameters they make together (word embeddings aside: they depend on the vocabulary).
 MODEL_SIZE_MAX = {"feature_dim": 16384, "d": 16384, "word_dim": 4096, "d_a": 16384}
+FIRST_STAGE_DIM_MAX = 4096  # a first-stage vector's size (its index holds N of them)
 MODEL_PARAMETERS_MAX = 2_000_000_000  # 8 GB of float32 weights; Adam trains with about 4 times
 
 
@@ -189,6 +190,9 @@ class ModelConfig(_Section):
     w_g2l: float = _key(1.0 / 3, "(choice) G2L step weight of the total score")
     w_g2g: float = _key(1.0 / 3, "(choice) G2G step weight of the total score")
     direction: str = _key("full", "both directions, or one (the paper's variants)", DIRECTIONS)
+    first_stage_dim: int = _key(
+        0, "first-stage vector size (retrieve-then-rerank, shan index); 0: no first stage"
+    )
 
     def problems(self, prefix: str = "model.") -> list[str]:
         p = Problems(prefix)
@@ -219,6 +223,8 @@ class ModelConfig(_Section):
                 f"got {values[0]}, {values[1]}, {values[2]}"
             )
         p.one_of("direction", self.direction, DIRECTIONS)
+        p.at_least("first_stage_dim", self.first_stage_dim, 0)
+        p.at_most("first_stage_dim", self.first_stage_dim, FIRST_STAGE_DIM_MAX)
         return list(p)
 
 
@@ -234,12 +240,16 @@ class LossConfig(_Section):
     negatives_from: str = _key(
         "global", "with DDP: the whole global batch, or each worker's share", NEGATIVES_FROM
     )
+    first_stage_temperature: float = _key(
+        0.05, "softmax temperature of the first stage's contrastive loss (model.first_stage_dim)"
+    )
 
     def problems(self, prefix: str = "loss.") -> list[str]:
         p = Problems(prefix)
         p.non_negative("margin", self.margin)
         p.one_of("negatives", self.negatives, NEGATIVES)
         p.one_of("negatives_from", self.negatives_from, NEGATIVES_FROM)
+        p.positive("first_stage_temperature", self.first_stage_temperature)
         return list(p)
 
 

@@ -219,18 +219,49 @@ class BatchLoss(nn.Module):
         """features: (b, k, F), region_mask: (b,) counts or (b, k) or None, tokens: (b, n),
         lengths: (b,), image_ids: (b,): this worker's share -> scalar: the share's loss."""
         if workers() == 1 or self.loss.cfg.negatives_from == "local":
-            scores = self.model(
-                features, region_mask, tokens, lengths, block=block, checkpoint=checkpoint
-            )  # (b, b) each
-            return self.loss(scores, image_ids)
+            v, v_mask = self.model.embed_images(features, region_mask)  # (b, k, d), (b, k)
+            t, t_mask = self.model.embed_captions(tokens, lengths)  # (b, n, d), (b, n)
+            images = self.model.image_terms(v, v_mask)
+            captions = self.model.caption_terms(t, t_mask)
+            scores = self.model.score(images, captions, block=block, checkpoint=checkpoint)
+            loss = self.loss(scores, image_ids)  # (b, b) each
+            return loss + self.first_stage(v, v_mask, t, t_mask, image_ids)
         n = global_max(tokens.shape[1], tokens.device)  # words of the longest caption
         tokens = F.pad(tokens, (0, n - tokens.shape[1]))  # (b, n): every share as wide
         v, v_mask = self.model.embed_images(features, region_mask)  # (b, k, d), (b, k)
         t, t_mask = self.model.embed_captions(tokens, lengths)  # (b, n, d), (b, n)
+        first = self.first_stage(v, v_mask, t, t_mask, image_ids)  # the share's own pairs
         images = self.model.image_terms(gather_rows(v), gather_rows(v_mask))  # B images
         captions = self.model.caption_terms(gather_rows(t), gather_rows(t_mask))  # B captions
         start = dist.get_rank() * len(v)  # the share's first example in the global batch
         own = slice(start, start + len(v))
         rows = self.model.score(images[own], captions, block=block, checkpoint=checkpoint)
         cols = self.model.score(images, captions[own], block=block, checkpoint=checkpoint)
-        return self.loss.share(rows, cols, gather_rows(image_ids), start)  # (b, B), (B, b)
+        loss = self.loss.share(rows, cols, gather_rows(image_ids), start)  # (b, B), (B, b)
+        return loss + first
+
+    def first_stage(
+        self, v: Tensor, v_mask: Tensor, t: Tensor, t_mask: Tensor, image_ids: Tensor
+    ) -> Tensor:
+        """The first stage's loss on the share's pairs (0 without a first stage), from the
+        encodings detached: SHAN's gradients are the same with or without it."""
+        head = self.model.first_stage
+        if head is None:
+            return v.new_zeros(())
+        return first_stage_loss(
+            head.images(v.detach(), v_mask),
+            head.captions(t.detach(), t_mask),
+            image_ids,
+            self.loss.cfg.first_stage_temperature,
+        )
+
+
+def first_stage_loss(images: Tensor, captions: Tensor, image_ids: Tensor, tau: float) -> Tensor:
+    """Symmetric contrastive (InfoNCE) loss of a batch of pairs: images (B, D) and captions
+    (B, D) unit vectors, pair i = (image of caption i, caption i); image_ids (B,): rows with
+    the same image are all positives. Returns the mean over both directions, a scalar."""
+    logits = at_least_float32(captions @ images.T) / tau  # (B, B): caption i, image j
+    positive = image_ids[:, None] == image_ids[None, :]  # (B, B)
+    t2i = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, -1e9), 1)
+    i2t = torch.logsumexp(logits.T, 1) - torch.logsumexp(logits.T.masked_fill(~positive, -1e9), 1)
+    return 0.5 * (t2i.mean() + i2t.mean())  # ()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from shan.vocab import Vocabulary
 
 EPS = 1e-8
+FIRST_STAGE_SEED = 1729  # the first stage's initial weights (drawn apart from SHAN's)
 
 
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
@@ -123,6 +124,31 @@ class AttentionPool(nn.Module):
         return (a.unsqueeze(-2) @ x).squeeze(-2)  # (..., d)
 
 
+class FirstStage(nn.Module):
+    """The first stage of retrieve-then-rerank: a vector from each side alone, so that an
+    index can return candidates for SHAN to rerank (docs/search-and-serving.md).
+
+    Each side's encodings are attention-pooled and projected to D = ``dim``, unit length.
+    Trained beside SHAN on detached encodings (:func:`shan.loss.first_stage_loss`): SHAN's
+    own weights and scores are the same with or without it.
+    """
+
+    def __init__(self, d: int, d_a: int, dim: int) -> None:
+        super().__init__()
+        self.pool_v = AttentionPool(d, d_a)
+        self.pool_t = AttentionPool(d, d_a)
+        self.head_v = nn.Linear(d, dim)
+        self.head_t = nn.Linear(d, dim)
+
+    def images(self, v: Tensor, mask: Tensor) -> Tensor:
+        """v: (Ni, k, d) region embeddings, mask: (Ni, k) -> (Ni, D) unit vectors."""
+        return l2norm(self.head_v(self.pool_v(v, mask)))  # (Ni, D)
+
+    def captions(self, t: Tensor, mask: Tensor) -> Tensor:
+        """t: (Nc, n, d) word embeddings, mask: (Nc, n) -> (Nc, D) unit vectors."""
+        return l2norm(self.head_t(self.pool_t(t, mask)))  # (Nc, D)
+
+
 class SHAN(nn.Module):
     """Image and caption encoders plus the step-wise scorer.
 
@@ -163,6 +189,13 @@ class SHAN(nn.Module):
         self.pool_v = AttentionPool(d, cfg.d_a)
         self.pool_t = AttentionPool(d, cfg.d_a)
         self._init_weights()
+        # The first stage (retrieve-then-rerank), created last and from its own seed: SHAN's
+        # initial weights and the global random stream are the same with or without it.
+        self.first_stage: FirstStage | None = None
+        if cfg.first_stage_dim:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(FIRST_STAGE_SEED)
+                self.first_stage = FirstStage(d, cfg.d_a, cfg.first_stage_dim)
 
     def _init_weights(self) -> None:
         r = (6.0 / (self.img_fc.in_features + self.img_fc.out_features)) ** 0.5
@@ -238,6 +271,20 @@ class SHAN(nn.Module):
         tq = torch.cat([t, F.linear(t, w_q)], dim=-1)  # (Nc, n, 2d)
         u1t = F.linear(t, w_u1, self.gate_t.bias)  # (Nc, n, d)
         return EncodedCaptions(t=t, mask=mask, tp=tp, tq=tq, u1t=u1t)
+
+    # -- first stage -------------------------------------------------------------------------
+    def image_vectors(self, images: EncodedImages) -> Tensor:
+        """Encoded images (Ni rows) -> (Ni, D) first-stage unit vectors."""
+        return self._first_stage().images(images.v, images.mask)
+
+    def caption_vectors(self, captions: EncodedCaptions) -> Tensor:
+        """Encoded captions (Nc rows) -> (Nc, D) first-stage unit vectors."""
+        return self._first_stage().captions(captions.t, captions.mask)
+
+    def _first_stage(self) -> FirstStage:
+        if self.first_stage is None:
+            raise ValueError("this model has no first stage (model.first_stage_dim is 0)")
+        return self.first_stage
 
     # -- scoring -------------------------------------------------------------------------------
     def score(

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import pytest
 
+from shan import runtime
 from shan.config import ConfigError, ScalingConfig
 from shan.data.format import DataError
 from shan.eval.job import EvalOptions, actor_request
-from shan import runtime
 from shan.runtime import (
     RAY_LOOPBACK,
     GroupRequest,
