@@ -15,7 +15,7 @@ import torch
 
 from shan.data.reader import SplitArrays, pad_tokens
 from shan.metrics import format_table, recall_metrics
-from shan.model import SCORES, SHAN, EncodedImages
+from shan.model import SCORES, SHAN, EncodedCaptions, EncodedImages
 
 IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(EncodedImages))  # v, mask, vp, vg, pv
 
@@ -77,6 +77,78 @@ def _cpu32(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def image_vectors(
+    model: SHAN,
+    features: np.ndarray,
+    num_regions: np.ndarray,
+    device: torch.device,
+    *,
+    chunk: int = 256,
+    bf16: bool = False,
+) -> np.ndarray:
+    """features (N, R, F), num_regions (N,) -> (N, D) float32 first-stage unit vectors
+    (:meth:`SHAN.image_vectors`), chunk by chunk (:func:`image_chunks`)."""
+    out = np.empty((len(features), _first_stage_dim(model)), dtype=np.float32)
+    for rows, images in image_chunks(model, features, num_regions, device, chunk=chunk, bf16=bf16):
+        with autocast(device, bf16):
+            out[rows] = model.image_vectors(images).float().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def caption_vectors(
+    model: SHAN, tokens: list[list[int]], device: torch.device, *, chunk: int = 1024
+) -> np.ndarray:
+    """C token lists -> (C, D) float32 first-stage unit vectors (:meth:`SHAN.caption_vectors`),
+    in chunks of similar length."""
+    model.eval()
+    out = np.empty((len(tokens), _first_stage_dim(model)), dtype=np.float32)
+    order = np.argsort([len(t) for t in tokens], kind="stable")
+    for c0 in range(0, len(tokens), chunk):
+        cols = order[c0 : c0 + chunk]
+        toks, lens = pad_tokens([tokens[j] for j in cols])
+        caps = model.encode_captions(toks.to(device), lens.to(device))
+        out[cols] = model.caption_vectors(caps).float().cpu().numpy()
+    return out
+
+
+def _first_stage_dim(model: SHAN) -> int:
+    if model.first_stage is None:
+        raise ValueError("this model has no first stage (model.first_stage_dim is 0)")
+    return model.cfg.first_stage_dim
+
+
+@torch.no_grad()
+def rerank_scores(
+    model: SHAN,
+    images: EncodedImages,
+    captions: EncodedCaptions,
+    candidates: np.ndarray,
+    *,
+    by: str = "caption",
+) -> dict[str, np.ndarray]:
+    """The model's one scorer on each query's candidates only.
+
+    ``by="caption"``: query q is ``captions[q]`` and ``candidates[q]`` are rows of ``images``;
+    ``by="image"``: query q is ``images[q]`` and ``candidates[q]`` are rows of ``captions``.
+    candidates (Q, K) int -> {"total", "l2l", "g2l", "g2g"}, each (Q, K) float32: the entries
+    :func:`score_matrix` gives those pairs.
+    """
+    model.eval()
+    q_n, k = candidates.shape
+    out = {key: np.empty((q_n, k), dtype=np.float32) for key in SCORES}
+    for q in range(q_n):
+        rows = torch.from_numpy(np.asarray(candidates[q], dtype=np.int64))
+        if by == "caption":
+            sims = model.score(images[rows], captions[q : q + 1], block=(max(k, 1), 1))  # (K, 1)
+        else:
+            sims = model.score(images[q : q + 1], captions[rows], block=(1, max(k, 1)))  # (1, K)
+        for key in SCORES:
+            out[key][q] = sims[key].float().reshape(-1).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
 def score_matrix(
     model: SHAN,
     features: np.ndarray,
@@ -127,10 +199,13 @@ def evaluate_split(
 
 __all__ = [
     "autocast",
+    "caption_vectors",
     "encode_images",
     "evaluate_split",
     "format_table",
     "image_chunks",
+    "image_vectors",
+    "rerank_scores",
     "score_matrix",
     "split_metrics",
 ]
