@@ -204,6 +204,18 @@ def model_from_checkpoint(
     return model.to(device).eval()
 
 
+def require_first_stage(model: SHAN, name: str) -> None:
+    """CheckpointError naming the model (``name``, as the user gave it) when it has no
+    first-stage head (a checkpoint trained with ``model.first_stage_dim`` 0, or before there
+    was one): an index and a rerank need one."""
+    if model.first_stage is None:
+        raise CheckpointError(
+            f"model {name} has no first-stage head (its model.first_stage_dim is 0), so it "
+            "cannot build or use an index: train it with model.first_stage_dim=256 (the "
+            "default configs have one), or search and evaluate it without --index/--rerank"
+        )
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The checkpoint in ``folder`` ready to score (weights only: the optimizer's state is
     dropped); CheckpointError (naming the file) when anything is wrong."""
