@@ -2,6 +2,7 @@
 
     shan search --model REF --data PATH [--split test] "a dog on the grass" ["..." ...]
     shan search --model REF --data PATH --queries FILE [-k 10] [--json] [--picture best.png]
+    shan search --model REF --index DEST [--rerank 100] [-k 5] "a dog on the grass"
 
 REF: a checkpoint folder, an s3:// URL, an MLflow run id, or models:/NAME@ALIAS | models:/NAME/N.
 The split's images are encoded once per model and data set and cached in --cache (a file
@@ -10,6 +11,12 @@ searches load them and only encode and score the sentences. Results go to stdout
 sentence, or with --json a list with, per sentence, its matches {rank, image, row, total, l2l,
 g2l, g2g}; progress lines go to stderr. A search takes at most 1,000 sentences, each of at
 most 2,000 characters and 200 words, with at least one word (not only punctuation).
+
+With --index DEST (an index of the model, `shan index build`), each sentence's --rerank K
+(default 100, at least -k) nearest images by the model's first stage are scored with the
+model's scorer and the best -k printed: the data set is not read (--data is optional; when
+given, the index must have been built from it, and --picture needs it). Without --index every
+image of the split is scored (the exact reference).
 """
 
 from __future__ import annotations
@@ -29,8 +36,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences to search for")
     p.add_argument("--model", required=True, help="model reference (see above)")
-    p.add_argument("--data", required=True, help="data set root, local or s3://")
-    p.add_argument("--split", default="test", help="the split searched (default test)")
+    p.add_argument("--data", help="data set root, local or s3:// (required without --index)")
+    p.add_argument(
+        "--split", help="the split searched (default test; with --index the index's split)"
+    )
+    p.add_argument(
+        "--index", metavar="DEST", help="an index of the model's images (shan index build)"
+    )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        metavar="K",
+        help="with --index: rerank each sentence's K nearest images (default 100, >= -k)",
+    )
     p.add_argument("--queries", metavar="FILE", help="more sentences, one per line (UTF-8)")
     p.add_argument(
         "-k", "--top", type=at_least(1), default=5, metavar="K", help="matches per sentence (5)"
@@ -94,12 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.sentences and not args.queries:
         p.error("give a sentence or --queries FILE")
+    if args.data is None and args.index is None:
+        p.error("give --data PATH (the data set searched) or --index DEST")
     sentences = list(args.sentences) + (read_queries(args.queries) if args.queries else [])
 
     from shan.search.job import SearchOptions, search
     from shan.search.query import format_matches
 
-    opts = SearchOptions(split=args.split, top=args.top, cache=args.cache, picture=args.picture)
+    opts = SearchOptions(
+        split=args.split if args.split or args.index else "test",
+        top=args.top,
+        cache=args.cache,
+        picture=args.picture,
+        index=args.index,
+        rerank=args.rerank,
+    )
     result = search(args.model, args.data, sentences, opts, log=lambda s: print(s, file=sys.stderr))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
