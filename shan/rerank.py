@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from shan.model import SHAN
 
 
+DEFAULT_TOP = 5  # matches per query (shan search -k, the served search's top)
+DEFAULT_RERANK = 100  # K: candidates reranked per query when none is given
+
+
 @dataclass
 class Ranked:
     """One query's best images, best first: ``rows`` (k,) rows of the index, ``image_ids``
@@ -83,4 +87,4 @@ def _best(rows: np.ndarray, scores: dict[str, np.ndarray], image_ids: Any, top: 
     )
 
 
-__all__ = ["Ranked", "rerank_problems", "search_index"]
+__all__ = ["DEFAULT_RERANK", "DEFAULT_TOP", "Ranked", "rerank_problems", "search_index"]

@@ -14,6 +14,14 @@ Types are strict (a count 1.5, a caption that is an object, a feature that is a 
 refused), and a request is bounded before anything is allocated for it: at most
 ``SHAN_SERVE_MAX_SCORES`` scores (N x M, default 10,000,000) and ``SHAN_SERVE_MAX_FEATURES``
 feature values (N x R x D, default 100,000,000), environment variables of the serving process.
+
+Search: with an index of the model loaded beside it (:func:`open_serving_index`, from
+``SHAN_SERVE_INDEX``), a request whose ``features`` and ``counts`` are empty (``[]``, or JSON
+null) searches the index for its ``captions`` (:func:`search_request`): each caption's ``rerank``
+(K) nearest images by the first stage, reranked by the scorer, the best ``top`` (k) answered as
+``{"image_ids": int64 (M, k), "total", "l2l", "g2l", "g2g": float32 (M, k)}`` (``top`` and
+``rerank`` are the request's MLflow params; at most ``SHAN_SERVE_MAX_SCORES`` M x K scores).
+The three inputs stay: MLflow's scoring server requires every input its signature names.
 """
 
 from __future__ import annotations
@@ -21,18 +29,23 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shan.checkpoint import LoadedModel
 from shan.model import SCORES
+from shan.rerank import DEFAULT_RERANK, DEFAULT_TOP
+
+if TYPE_CHECKING:
+    from shan.index import OpenIndex
 
 FIELDS = ("features", "counts", "captions")
 # The most scores (images x captions) and feature values (N x R x D) one request may ask for;
 # the environment variables set others.
 MAX_SCORES = ("SHAN_SERVE_MAX_SCORES", 10_000_000)
 MAX_FEATURES = ("SHAN_SERVE_MAX_FEATURES", 100_000_000)
+SERVE_INDEX = "SHAN_SERVE_INDEX"  # an index of the served model (shan index build): search
 
 
 class InputError(ValueError):
@@ -175,3 +188,110 @@ def score_request(
     tokens = [loaded.vocab.encode(c, cfg.data.max_words) for c in captions]
     sims = score_matrix(loaded.model, features, counts, tokens, torch.device(device))
     return {k: np.ascontiguousarray(sims[k], dtype=np.float32) for k in SCORES}
+
+
+def answer(
+    loaded: LoadedModel,
+    index: OpenIndex | None,
+    request: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+    device: Any = "cpu",
+) -> dict[str, np.ndarray]:
+    """What the served model answers: a search (:func:`search_request`) when ``request`` is one
+    (:func:`is_search`) and an index is loaded, else the scores (:func:`score_request`)."""
+    if is_search(request):
+        if index is None:
+            raise InputError(
+                f"features: empty, and no index is loaded to search: serve the model with "
+                f"{SERVE_INDEX}=DEST (an index of it: shan index build), or send features "
+                "(N, R, D) and counts (N,) to score"
+            )
+        return search_request(loaded, index, request, params)
+    return score_request(loaded, request, device)
+
+
+def is_search(request: Mapping[str, Any]) -> bool:
+    """Whether ``request`` asks to search the index: ``features`` and ``counts`` both empty
+    (``[]`` or null) and ``captions`` given."""
+    if not isinstance(request, Mapping) or "captions" not in request:
+        return False
+    return all(f in request and _empty(request[f]) for f in ("features", "counts"))
+
+
+def _empty(value: Any) -> bool:
+    if value is None:
+        return True
+    a = np.asarray(value, dtype=object) if isinstance(value, list) else value
+    if not isinstance(a, np.ndarray):
+        return False
+    return a.size == 0 or (a.ndim == 0 and a.item() is None)
+
+
+def _whole_param(name: str, value: Any, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name}: expected a whole number, got {value!r}"[:200])
+    return int(value)
+
+
+def search_request(
+    loaded: LoadedModel,
+    index: OpenIndex,
+    request: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The index searched for each caption of ``request`` (M captions; ``params``: ``top`` k,
+    default 5, and ``rerank`` K, default 100, K >= k): {"image_ids": int64 (M, k), "total",
+    "l2l", "g2l", "g2g": float32 (M, k)}, best first, k = min(top, N). A row an approximate
+    index could not fill is id -1 with NaN scores. InputError names the field or param."""
+    from shan.rerank import search_index
+
+    params = params or {}
+    top = _whole_param("top", params.get("top"), DEFAULT_TOP)
+    rerank = _whole_param("rerank", params.get("rerank"), DEFAULT_RERANK)
+    if top < 1:
+        raise InputError(f"top: must be an integer >= 1, got {top}")
+    if rerank < 1:
+        raise InputError(f"rerank: must be an integer >= 1, got {rerank}")
+    if rerank < top:
+        raise InputError(
+            f"rerank: {rerank} is smaller than top {top}: rerank at least as many candidates "
+            "as matches asked for"
+        )
+    captions = _array("captions", request["captions"])
+    if captions.ndim != 1 or captions.shape[0] < 1:
+        raise InputError(f"captions: expected a list of M >= 1 strings, got shape {captions.shape}")
+    most = limit(MAX_SCORES)
+    if captions.shape[0] * min(rerank, len(index)) > most:
+        raise InputError(
+            f"captions: {captions.shape[0]} captions x rerank {rerank} ask for "
+            f"{captions.shape[0] * min(rerank, len(index))} scores, over the limit of {most} a "
+            f"request may ask for ({MAX_SCORES[0]})"
+        )
+    cfg = loaded.config
+    tokens = [loaded.vocab.encode(c, cfg.data.max_words) for c in _captions(captions)]
+    ranked = search_index(loaded.model, index, tokens, top=top, rerank=rerank)
+    k = min(top, len(index))
+    out = {"image_ids": np.full((len(ranked), k), -1, dtype=np.int64)}
+    out.update({key: np.full((len(ranked), k), np.nan, dtype=np.float32) for key in SCORES})
+    for q, r in enumerate(ranked):
+        out["image_ids"][q, : len(r.rows)] = r.image_ids
+        for key in SCORES:
+            out[key][q, : len(r.rows)] = r.scores[key]
+    return out
+
+
+def open_serving_index(loaded: LoadedModel, checkpoint: str, dest: str) -> OpenIndex:
+    """The index ``dest`` (``SHAN_SERVE_INDEX``) opened for the served model whose checkpoint
+    folder is ``checkpoint``; JobError or CheckpointError (one line) when the model has no
+    first-stage head or the index is not this model's."""
+    from shan.checkpoint import require_first_stage
+    from shan.fingerprint import file_digests
+    from shan.index import open_index
+
+    name = f"served from {checkpoint}"
+    require_first_stage(loaded.model, name)
+    return open_index(dest, model_files=file_digests(checkpoint), data_fingerprint=None, name=name)

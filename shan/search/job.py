@@ -31,7 +31,7 @@ from shan.errors import JobError
 from shan.fingerprint import data_fingerprint, file_digests, index_key
 from shan.metrics import SCORES
 from shan.pictures import attention_picture, marked_png
-from shan.rerank import Ranked, rerank_problems, search_index
+from shan.rerank import DEFAULT_RERANK, Ranked, rerank_problems, search_index
 from shan.search.index import ImageIndex, cache_problem, image_index
 from shan.search.query import (
     Match,
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from shan.model import SHAN
     from shan.vocab import Vocabulary
 
-DEFAULT_RERANK = 100  # K when --index is given without --rerank
 PNG_MARK = b"shan search"  # a tEXt chunk: the pictures a search wrote, which it may overwrite
 
 

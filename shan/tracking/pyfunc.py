@@ -49,16 +49,28 @@ class ShanModel(PythonModel):
     """SHAN as an MLflow ``PythonModel``: :meth:`predict` takes
     ``{"features": float32 (N, R, D), "counts": int64 (N,), "captions": str (M,)}`` and returns
     ``{"total", "l2l", "g2l", "g2g"}``, each float32 (N, M), from :func:`shan.serving.score_request`
-    (the scorer evaluation uses). CUDA when the loading process has it, else the CPU."""
+    (the scorer evaluation uses). CUDA when the loading process has it, else the CPU.
+
+    With ``SHAN_SERVE_INDEX=DEST`` in the loading process's environment (an index of this model,
+    ``shan index build``), a request with empty ``features`` and ``counts`` searches it for its
+    captions: :func:`shan.serving.search_request` (params ``top`` and ``rerank``)."""
 
     def load_context(self, context: Any) -> None:
-        """Load the checkpoint of the model's ``checkpoint`` artifact (weights, config, vocab)."""
+        """Load the checkpoint of the model's ``checkpoint`` artifact (weights, config, vocab),
+        and the index ``SHAN_SERVE_INDEX`` names, if any (refused in one line when it is not
+        this model's, or the model has no first stage: the model does not load)."""
+        import os
+
         import torch
 
         from shan.checkpoint import load_model
+        from shan.serving import SERVE_INDEX, open_serving_index
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.loaded = load_model(context.artifacts[ARTIFACT], self.device)
+        folder = context.artifacts[ARTIFACT]
+        self.loaded = load_model(folder, self.device)
+        dest = os.environ.get(SERVE_INDEX, "").strip()
+        self.index = open_serving_index(self.loaded, folder, dest) if dest else None
 
     # The input is the dict of named arrays that MLflow builds from the signature. The hint is
     # np.ndarray, a type MLflow takes as is (no signature inferred from it, no validation): a
@@ -66,17 +78,18 @@ class ShanModel(PythonModel):
     def predict(
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> dict[str, np.ndarray]:
-        """The four score matrices of ``model_input``; MlflowException (a 400 when served)
-        naming the field when the request cannot be scored, and one without a traceback (a
-        500) when scoring fails: no traceback reaches an HTTP answer."""
+        """The four score matrices of ``model_input``, or, for a search with an index loaded,
+        its best images and their scores (:func:`shan.serving.answer`); MlflowException (a 400
+        when served) naming the field when the request cannot be answered, and one without a
+        traceback (a 500) when scoring fails: no traceback reaches an HTTP answer."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-        from shan.serving import InputError, score_request
+        from shan.serving import InputError, answer
 
         request: Any = model_input
         try:
-            return score_request(self.loaded, request, self.device)
+            return answer(self.loaded, getattr(self, "index", None), request, params, self.device)
         except InputError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         except Exception as e:  # noqa: BLE001 (an HTTP answer: the message, not the traceback)
@@ -92,14 +105,22 @@ def signature(feature_dim: int) -> ModelSignature:
     The inputs are untyped on purpose: for a typed tensor MLflow's scoring server converts the
     JSON before the model sees it (a count 1.5 becomes 1, a caption ``{"a": 1}`` the string
     ``"{'a': 1}"``); :mod:`shan.serving` checks the types and shapes itself (features (N, R, D)
-    with D = ``feature_dim`` numbers, counts (N,) integers, captions (M,) strings)."""
+    with D = ``feature_dim`` numbers, counts (N,) integers, captions (M,) strings).
+
+    Params ``top`` and ``rerank``: a search's k and K (with an index loaded, ``features`` and
+    ``counts`` empty: :func:`shan.serving.search_request`)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from shan.rerank import DEFAULT_RERANK, DEFAULT_TOP
 
     del feature_dim  # the request's shapes are checked by shan.serving
     inputs = Schema([TensorSpec(np.dtype(object), (-1,), name) for name in INPUTS])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, -1), k) for k in SCORES])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    params = ParamSchema(
+        [ParamSpec("top", "long", DEFAULT_TOP), ParamSpec("rerank", "long", DEFAULT_RERANK)]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def input_example(cfg: Config, vocab: Vocabulary, images: int = 2, regions: int = 3) -> dict:

@@ -3,7 +3,13 @@ local``) on 127.0.0.1: ``/invocations`` answers the four score matrices of the l
 a bad request (a wrong type, a flood of 100,000 x 100,000 scores) gets a 400 naming the field,
 JSON nested 100,000 deep an error, none of them a traceback, and a good request after them all
 is answered. The model is an untrained tiny checkpoint logged
-into the session's MLflow server (no training)."""
+into the session's MLflow server (no training).
+
+The served search: a tiny checkpoint with a first-stage head, logged and registered, served with
+``SHAN_SERVE_INDEX`` naming an index of it (built in this process with the index library); a
+request with empty features and counts is answered with the best images of its captions and
+their scores, those ``shan search --index`` ranks; K below k is a 400 naming the param; a
+scoring request is still answered."""
 
 from __future__ import annotations
 
@@ -15,13 +21,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from shan_stack import free_port
 
 from shan.model import SCORES
-from tests.helpers import library_scores, log_tiny_model, scoring_request
+from tests.helpers import library_scores, log_tiny_model, scoring_request, untrained_on_synthetic
+from tests.rerank_helpers import build_index, save_untrained_first_stage
 
 
 def post_raw(url: str, data: bytes) -> tuple[int, bytes]:
@@ -135,3 +144,85 @@ def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
         stop(proc)
         log.close()
     assert proc.poll() is not None
+
+
+@contextmanager
+def served(model_uri: str, tmp: Path, env: dict | None = None) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (its log in ``tmp/serve.log``):
+    the base URL once it answers /ping; stopped by its process group after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    full = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    full.update({"CUDA_VISIBLE_DEVICES": "", **(env or {})})
+    with open(tmp / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=full
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            try:
+                wait_for_ping(f"{base}/ping", proc)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{(tmp / 'serve.log').read_text()[-3000:]}") from None
+            yield base
+        finally:
+            stop(proc)
+    assert proc.poll() is not None
+
+
+def log_first_stage_model(tmp: Path, uri: str, name: str) -> dict:
+    """A tiny checkpoint with a first-stage head for a synthetic data set's vocabulary, logged
+    as the MLflow model of a run and registered as ``name`` version 1 (alias ``champion``),
+    and an index of the data set's test split built from that checkpoint."""
+    import secrets
+
+    from mlflow.tracking import MlflowClient
+
+    from shan.data.format import load_vocab
+    from shan.tracking import pyfunc
+
+    base = untrained_on_synthetic(tmp, 12)
+    ckpt = save_untrained_first_stage(tmp / "fs", load_vocab(str(base["data"])), seed=4)
+    build_index(ckpt, base["data"], tmp / "index")
+    c = MlflowClient(tracking_uri=uri)
+    run_id = c.create_run(c.create_experiment(f"shan-serve-{secrets.token_hex(4)}")).info.run_id
+    model_uri = pyfunc.log_model(uri, run_id, ckpt)
+    assert pyfunc.register(uri, model_uri, name, run_id) == "1"
+    c.set_registered_model_alias(name, "champion", "1")
+    return {"ckpt": ckpt, "data": base["data"], "index": tmp / "index"}
+
+
+def test_mlflow_models_serve_searches_the_index_beside_it(services, tmp_path):
+    from shan.checkpoint import load_model
+    from shan.fingerprint import file_digests
+    from shan.index import open_index
+    from shan.rerank import search_index
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    made = log_first_stage_model(tmp_path, uri, "shan-serve-search")
+    captions = ["a red thing", "a blue dog on the grass"]
+    loaded = load_model(made["ckpt"])
+    index = open_index(str(made["index"]), model_files=file_digests(made["ckpt"]),
+                       data_fingerprint=None, name="the test's")  # fmt: skip
+    tokens = [loaded.vocab.encode(c, loaded.config.data.max_words) for c in captions]
+    want = search_index(loaded.model, index, tokens, top=3, rerank=8)
+    env = {"SHAN_SERVE_INDEX": str(made["index"])}
+    with served("models:/shan-serve-search@champion", tmp_path, env) as base:
+        url = f"{base}/invocations"
+        body = {"inputs": {"features": [], "counts": [], "captions": captions},
+                "params": {"top": 3, "rerank": 8}}  # fmt: skip
+        status, answer = post(url, body)
+        print(f"search: HTTP {status}: {json.dumps(answer)[:300]}")
+        assert status == 200, answer
+        got = answer["predictions"]
+        assert sorted(got) == sorted(["image_ids", *SCORES])
+        for q, w in enumerate(want):
+            assert got["image_ids"][q] == w.image_ids.tolist()
+            for key in SCORES:
+                np.testing.assert_allclose(got[key][q], w.scores[key], atol=1e-5)
+        bad = {**body, "params": {"top": 5, "rerank": 3}}
+        assert "rerank: 3 is smaller than top 5" in refused(url, bad, "rerank")
+        req = scoring_request(r=4, dim=16)  # a scoring request is still answered
+        status, answer = post(url, {"inputs": {k: np.asarray(v).tolist() for k, v in req.items()}})
+        assert status == 200 and sorted(answer["predictions"]) == sorted(SCORES), answer
