@@ -12,7 +12,7 @@
 
 from shan.index.card import CARD, FORMAT, IndexCard, model_digest
 from shan.index.reader import OpenIndex, check_card, open_index
-from shan.index.store import SHARD_SIZE, IndexWriter, read_card
+from shan.index.store import SHARD_SIZE, IndexWriter, check_destination, read_card
 
 __all__ = [
     "CARD",
@@ -22,6 +22,7 @@ __all__ = [
     "IndexWriter",
     "OpenIndex",
     "check_card",
+    "check_destination",
     "model_digest",
     "open_index",
     "read_card",

@@ -87,6 +87,42 @@ def _check_existing(dest: str, files: list[str], overwrite: bool) -> IndexCard |
     return card
 
 
+def check_destination(
+    dest: str, *, overwrite: bool = True, log: Callable[[str], None] = print
+) -> IndexCard | None:
+    """Check ``dest`` before any work: the index already there (None: an empty or new
+    location); JobError when ``dest`` holds anything else (or, without ``overwrite``, an
+    index)."""
+    fs.check_writable(dest)
+    if fs.is_remote(dest):
+        return _s3_existing(dest.rstrip("/"), overwrite, log)
+    return _local_existing(dest, overwrite, log)
+
+
+def _local_existing(given: str, overwrite: bool, log: Callable[[str], None]) -> IndexCard | None:
+    dest = Path(given).resolve()
+    if dest.exists() and not dest.is_dir():
+        raise JobError(f"--out {given} is a file, not a folder; nothing was written")
+    _check_parent(dest, given)
+    _remove_dead_stages(dest, log)
+    files, others = local_entries(dest)
+    return _check_existing(str(dest), files + others, overwrite)
+
+
+def _s3_existing(dest: str, overwrite: bool, log: Callable[[str], None]) -> IndexCard | None:
+    fsys, path = fs.filesystem(dest)
+    if fsys.get_file_info(path).type == pafs.FileType.File:
+        raise JobError(f"--out {dest} is an object, not a prefix; nothing was written")
+    files = fs.list_files(dest)
+    old = _check_existing(dest, files, overwrite)
+    stale = sorted({f.split("/", 1)[0] for f in files if GENERATION.match(f)})
+    in_use = {f.split("/", 1)[0] for f in old.files()} if old else set()
+    stale = [g for g in stale if g not in in_use]
+    if stale:
+        log(f"note: {dest} holds {', '.join(stale)}: files of an interrupted write")
+    return old
+
+
 class _Hashing:
     """A binary file's writer that keeps the sha256 and size of what went through it."""
 
@@ -106,16 +142,14 @@ class _LocalTarget:
 
     def __init__(self, dest: str, overwrite: bool, log: Callable[[str], None]) -> None:
         self.dest = Path(dest).resolve()
-        if self.dest.exists() and not self.dest.is_dir():
-            raise JobError(f"--out {dest} is a file, not a folder; nothing was written")
-        _check_parent(self.dest, dest)
-        _remove_dead_stages(self.dest, log)
-        files, others = local_entries(self.dest)
-        self.old = _check_existing(str(self.dest), files + others, overwrite)
+        self.old = _local_existing(dest, overwrite, log)
         self.path = self.dest.parent / f".{self.dest.name}.partial-{secrets.token_hex(4)}"
-        self.path.mkdir()
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "dest": str(self.dest)}
-        (self.path / MARKER).write_text(json.dumps(owner))
+        try:
+            self.path.mkdir()
+            owner = {"host": socket.gethostname(), "pid": os.getpid(), "dest": str(self.dest)}
+            (self.path / MARKER).write_text(json.dumps(owner))
+        except OSError as e:
+            raise fs.write_error(e, f"the staging folder {self.path}") from None
 
     def open(self, name: str) -> Any:
         return open(self.path / name, "wb")
@@ -148,16 +182,8 @@ class _S3Target:
 
     def __init__(self, dest: str, overwrite: bool, log: Callable[[str], None]) -> None:
         self.dest = dest.rstrip("/")
+        self.old = _s3_existing(self.dest, overwrite, log)
         fsys, path = fs.filesystem(self.dest)
-        if fsys.get_file_info(path).type == pafs.FileType.File:
-            raise JobError(f"--out {dest} is an object, not a prefix; nothing was written")
-        files = fs.list_files(self.dest)
-        self.old = _check_existing(self.dest, files, overwrite)
-        stale = sorted({f.split("/", 1)[0] for f in files if GENERATION.match(f)})
-        in_use = {f.split("/", 1)[0] for f in self.old.files()} if self.old else set()
-        stale = [g for g in stale if g not in in_use]
-        if stale:
-            log(f"note: {dest} holds {', '.join(stale)}: files of an interrupted write")
         self.prefix = f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}/"
         self.created: list[str] = []
         self.fsys, self.root = fsys, path
@@ -313,4 +339,4 @@ class IndexWriter:
         return card
 
 
-__all__ = ["SHARD_SIZE", "IndexWriter", "read_card"]
+__all__ = ["SHARD_SIZE", "IndexWriter", "check_destination", "read_card"]
