@@ -24,6 +24,7 @@ COMMANDS = {
     "evaluate": ("shan_cli.evaluate", "score a split on Ray actors; metrics, outputs, promotion"),
     "data": ("shan_cli.prepare_data", "convert, extract, generate or validate a data set"),
     "search": ("shan_cli.search", "the images of a split that best match sentences"),
+    "index": ("shan_cli.index", "build a split's image index for retrieve-then-rerank"),
 }
 
 

@@ -43,6 +43,7 @@ def test_shan_lists_its_commands_and_version(capsys):
         "evaluate",
         "data",
         "search",
+        "index",
     }
     assert main([]) == 2  # no command: the usage, and a failing status
     assert main(["--version"]) == 0
@@ -86,6 +87,7 @@ FREE_TEXT = {
     "evaluate --split": "a split of the data set",
     "search --split": "a split of the data set",
     "search --cache": "a folder for the image indexes",
+    "index build --split": "a split of the data set",
     "data images --weights": "a .pth file or 'random'",
 }
 
@@ -136,6 +138,7 @@ def test_the_walk_finds_subcommands_and_enumerations():
     from shan.extract import ON_BAD
     from shan.features import EXTRACTORS
     from shan.features.resnet import ARCHS
+    from shan.index.ann import KINDS
 
     choices = {
         f"{c} {a.option_strings[-1]}": tuple(a.choices)
@@ -149,6 +152,7 @@ def test_the_walk_finds_subcommands_and_enumerations():
         "data images --extractor": EXTRACTORS,
         "data images --arch": tuple(ARCHS),
         "data images --on-bad-image": ON_BAD,
+        "index build --kind": KINDS,
     }
 
 
@@ -158,6 +162,7 @@ def test_the_walk_finds_subcommands_and_enumerations():
         ("train", ["--work", "2"]),
         ("evaluate", ["--model", "m", "--data", "d", "--actor", "2"]),
         ("data", ["synthetic", "--out", "x", "--tra", "5"]),
+        ("index", ["build", "--model", "m", "--data", "d", "--out", "o", "--act", "2"]),
     ],
 )
 def test_abbreviated_flags_are_refused(command, argv, capsys):

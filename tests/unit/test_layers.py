@@ -11,10 +11,10 @@ lower one, never of a higher one:
 3. ``shan.features.*``: region features from images (the Ray Data pipeline included);
 4. ``shan`` (the package: its lazy public API), ``shan.model``, ``shan.reference``,
    ``shan.loss``, ``shan.scoring``, ``shan.checkpoint``, ``shan.fingerprint``,
-   ``shan.pictures``;
+   ``shan.pictures``, ``shan.index`` (the image index: card, FAISS, fragments);
 5. ``shan.tracking.*`` (MLflow), ``shan.serving``, ``shan.promotion``;
-6. the jobs: ``shan.train.*``, ``shan.eval.*``, ``shan.extract`` (images to a data set); they
-   never import each other;
+6. the jobs: ``shan.train.*``, ``shan.eval.*``, ``shan.extract`` (images to a data set),
+   ``shan.indexing`` (the index build); they never import each other;
 7. ``shan.search.*``: builds on the library, never on the evaluation (``shan.eval.*``) nor on
    training;
 8. ``shan_cli.*``: the command lines;
@@ -122,14 +122,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("shan.data",),
     ("shan.features",),
     ("shan", "shan.model", "shan.reference", "shan.loss", "shan.scoring", "shan.checkpoint",
-     "shan.fingerprint", "shan.pictures"),
+     "shan.fingerprint", "shan.pictures", "shan.index"),
     ("shan.tracking", "shan.serving", "shan.promotion"),
-    ("shan.train", "shan.eval", "shan.extract"),
+    ("shan.train", "shan.eval", "shan.extract", "shan.indexing"),
     ("shan.search",),
     ("shan_cli",),
     ("jobs",),
 )  # fmt: skip
-JOBS = ("shan.train", "shan.eval", "shan.extract")  # one layer; they never import each other
+# one layer; they never import each other
+JOBS = ("shan.train", "shan.eval", "shan.extract", "shan.indexing")
 
 
 @functools.cache
