@@ -85,7 +85,6 @@ def test_the_job_shims_run_the_packages_main():
 FREE_TEXT = {
     "train --config": "a packaged config or a YAML file",
     "evaluate --split": "a split of the data set",
-    "search --split": "a split of the data set",
     "search --cache": "a folder for the image indexes",
     "index build --split": "a split of the data set",
     "data images --weights": "a .pth file or 'random'",

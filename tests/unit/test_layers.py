@@ -11,7 +11,8 @@ lower one, never of a higher one:
 3. ``shan.features.*``: region features from images (the Ray Data pipeline included);
 4. ``shan`` (the package: its lazy public API), ``shan.model``, ``shan.reference``,
    ``shan.loss``, ``shan.scoring``, ``shan.checkpoint``, ``shan.fingerprint``,
-   ``shan.pictures``, ``shan.index`` (the image index: card, FAISS, fragments);
+   ``shan.pictures``, ``shan.index`` (the image index: card, FAISS, fragments),
+   ``shan.rerank`` (sentences against an index: retrieve, then rerank);
 5. ``shan.tracking.*`` (MLflow), ``shan.serving``, ``shan.promotion``;
 6. the jobs: ``shan.train.*``, ``shan.eval.*``, ``shan.extract`` (images to a data set),
    ``shan.indexing`` (the index build); they never import each other;
@@ -122,7 +123,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("shan.data",),
     ("shan.features",),
     ("shan", "shan.model", "shan.reference", "shan.loss", "shan.scoring", "shan.checkpoint",
-     "shan.fingerprint", "shan.pictures", "shan.index"),
+     "shan.fingerprint", "shan.pictures", "shan.index", "shan.rerank"),
     ("shan.tracking", "shan.serving", "shan.promotion"),
     ("shan.train", "shan.eval", "shan.extract", "shan.indexing"),
     ("shan.search",),
