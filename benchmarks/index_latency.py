@@ -57,7 +57,7 @@ def percentiles(seconds: list[float]) -> str:
 
 
 def generate_index(
-    dest: Path, n: int, loaded, files: dict, counts_pool: np.ndarray, k: int
+    dest: Path, n: int, loaded, files: dict, counts_pool: np.ndarray, *, k: int, kind: str = "auto"
 ) -> float:
     """An index of ``n`` generated images of ``k`` regions at ``dest`` for the model ``loaded``
     (region counts drawn from ``counts_pool``); seconds to write it."""
@@ -77,8 +77,16 @@ def generate_index(
             vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
             w.add(np.arange(i0, i0 + m), vectors, v, rng.choice(counts_pool, m))
         w.commit(model="benchmark", model_files=files, data="generated",
-                 data_fingerprint="generated", split="test")  # fmt: skip
+                 data_fingerprint="generated", split="test", kind=kind)  # fmt: skip
     return time.perf_counter() - t0
+
+
+def set_threads(n: int) -> None:
+    """``n`` threads for torch and FAISS (OpenMP)."""
+    import faiss
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 def rerank_latency(
@@ -131,6 +139,8 @@ def main() -> None:
     p.add_argument("--slice", type=int, default=10_000, help="exhaustive: images timed (10000)")
     p.add_argument("--rerank", type=int, default=100, help="K (100)")
     p.add_argument("--top", type=int, default=5, help="k (5)")
+    p.add_argument("--threads", default="1,2", help="torch and FAISS threads, each (1,2)")
+    p.add_argument("--kind", default="auto", help="FAISS kind (auto: what shan index build picks)")
     p.add_argument("--work", help="folder for the generated indexes (default: a temporary one)")
     p.add_argument("--out", default=str(RESULT), help="result file, or - for stdout only")
     args = p.parse_args()
@@ -187,25 +197,29 @@ def run(args: argparse.Namespace, work: Path, say) -> None:
 
     queries = test.tokens[: args.queries]
     say("\n## query latency, one query at a time (generated index of N images)")
-    say("(wall time a query; the rerank's CPU time too: this process's, both threads, which the")
-    say(" other jobs on a shared machine do not inflate as they inflate the wall time)")
-    say(f"{'N':>9} {'kind':>18} {'write':>8} {'rerank K=' + str(args.rerank):>34} "
+    say("(wall time a query; the rerank's CPU time too: this process's, all its threads, which")
+    say(" the other jobs of a shared machine inflate less than the wall time)")
+    say(f"{'N':>9} {'kind':>18} {'write':>8} {'threads':>7} {'rerank K=' + str(args.rerank):>34} "
         f"{'(FAISS alone)':>16} {'exhaustive':>34}")  # fmt: skip
     for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
         dest = work / f"bench-{n}"
-        written = generate_index(dest, n, loaded, files, test.num_regions, test.features.shape[1])
+        written = generate_index(
+            dest, n, loaded, files, test.num_regions, k=test.features.shape[1], kind=args.kind
+        )
         index = open_index(str(dest), model_files=files, data_fingerprint=None, name="benchmark")
         kind = index.card.kind + "".join(f" {k}={v}" for k, v in index.card.params.items())
-        rr, rr_cpu = rerank_latency(loaded, index, queries, args.rerank, args.top)
-        fs_ = first_stage_latency(loaded, index, queries, args.rerank)
-        rows = min(n, args.slice)
-        ex = exhaustive_latency(loaded, index, queries[: args.exhaustive_queries], rows)
-        scale = n / rows
-        ex_note = "" if scale == 1 else f" (x{scale:.0f} of {rows:,})"
-        ex_text = percentiles([s * scale for s in ex]) + ex_note
-        say(f"{n:>9,} {kind:>18} {written:>7.0f}s {percentiles(rr):>34} "
-            f"{np.percentile(np.asarray(fs_) * 1000, 50):>13.2f} ms {ex_text}")  # fmt: skip
-        say(f"{'':>9} {'CPU time a query:':>27} {percentiles(rr_cpu):>34}")
+        for threads in [int(t) for t in args.threads.split(",")]:
+            set_threads(threads)
+            rr, rr_cpu = rerank_latency(loaded, index, queries, args.rerank, args.top)
+            fs_ = first_stage_latency(loaded, index, queries, args.rerank)
+            rows = min(n, args.slice)
+            ex = exhaustive_latency(loaded, index, queries[: args.exhaustive_queries], rows)
+            scale = n / rows
+            ex_note = "" if scale == 1 else f" (x{scale:.0f} of {rows:,})"
+            ex_text = percentiles([s * scale for s in ex]) + ex_note
+            say(f"{n:>9,} {kind:>18} {written:>7.0f}s {threads:>7} {percentiles(rr):>34} "
+                f"{np.percentile(np.asarray(fs_) * 1000, 50):>13.2f} ms {ex_text}")  # fmt: skip
+            say(f"{'':>9} {'':>18} {'':>8} {'CPU:':>7} {percentiles(rr_cpu):>34}")
         del index
         shutil.rmtree(dest, ignore_errors=True)
 
