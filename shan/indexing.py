@@ -224,7 +224,7 @@ class EncodeActor:
 
         if threads:
             torch.set_num_threads(threads)
-        if type(checkpoint).__name__ == "ObjectRef":
+        if type(checkpoint).__name__ == "ObjectRef":  # run_ray's
             import ray
 
             checkpoint = ray.get(checkpoint)
