@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+import shan
 from shan.checkpoint import load_checked, require_first_stage
 from shan.config import Checked, Problems
 from shan.data import fs
@@ -144,7 +145,8 @@ def build_index(
         if w.rows != len(arrays.image_ids):
             raise JobError(f"encoded {w.rows} of the split's {len(arrays.image_ids)} images")
         result = w.commit(model=model_ref, model_files=loaded.files, data=data,
-                          data_fingerprint=data_fp, split=split, kind=opts.kind)  # fmt: skip
+                          data_fingerprint=data_fp, split=split, kind=opts.kind,
+                          created_by=f"shan index build (shan {shan.__version__})")  # fmt: skip
     seconds = time.perf_counter() - t0
     params = ", ".join(f"{k} {v}" for k, v in result.params.items())
     log(f"index of {result.images} images ({result.kind}{', ' + params if params else ''}; "
@@ -224,7 +226,7 @@ class EncodeActor:
 
         if threads:
             torch.set_num_threads(threads)
-        if type(checkpoint).__name__ == "ObjectRef":
+        if type(checkpoint).__name__ == "ObjectRef":  # run_ray's
             import ray
 
             checkpoint = ray.get(checkpoint)

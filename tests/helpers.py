@@ -269,3 +269,24 @@ def mounted_tmpfs(folder: Path, size: str = "2m") -> Iterator[Path]:
     finally:  # lazily when a file is still open there (a failed test's): never left mounted
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def first_stage_config(folder: Path, dim: int = 8) -> str:
+    """The tiny config with a first stage of ``dim`` dimensions, written into ``folder``."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(TINY).read_text())
+    cfg["model"]["first_stage_dim"] = dim
+    path = Path(folder) / f"tiny-first-stage-{dim}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def untrained_with_first_stage(folder: Path, test_images: int, dim: int = 8) -> dict[str, Path]:
+    """:func:`untrained_on_synthetic`, the checkpoint with a first-stage head of ``dim``."""
+    from shan.data.format import load_vocab
+
+    made = untrained_on_synthetic(folder, test_images)
+    config = first_stage_config(folder, dim)
+    ckpt = save_untrained(folder / "ckpt-first-stage", load_vocab(str(made["data"])), config)
+    return {"data": made["data"], "ckpt": ckpt, "plain": made["ckpt"]}

@@ -20,7 +20,8 @@ ROOT = HERE.parent
 CASE_FILES = HERE / "integration"  # test_bad_inputs_<job>.py, each with its CASES
 PAGE = ROOT / "docs" / "reliability.md"  # the page that holds the table
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
-COMMAND = {"prepare_data": "data"}  # a case's job -> its ``shan`` command, where they differ
+# a case's job -> its ``shan`` command, where they differ
+COMMAND = {"prepare_data": "data", "index": "index build"}
 
 
 def all_cases() -> list:

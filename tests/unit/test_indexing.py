@@ -6,12 +6,10 @@ work. The Ray Data path is tested in tests/integration/test_index.py."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from shan.checkpoint import load_model
 from shan.data.reader import read_split
@@ -20,15 +18,7 @@ from shan.fingerprint import file_digests
 from shan.index import open_index
 from shan.indexing import IndexOptions, build_index
 from shan.scoring import image_vectors
-from tests.helpers import TINY, save_untrained
-
-
-def first_stage_config(tmp_path, dim: int = 8) -> str:
-    cfg = yaml.safe_load(Path(TINY).read_text())
-    cfg["model"]["first_stage_dim"] = dim
-    path = tmp_path / f"tiny-fs{dim}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+from tests.helpers import first_stage_config, save_untrained
 
 
 @pytest.fixture(scope="module")
