@@ -1,0 +1,268 @@
+"""Rerank recall against exhaustive at K = 10, 50, 100, 500, and a COCO-5K-sized evaluation's
+CPU time with K = 100 against exhaustive.
+
+    python benchmarks/rerank_recall.py demo --model DIR --data ROOT [--ks 10 50 100 500]
+    python benchmarks/rerank_recall.py coco5k --model DIR [--images 5000] [--slice-images 100]
+        [--slice-captions 500] [--ks 10 50 100 500]
+
+Every number comes from the evaluation job itself (``shan.eval.job.evaluate``, the options of
+``shan evaluate``, a local Ray instance sized from the machine):
+
+demo: the exhaustive evaluation of the split (kept in WORK/demo and reused by a rerun), then
+``--rerank K`` for each K into the same folder, which reports the difference per metric.
+
+coco5k: a synthetic split of IMAGES images x 36 regions x 5 captions (COCO 5K's sizes) in the
+demo data set's world (the same vocabulary, so the demo checkpoint reads it), ``--rerank K``
+for each K (timed: first stage, candidates and scoring, actor start included). The exhaustive
+matrix (IMAGES x 5 IMAGES pairs) is too long for this machine, so it is measured on slices
+scored by the evaluation's own tile pool (``shan.eval.tiles``, the same actors):
+* the first SLICE_IMAGES images against every caption: their exact image-to-text ranks, and
+  the time, scaled linearly to every image (the captions' encoding, timed on its own, is
+  counted once, as the whole matrix would);
+* every image against SLICE_CAPTIONS captions drawn at random: their exact text-to-image ranks.
+The recall differences on this split are therefore over those sampled queries only.
+
+The results go to stdout and to ``--results`` (the command line on top).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "rerank_recall_cpu.txt"
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def opts(**kw):
+    from shan.eval.job import EvalOptions
+
+    return EvalOptions(split="test", **kw)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def row(name: str, values: dict, fmt: str = "{:.2f}") -> str:
+    return f"| {name} | " + " | ".join(fmt.format(values[m]) for m in METRICS) + " |"
+
+
+HEAD = "| | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |\n" + "|---" * 8 + "|"
+
+
+# -- demo ------------------------------------------------------------------------------------
+def demo(args: argparse.Namespace, say) -> None:
+    from shan.eval.job import evaluate
+
+    out = Path(args.work) / "demo"
+    done = out / "metrics.json"
+    if done.exists() and json.loads(done.read_text())["meta"]["model"] == [args.model]:
+        exhaustive = json.loads(done.read_text())
+        say(f"exhaustive: reused {done} ({exhaustive['meta']['seconds']:.1f} s when measured)")
+    else:
+        evaluate([args.model], args.data, str(out), opts(), log=quiet)
+        exhaustive = json.loads(done.read_text())
+    meta = exhaustive["meta"]
+    say(f"split: {args.data} [test], {meta['images']} images x {meta['captions']} captions")
+    say(f"exhaustive: {meta['seconds']:.1f} s\n\n{HEAD}")
+    say(row("exhaustive", exhaustive["total"]))
+    diffs = []
+    for k in args.ks:
+        r = evaluate([args.model], args.data, str(out), opts(rerank=k), log=quiet)
+        say(row(f"rerank K={k} ({r.doc['meta']['seconds']:.1f} s)", r.metrics["total"]))
+        diffs.append((k, r.doc["vs_exhaustive"]["total"]))
+    say("\nrerank - exhaustive (points; goal at K=100: R@1/5/10 within 0.5)\n\n" + HEAD)
+    for k, d in diffs:
+        say(row(f"K={k}", d, "{:+.2f}"))
+
+
+# -- coco5k -----------------------------------------------------------------------------------
+def coco5k(args: argparse.Namespace, say) -> None:
+    from shan.data.reader import read_split
+    from shan.data.synthetic import generate_synthetic
+    from shan.eval.job import evaluate
+    from shan.metrics import sparse_ranks
+
+    data = Path(args.work) / f"synthetic-{args.images}"
+    if not (data / "dataset.json").exists():
+        generate_synthetic(str(data), images={"test": args.images}, regions=36, feature_dim=64,
+                           concepts=120, seed=0, log=quiet)  # fmt: skip
+    split = read_split(str(data), "test")
+    n, c = len(split.image_ids), len(split.tokens)
+    rng = np.random.default_rng(0)
+    rows = np.arange(min(args.slice_images, n))
+    cols = np.sort(rng.choice(c, size=min(args.slice_captions, c), replace=False))
+    say(f"split: synthetic, {n} images x 36 regions x 64-d, {c} captions (the demo's world)")
+    ex = exhaustive_slices(args.model, split, rows, cols, say)
+    ri_ex, rt_ex = ex["i2t_ranks"], ex["t2i_ranks"]
+    say(f"\nrecall on the sampled queries ({len(rows)} images i2t, {len(cols)} captions t2i)"
+        f"\n\n{HEAD}")  # fmt: skip
+    say(row("exhaustive", sampled_metrics(ri_ex, rt_ex)))
+    out = Path(args.work) / f"coco5k-{args.images}"
+    times, diffs = {}, []
+    ref = sampled_metrics(ri_ex, rt_ex)
+    for k in args.ks:
+        r = evaluate([args.model], str(data), str(out), opts(rerank=k), log=quiet)
+        times[k] = r.doc["meta"]["seconds"]
+        folder = out / "rerank"
+        tc, ic = np.load(folder / "t2i_candidates.npy"), np.load(folder / "i2t_candidates.npy")
+        ts, is_ = np.load(folder / "t2i_total.npy"), np.load(folder / "i2t_total.npy")
+        ci = split.caption_image
+        # K' < K: the run's first K' candidates (the first stage's best first) and their scores,
+        # which are what a run with --rerank K' scores
+        for kk in [x for x in args.derived_ks if x < k] + [k]:
+            t_c, t_s, i_c, i_s = tc[cols, :kk], ts[cols, :kk], ic[rows, :kk], is_[rows, :kk]
+            truth_i = ci[i_c] == rows[:, None]
+            truth_t = t_c == ci[cols][:, None]
+            ri = np.where(truth_i.any(1), sparse_ranks(i_c, i_s, truth_i), 10**9)
+            rt = np.where(truth_t.any(1), sparse_ranks(t_c, t_s, truth_t), 10**9)
+            m = sampled_metrics(ri, rt)
+            what = f"({times[k]:.1f} s)" if kk == k else f"(from K={k}'s first {kk})"
+            say(row(f"rerank K={kk} {what}", m))
+            diffs.append((kk, {key: m[key] - ref[key] for key in METRICS}))
+    say("\nrerank - exhaustive on the sampled queries (points)\n\n" + HEAD)
+    for k, d in diffs:
+        say(row(f"K={k}", d, "{:+.2f}"))
+    full = ex["estimate_s"]
+    say(f"\nCOCO-5K-sized evaluation, {n} x {c} = {n * c / 1e6:.0f} M pairs, CPU time:")
+    say(
+        f"  exhaustive: {full:.0f} s ({full / 3600:.2f} h), ESTIMATED, not measured whole: "
+        f"{len(rows)} images x {c} captions took {ex['slice_s']:.1f} s, of which the captions' "
+        f"encoding {ex['captions_s']:.1f} s; (slice - encoding) x {n}/{len(rows)} + encoding"
+    )
+    for k in args.ks:
+        say(f"  rerank K={k}: {times[k]:.1f} s measured whole -> {full / times[k]:.1f}x faster")
+    say("  goal: K=100 at least 20x faster than exhaustive")
+
+
+def sampled_metrics(ri: np.ndarray, rt: np.ndarray) -> dict[str, float]:
+    out = {}
+    for name, r in (("i2t", ri), ("t2i", rt)):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float((r < k).mean())
+    out["rsum"] = sum(out[m] for m in METRICS[:6])
+    return out
+
+
+def exhaustive_slices(model: str, split, rows: np.ndarray, cols: np.ndarray, say) -> dict:
+    """The exact ranks of the sampled queries and the exhaustive time estimate (see above)."""
+    import dataclasses
+
+    import ray
+
+    from shan.checkpoint import load_checkpoint
+    from shan.eval import tiles
+    from shan.eval.job import actor_request
+    from shan.runtime import init_ray, plan_group
+
+    o = opts()
+    init_ray(quiet)
+    res = plan_group(actor_request(o), ray.cluster_resources())
+    say(f"actors: {res.describe('actor')}")
+    ckpt = load_checkpoint(model).weights_only()
+    pool = tiles.start_pool([ckpt], res, o.bf16, o.block)
+    try:
+        tiles.device_kinds(pool, 600)
+        # the captions' encoding alone, as the tile pool does it (a chunk per tile column)
+        t0 = time.perf_counter()
+        order = np.argsort([len(t) for t in split.tokens], kind="stable")
+        a = pool.actors
+        chunks = [order[c0 : c0 + o.tile_captions] for c0 in range(0, len(order), o.tile_captions)]
+        parts = [
+            a[i % len(a)].encode_captions.remote(0, [split.tokens[j] for j in chunk])
+            for i, chunk in enumerate(chunks)
+        ]
+        ray.get(parts)
+        captions_s = time.perf_counter() - t0
+        del parts
+        # slice A: the first images x every caption
+        sa = dataclasses.replace(
+            split,
+            image_ids=split.image_ids[rows],
+            features=split.features[rows],
+            num_regions=split.num_regions[rows],
+        )
+        t0 = time.perf_counter()
+        a_sims = score(pool, sa, len(rows), len(split.tokens), o)
+        slice_s = time.perf_counter() - t0
+        # slice B: every image x sampled captions
+        sb = dataclasses.replace(split, tokens=[split.tokens[j] for j in cols])
+        b_sims = score(pool, sb, len(split.image_ids), len(cols), o)
+    finally:
+        for x in pool.actors:
+            ray.kill(x)
+    ci = split.caption_image
+    gt = ci[None, :] == rows[:, None]  # (S, C)
+    best = np.where(gt, a_sims, -np.inf).max(1)
+    i2t = ((a_sims >= best[:, None]) & ~gt).sum(1)
+    own = b_sims[ci[cols], np.arange(len(cols))]
+    t2i = (b_sims >= own[None, :]).sum(0) - 1
+    n = len(split.image_ids)
+    estimate = (slice_s - captions_s) * n / len(rows) + captions_s
+    return {"i2t_ranks": i2t, "t2i_ranks": t2i, "slice_s": slice_s, "captions_s": captions_s,
+            "estimate_s": estimate}  # fmt: skip
+
+
+def score(pool, split, n_images: int, n_captions: int, o) -> np.ndarray:
+    """The total score matrix (n_images, n_captions) by the evaluation's tiles."""
+    import tempfile
+
+    from shan.eval import tiles
+
+    order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
+    plan = tiles.Plan(n_images, n_captions, o.tile_images, o.tile_captions, order, "bench")
+    with tempfile.TemporaryDirectory(prefix="shan-bench-rerank-") as d:
+        return tiles.compute(pool, plan, tiles.TileStore(d, plan, log=quiet), split)["total"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("what", choices=("demo", "coco5k"))
+    p.add_argument("--model", required=True, help="a checkpoint folder with a first stage")
+    p.add_argument("--data", help="demo: the data set root")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 50, 100, 500])
+    p.add_argument(
+        "--derived-ks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="coco5k: K' whose recall is read from a larger run's first K' candidates",
+    )
+    p.add_argument("--images", type=int, default=5000)
+    p.add_argument("--slice-images", type=int, default=100)
+    p.add_argument("--slice-captions", type=int, default=500)
+    p.add_argument("--work", default="/tmp/shan-bench-rerank", help="kept between runs")
+    p.add_argument("--results", default=str(RESULTS), help="appended to (default %(default)s)")
+    args = p.parse_args()
+    lines: list[str] = []
+
+    def say(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    say(f"# benchmarks/rerank_recall.py {' '.join(sys.argv[1:])}")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    say(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load average "
+        f"{os.getloadavg()[0]:.1f} at the start; {when}"
+    )
+    say(f"model: {args.model}")
+    (demo if args.what == "demo" else coco5k)(args, say)
+    say(f"load average {os.getloadavg()[0]:.1f} at the end")
+    with open(args.results, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
