@@ -95,3 +95,18 @@ def test_a_killed_rerank_resumes_from_its_tiles(synthetic_small, with_head, whol
         np.testing.assert_allclose(got[name], full[name][:, :20], rtol=0, atol=1e-5)
     doc = json.loads((out / "rerank" / "metrics.json").read_text())
     assert "vs_exhaustive" not in doc and doc["meta"]["rerank_k"] == 20
+
+
+def test_a_rerank_is_logged_to_mlflow_with_its_k(services, whole):
+    from mlflow.tracking import MlflowClient
+
+    from shan.eval.record import log_evaluation
+
+    out, _, reranked = whole
+    rid = log_evaluation(reranked, str(out), opts(rerank=N_CAPTIONS, experiment="shan-rerank"))
+    run = MlflowClient().get_run(rid)
+    assert run.data.params["rerank_k"] == str(N_CAPTIONS)
+    assert run.data.metrics["test/rsum"] == pytest.approx(reranked.rsum)
+    assert run.data.metrics["test/vs_exhaustive/rsum"] == 0.0
+    logged = {a.path for a in MlflowClient().list_artifacts(rid)}
+    assert {"t2i_candidates.npy", "i2t_total.npy", "metrics.json"} <= logged
