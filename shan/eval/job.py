@@ -416,6 +416,10 @@ def _rerank(
     def work(pool: tiles.Pool, device: tuple[str, str]) -> dict[int, dict[str, np.ndarray]]:
         first = rerank.first_stage(pool, split, sizes, 0)
         cands = rerank.candidates(first, k)
+        log(
+            f"rerank: each caption against its top {sizes.k_of(0)} images, each image against "
+            f"its top {sizes.k_of(1)} captions (first stage, exact inner product)"
+        )
         base = tile_fingerprint(data_fp, model.files, job, device)
         plan = dataclasses.replace(sizes, fingerprint=rerank.fingerprint(base, k, cands))
         root = fs.join(folder, "tiles", "model-0")
@@ -437,7 +441,8 @@ def _rerank(
         f"# Recall on {Path(job.data).name} [{opts.split}], protocol {opts.protocol}, rerank "
         f"K = {k}\n\nmodel: {model.ref.ref}; {meta['images']} images x {meta['captions']} "
         "captions; each query scored against its top K first-stage candidates only (a ground "
-        "truth outside them is a miss); recalls in percent (pessimistic ties)"
+        "truth outside them is a miss, its rank counted as K + 1 in medr and meanr); recalls in "
+        "percent (pessimistic ties)"
     )
     index = {
         "image_ids": split.image_ids.tolist(),

@@ -371,13 +371,14 @@ class TileScorer:
         from shan.scoring import autocast, rerank_scores
 
         images, captions = self._held(m, parts)
-        q = torch.as_tensor(np.asarray(queries, dtype=np.int64)).to(self.device)
+        q = torch.from_numpy(np.array(queries, dtype=np.int64)).to(self.device)
+        candidates = np.array(candidates)  # Ray's arrays are read-only: torch wants its own
         with autocast(self.device, self.bf16):
             if by == "caption":
                 got = rerank_scores(self.models[m], images, captions[q], candidates, by=by)
             else:
                 got = rerank_scores(self.models[m], images[q], captions, candidates, by=by)
-        return {"candidates": np.asarray(candidates, dtype=np.int32), **got}
+        return {"candidates": candidates.astype(np.int32), **got}
 
     def _held(self, m: int, parts: list[Any]) -> tuple[Any, Any]:
         """Model ``m``'s encoded split (images, captions) on this actor's device."""
