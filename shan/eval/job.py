@@ -411,6 +411,10 @@ def _rerank(
     fs.delete_tree(fs.join(folder, "metrics.json"))  # incomplete until the new one is written
     sizes = rerank.RerankPlan(len(split.image_ids), len(split.captions), k, opts.tile_images,
                               opts.tile_captions, "")  # fmt: skip
+    log(
+        f"evaluating {model.ref.ref} on {job.data} [{opts.split}], protocol {opts.protocol}, "
+        f"rerank K = {k}: {sizes.n_images} images x {sizes.n_captions} captions"
+    )
     t0 = time.perf_counter()
 
     def work(pool: tiles.Pool, device: tuple[str, str]) -> dict[int, dict[str, np.ndarray]]:
