@@ -114,3 +114,20 @@ def test_differences_and_their_table():
     diff = rerank.differences(ours, theirs)
     assert diff["total"]["rsum"] == -0.5
     assert "| total | -0.50 |" in rerank.format_differences(diff)
+
+
+def test_only_the_same_exhaustive_evaluation_is_compared_with(tmp_path):
+    import json
+
+    meta = {"model": ["m"], "data": "d", "split": "test", "protocol": "plain", "images": 7,
+            "captions": 35}  # fmt: skip
+    metrics = {k: {m: 1.0 for m in rerank.KEYS} for k in SCORES}
+    assert rerank.exhaustive_metrics(str(tmp_path), meta) is None  # nothing there
+    (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "meta": {**meta, "s": 1}}))
+    assert rerank.exhaustive_metrics(str(tmp_path), meta) == metrics
+    for other in ({"model": ["n"]}, {"split": "dev"}, {"captions": 30}, {"rerank_k": 10}):
+        doc = {**metrics, "meta": {**meta, **other}}
+        (tmp_path / "metrics.json").write_text(json.dumps(doc))
+        assert rerank.exhaustive_metrics(str(tmp_path), meta) is None, other
+    (tmp_path / "metrics.json").write_text("{not json")
+    assert rerank.exhaustive_metrics(str(tmp_path), meta) is None
