@@ -13,16 +13,18 @@ evaluation of the split (``--exhaustive DIR``, or WORK/demo, kept and reused by 
 the difference per metric.
 
 coco5k: a synthetic split of IMAGES images x 36 regions x 5 captions (COCO 5K's sizes) in the
-demo data set's world (the same vocabulary, so the demo checkpoint reads it), ``--rerank K``
-for each K (timed whole: actor start, first stage, candidates and scoring; ``--derived-ks``:
-smaller K read from a run's first K' candidates, which are what ``--rerank K'`` scores). The
-exhaustive matrix (IMAGES x 5 IMAGES pairs) is too long for this machine, so its time is an
-ESTIMATE from the evaluation's own actors (``shan.eval.tiles``, the same sizing): every caption
-and every image encoded as the exhaustive tiles do (measured whole), plus every pair at the
-scoring rate measured on two slices, which also give exact ranks for sampled queries:
-* SLICE_IMAGES images (the first) against every caption: their image-to-text ranks;
-* every image against SLICE_CAPTIONS captions drawn at random: their text-to-image ranks.
-The recall differences on this split are over those sampled queries only.
+demo data set's world (the same vocabulary, so the demo checkpoint reads it). Neither whole
+evaluation fits this machine's time, so both CPU times are ESTIMATES from parts measured on the
+evaluation's own actors (``shan.eval.tiles``, the job's sizing):
+* exhaustive: every image and caption encoded as the tiles do (measured whole) + every pair
+  at the rate of one whole tile (measured);
+* rerank K (``--timed-k``): every image and caption encoded with its first-stage vector and
+  the exact top K (measured whole) + each direction's queries at the time per query measured
+  on ``--timed-queries`` of them (``shan.scoring.rerank_scores`` on the actor).
+Recall: SLICE_IMAGES images and SLICE_CAPTIONS captions drawn at random get their exact ranks
+(those images against every caption, every image against those captions) and their rerank
+at the largest K (smaller K: its first K candidates); the differences are over those queries
+only. The first stage's candidate recall (ground truth among the K) is over every query.
 
 The results go to stdout and to ``--results`` (the command line on top).
 """
@@ -135,8 +137,6 @@ def truncated(folder: Path, k: int) -> dict[str, dict[str, float]]:
 def coco5k(args: argparse.Namespace, say) -> None:
     from shan.data.reader import read_split
     from shan.data.synthetic import generate_synthetic
-    from shan.eval.job import evaluate
-    from shan.metrics import sparse_ranks
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     data = Path(args.work) / f"synthetic-{args.images}"
@@ -145,59 +145,51 @@ def coco5k(args: argparse.Namespace, say) -> None:
                            concepts=120, seed=0, log=quiet)  # fmt: skip
     split = read_split(str(data), "test")
     n, c = len(split.image_ids), len(split.tokens)
-    rng = np.random.default_rng(0)
-    rows = np.arange(min(args.slice_images, n))
-    cols = np.sort(rng.choice(c, size=min(args.slice_captions, c), replace=False))
     say(f"split: synthetic, {n} images x 36 regions x 64-d, {c} captions (the demo's world)")
-    out = Path(args.work) / f"coco5k-{args.images}"
-    ci = split.caption_image
-    times, runs, found = {}, {}, {}
-    for k in args.ks:  # the reranks first: their times are the measured half of the ratio
-        r = evaluate([args.model], str(data), str(out), opts(rerank=k), log=quiet)
-        times[k] = r.doc["meta"]["seconds"]
-        say(f"rerank K={k}: {times[k]:.1f} s; recall on the whole split: "
-            + ", ".join(f"{m} {r.metrics['total'][m]:.2f}" for m in METRICS))  # fmt: skip
-        folder = out / "rerank"
-        tc, ic = np.load(folder / "t2i_candidates.npy"), np.load(folder / "i2t_candidates.npy")
-        ts, is_ = np.load(folder / "t2i_total.npy"), np.load(folder / "i2t_total.npy")
-        for kk in [x for x in args.derived_ks if x < k] + [k]:
-            runs[kk] = (k, tc[cols, :kk], ts[cols, :kk], ic[rows, :kk], is_[rows, :kk])
-            t_in = (tc[:, :kk] == ci[:, None]).any(1).mean()
-            i_in = (ci[ic[:, :kk]] == np.arange(n)[:, None]).any(1).mean()
-            found[kk] = (100 * t_in, 100 * i_in)
-    ex = exhaustive_slices(args.model, split, rows, cols, say)
-    ref = sampled_metrics(ex["i2t_ranks"], ex["t2i_ranks"])
-    say(f"\nrecall on the sampled queries ({len(rows)} images i2t, {len(cols)} captions t2i,"
-        " drawn at random: a few points of sampling noise)\n\n" + HEAD)  # fmt: skip
+    m = measure(args, split, say)
+    ref = sampled_metrics(m["i2t_ranks"], m["t2i_ranks"])
+    rows, cols = m["rows"], m["cols"]
+    say(f"\nrecall on sampled queries ({len(rows)} images i2t, {len(cols)} captions t2i, drawn "
+        "at random: a few points of sampling noise)\n\n" + HEAD)  # fmt: skip
     say(row("exhaustive", ref))
-    diffs = []
-    for kk, (k, t_c, t_s, i_c, i_s) in sorted(runs.items()):
-        truth_i = ci[i_c] == rows[:, None]
-        truth_t = t_c == ci[cols][:, None]
-        ri = np.where(truth_i.any(1), sparse_ranks(i_c, i_s, truth_i), 10**9)
-        rt = np.where(truth_t.any(1), sparse_ranks(t_c, t_s, truth_t), 10**9)
-        m = sampled_metrics(ri, rt)
-        what = f"({times[k]:.1f} s)" if kk == k else f"(K={k}'s first {kk})"
-        say(row(f"rerank K={kk} {what}", m))
-        diffs.append((kk, {key: m[key] - ref[key] for key in METRICS}))
+    ci, diffs = split.caption_image, []
+    t_c, t_s, i_c, i_s = m["sampled"]  # at the largest K, best first
+    for k in sorted(args.ks):
+        truth_i = ci[i_c[:, :k]] == rows[:, None]
+        truth_t = t_c[:, :k] == ci[cols][:, None]
+        ri = np.where(truth_i.any(1), sparse_ranks_(i_c[:, :k], i_s[:, :k], truth_i), 10**9)
+        rt = np.where(truth_t.any(1), sparse_ranks_(t_c[:, :k], t_s[:, :k], truth_t), 10**9)
+        got = sampled_metrics(ri, rt)
+        say(row(f"rerank K={k}", got))
+        diffs.append((k, {key: got[key] - ref[key] for key in METRICS}))
     say("\nrerank - exhaustive on the sampled queries (points)\n\n" + HEAD)
-    for kk, d in diffs:
-        say(row(f"K={kk}", d, "{:+.2f}"))
-    say("\nground truth among the K candidates (the whole split; the rerank's ceiling):")
-    for kk, (t_in, i_in) in sorted(found.items()):
-        say(f"  K={kk}: t2i {t_in:.2f}% of captions, i2t {i_in:.2f}% of images")
-    full = ex["estimate_s"]
-    say(f"\nCOCO-5K-sized evaluation, {n} x {c} = {n * c / 1e6:.0f} M pairs, CPU time:")
+    for k, d in diffs:
+        say(row(f"K={k}", d, "{:+.2f}"))
+    say("\nground truth among the first stage's K candidates (every query of the split):")
+    for k, (t_in, i_in) in sorted(m["found"].items()):
+        say(f"  K={k}: t2i {t_in:.2f} % of captions, i2t {i_in:.2f} % of images")
+    say(f"\nCOCO-5K-sized evaluation, {n} x {c} = {n * c / 1e6:.0f} M pairs, CPU seconds "
+        f"(the evaluation's actors: {m['actors']}); ESTIMATED from measured parts, neither "
+        "run whole:")  # fmt: skip
+    ex = m["encode_s"] + n * c / m["pairs_per_s"]
     say(
-        f"  exhaustive: {full:.0f} s ({full / 3600:.2f} h), ESTIMATED, not measured whole: every "
-        f"caption encoded {ex['captions_s']:.1f} s + every image encoded {ex['images_s']:.1f} s "
-        f"(both measured whole) + {n * c / 1e6:.0f} M pairs at the scoring rate measured on "
-        f"{ex['pairs']:,} pairs ({ex['scoring_s']:.1f} s, {ex['pairs'] / ex['scoring_s']:.0f} "
-        "pairs/s), scaled linearly"
+        f"  exhaustive: {ex:.0f} s ({ex / 3600:.2f} h) = encoding every image and caption "
+        f"{m['encode_s']:.1f} s (measured whole) + {n * c / 1e6:.0f} M pairs at "
+        f"{m['pairs_per_s']:.0f} pairs/s (measured on one whole tile, {m['pairs']:,} pairs)"
     )
-    for k in args.ks:
-        say(f"  rerank K={k}: {times[k]:.1f} s measured whole -> {full / times[k]:.1f}x faster")
-    say("  goal: K=100 at least 20x faster than exhaustive")
+    k = m["timed_k"]
+    rr = m["first_stage_s"] + m["topk_s"] + c * m["t2i_query_s"] + n * m["i2t_query_s"]
+    say(f"  rerank K={k}: {rr:.0f} s = encoding and first-stage vectors {m['first_stage_s']:.1f}"
+        f" s + exact top K {m['topk_s']:.1f} s (both measured whole) + {c} t2i queries at "
+        f"{1000 * m['t2i_query_s']:.1f} ms + {n} i2t queries at {1000 * m['i2t_query_s']:.1f} ms"
+        f" (measured on {m['timed_q'][0]} and {m['timed_q'][1]} queries)")  # fmt: skip
+    say(f"  ratio: {ex / rr:.1f}x faster (goal: K=100 at least 20x)")
+
+
+def sparse_ranks_(cands: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    from shan.metrics import sparse_ranks
+
+    return sparse_ranks(cands, scores, truth)
 
 
 def sampled_metrics(ri: np.ndarray, rt: np.ndarray) -> dict[str, float]:
@@ -209,56 +201,92 @@ def sampled_metrics(ri: np.ndarray, rt: np.ndarray) -> dict[str, float]:
     return out
 
 
-def exhaustive_slices(model: str, split, rows: np.ndarray, cols: np.ndarray, say) -> dict:
-    """The exact ranks of the sampled queries and the exhaustive time estimate (see above)."""
+def measure(args: argparse.Namespace, split, say) -> dict:
+    """Every part of both evaluations on the evaluation's own actors (see the docstring)."""
     import ray
 
     from shan.checkpoint import load_checkpoint
-    from shan.eval import tiles
+    from shan.eval import rerank, tiles
     from shan.eval.job import actor_request
     from shan.runtime import init_ray, plan_group
 
     o = opts()
     init_ray(quiet)
     res = plan_group(actor_request(o), ray.cluster_resources())
-    say(f"actors: {res.describe('actor')}")
-    ckpt = load_checkpoint(model).weights_only()
-    pool = tiles.start_pool([ckpt], res, o.bf16, o.block)
-    a = pool.actors
-    n, c, ti, tc = len(split.image_ids), len(split.tokens), o.tile_images, o.tile_captions
+    pool = tiles.start_pool([load_checkpoint(args.model).weights_only()], res, o.bf16, o.block)
+    a, n, c = pool.actors, len(split.image_ids), len(split.tokens)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(n, size=args.slice_images, replace=False))
+    cols = np.sort(rng.choice(c, size=args.slice_captions, replace=False))
+    out: dict = {"rows": rows, "cols": cols, "actors": res.describe("actor")}
 
     def on(i: int):
         return a[i % len(a)]
 
+    def timed(refs: list) -> float:
+        t0 = time.perf_counter()
+        ray.wait(refs, num_returns=len(refs))
+        return time.perf_counter() - t0
+
     try:
         tiles.device_kinds(pool, 600)
-        # every caption and every image encoded as the exhaustive tiles do (timed whole)
         order = np.argsort([len(t) for t in split.tokens], kind="stable")
-        chunks = [order[c0 : c0 + tc] for c0 in range(0, c, tc)]
-        t0 = time.perf_counter()
-        caps = [
-            on(i).encode_captions.remote(0, [split.tokens[j] for j in ch])
-            for i, ch in enumerate(chunks)
-        ]
-        ray.wait(caps, num_returns=len(caps))
-        captions_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        imgs = [
-            on(i).encode_images.remote(
-                0, split.features[r0 : r0 + ti], split.num_regions[r0 : r0 + ti]
-            )
-            for i, r0 in enumerate(range(0, n, ti))
-        ]
-        ray.wait(imgs, num_returns=len(imgs))
-        images_s = time.perf_counter() - t0
+        chunks = [order[c0 : c0 + o.tile_captions] for c0 in range(0, c, o.tile_captions)]
+        starts = range(0, n, o.tile_images)
+        feats = [(split.features[r : r + o.tile_images], split.num_regions[r : r + o.tile_images])
+                 for r in starts]  # fmt: skip
+        toks = [[split.tokens[j] for j in ch] for ch in chunks]
+        # the exhaustive tiles' encoding (v, mask; t, mask), every image and caption
+        caps = [on(i).encode_captions.remote(0, t) for i, t in enumerate(toks)]
+        imgs = [on(i).encode_images.remote(0, *f) for i, f in enumerate(feats)]
+        out["encode_s"] = timed(caps + imgs)
+        # exhaustive scoring: sampled images x every caption, every image x sampled captions
         few = on(0).encode_images.remote(0, split.features[rows], split.num_regions[rows])
         some = on(0).encode_captions.remote(0, [split.tokens[j] for j in cols])
         ray.wait([few, some], num_returns=2)
-        # scoring alone (timed): the sampled images x every caption, every image x the captions
-        t0 = time.perf_counter()
         a_parts = ray.get([on(i).score_tile.remote(0, few, cap) for i, cap in enumerate(caps)])
         b_parts = ray.get([on(i).score_tile.remote(0, im, some) for i, im in enumerate(imgs)])
-        scoring_s = time.perf_counter() - t0
+        # the scoring rate: one whole tile (the first images x the captions of median length)
+        mid = len(chunks) // 2
+        t0 = time.perf_counter()
+        ray.get(on(0).score_tile.remote(0, imgs[0], caps[mid]))
+        out["pairs"] = len(feats[0][0]) * len(chunks[mid])
+        out["pairs_per_s"] = out["pairs"] / (time.perf_counter() - t0)
+        del caps, imgs
+        # the rerank: encodings with first-stage vectors (every image and caption), exact top K
+        plain = [split.tokens[c0 : c0 + o.tile_captions] for c0 in range(0, c, o.tile_captions)]
+        rc = [on(i).rerank_captions.remote(0, t) for i, t in enumerate(plain)]
+        ri_ = [on(i).rerank_images.remote(0, *f) for i, f in enumerate(feats)]
+        out["first_stage_s"] = timed(rc + ri_)
+        vec_i = np.concatenate([v for _, v in ray.get(ri_)])
+        vec_c = np.concatenate([v for _, v in ray.get(rc)])
+        parts = [ri_, rc]
+        kmax, k = max(args.ks), args.timed_k
+        t0 = time.perf_counter()
+        t2i, i2t = rerank.top_k(vec_c, vec_i, k), rerank.top_k(vec_i, vec_c, k)
+        out["topk_s"] = time.perf_counter() - t0
+        ci = split.caption_image
+        out["found"] = {}
+        t2i_max, i2t_max = rerank.top_k(vec_c, vec_i, kmax), rerank.top_k(vec_i, vec_c, kmax)
+        for kk in sorted(args.ks):
+            t_in = 100 * (t2i_max[:, :kk] == ci[:, None]).any(1).mean()
+            i_in = 100 * (ci[i2t_max[:, :kk]] == np.arange(n)[:, None]).any(1).mean()
+            out["found"][kk] = (t_in, i_in)
+        # rerank scoring, timed on the first queries of each direction (the held encodings
+        # are gathered by a first small call, as an evaluation's first tile does)
+        ray.get(on(0).rerank_tile.remote(0, "caption", np.arange(1), t2i[:1], parts))
+        qt, qi = args.timed_queries
+        t0 = time.perf_counter()
+        ray.get(on(0).rerank_tile.remote(0, "caption", np.arange(qt), t2i[:qt], parts))
+        out["t2i_query_s"] = (time.perf_counter() - t0) / qt
+        t0 = time.perf_counter()
+        ray.get(on(0).rerank_tile.remote(0, "image", np.arange(qi), i2t[:qi], parts))
+        out["i2t_query_s"] = (time.perf_counter() - t0) / qi
+        out["timed_k"], out["timed_q"] = k, (qt, qi)
+        # the sampled queries reranked at the largest K (smaller K: its first K candidates)
+        st = ray.get(on(0).rerank_tile.remote(0, "caption", cols, t2i_max[cols], parts))
+        si = ray.get(on(0).rerank_tile.remote(0, "image", rows, i2t_max[rows], parts))
+        out["sampled"] = (st["candidates"], st["total"], si["candidates"], si["total"])
     finally:
         for x in pool.actors:
             ray.kill(x)
@@ -266,16 +294,12 @@ def exhaustive_slices(model: str, split, rows: np.ndarray, cols: np.ndarray, say
     for ch, part in zip(chunks, a_parts, strict=True):
         a_sims[:, ch] = part["total"]
     b_sims = np.concatenate([p["total"] for p in b_parts])  # (N, S')
-    ci = split.caption_image
     gt = ci[None, :] == rows[:, None]  # (S, C)
     best = np.where(gt, a_sims, -np.inf).max(1)
-    i2t = ((a_sims >= best[:, None]) & ~gt).sum(1)
+    out["i2t_ranks"] = ((a_sims >= best[:, None]) & ~gt).sum(1)
     own = b_sims[ci[cols], np.arange(len(cols))]
-    t2i = (b_sims >= own[None, :]).sum(0) - 1
-    pairs = len(rows) * c + n * len(cols)
-    estimate = captions_s + images_s + n * c * scoring_s / pairs
-    return {"i2t_ranks": i2t, "t2i_ranks": t2i, "captions_s": captions_s, "images_s": images_s,
-            "scoring_s": scoring_s, "pairs": pairs, "estimate_s": estimate}  # fmt: skip
+    out["t2i_ranks"] = (b_sims >= own[None, :]).sum(0) - 1
+    return out
 
 
 def main() -> int:
@@ -298,8 +322,17 @@ def main() -> int:
         help="K' whose recall is read from a larger run's first K' candidates",
     )
     p.add_argument("--images", type=int, default=5000)
-    p.add_argument("--slice-images", type=int, default=8)
-    p.add_argument("--slice-captions", type=int, default=40)
+    p.add_argument("--slice-images", type=int, default=8, help="coco5k: sampled i2t queries")
+    p.add_argument("--slice-captions", type=int, default=40, help="coco5k: sampled t2i queries")
+    p.add_argument("--timed-k", type=int, default=100, help="coco5k: the K timed")
+    p.add_argument(
+        "--timed-queries",
+        type=int,
+        nargs=2,
+        default=[256, 64],
+        metavar=("T2I", "I2T"),
+        help="coco5k: queries of each direction the rerank's scoring is timed on",
+    )
     p.add_argument("--work", default="/tmp/shan-bench-rerank", help="kept between runs")
     p.add_argument("--results", default=str(RESULTS), help="appended to (default %(default)s)")
     args = p.parse_args()
