@@ -48,10 +48,13 @@ SCORES = ("total", "l2l", "g2l", "g2g")
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
+SIZING: dict = {}  # --actors, --cpus-per-actor when given
+
+
 def opts(**kw):
     from shan.eval.job import EvalOptions
 
-    return EvalOptions(split="test", **kw)
+    return EvalOptions(split="test", **SIZING, **kw)
 
 
 def quiet(_: str) -> None:
@@ -335,7 +338,13 @@ def main() -> int:
     )
     p.add_argument("--work", default="/tmp/shan-bench-rerank", help="kept between runs")
     p.add_argument("--results", default=str(RESULTS), help="appended to (default %(default)s)")
+    p.add_argument("--actors", type=int, help="the evaluation's --actors (default: sized)")
+    p.add_argument("--cpus-per-actor", type=float, help="the evaluation's --cpus-per-actor")
     args = p.parse_args()
+    if args.actors:
+        SIZING["actors"] = args.actors
+    if args.cpus_per_actor:
+        SIZING["cpus_per_actor"] = args.cpus_per_actor
     lines: list[str] = []
 
     def say(s: str) -> None:
