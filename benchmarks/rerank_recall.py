@@ -87,6 +87,10 @@ def demo(args: argparse.Namespace, say) -> None:
         say(f"rerank K={k}: {runs[k][1]:.1f} s")
         for kk in [x for x in args.derived_ks if x < k and x not in runs]:
             runs[kk] = (truncated(out / "rerank", kk), float("nan"), f"K={k}'s first {kk}")
+    if args.skip_exhaustive:  # the reranks' times and recall only
+        for k, (m, seconds, how) in sorted(runs.items()):
+            say(row(f"rerank K={k} ({how or f'{seconds:.1f} s'})", m["total"]))
+        return
     done = exhaustive_dir / "metrics.json"
     if args.exhaustive is None and not done.exists():
         evaluate([args.model], args.data, str(exhaustive_dir), opts(), log=quiet)
@@ -349,6 +353,7 @@ def main() -> int:
     )
     p.add_argument("--work", default="/tmp/shan-bench-rerank", help="kept between runs")
     p.add_argument("--results", default=str(RESULTS), help="appended to (default %(default)s)")
+    p.add_argument("--skip-exhaustive", action="store_true", help="demo, whole: reranks only")
     p.add_argument("--actors", type=int, help="the evaluation's --actors (default: sized)")
     p.add_argument("--cpus-per-actor", type=float, help="the evaluation's --cpus-per-actor")
     args = p.parse_args()
