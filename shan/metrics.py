@@ -70,11 +70,20 @@ def t2i_ranks(sims: np.ndarray, caption_image: np.ndarray, chunk: int = 4096) ->
 
 def recall_metrics(sims: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
     """R@1/5/10 both ways (percent), rsum, median and mean rank (1-based)."""
-    ri, rt = i2t_ranks(sims, caption_image), t2i_ranks(sims, caption_image)
+    return ranks_metrics(i2t_ranks(sims, caption_image), t2i_ranks(sims, caption_image))
+
+
+def ranks_metrics(
+    ri: np.ndarray, rt: np.ndarray, found: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, float]:
+    """The metrics of 0-based ranks: ri (images,) image-to-text, rt (captions,) text-to-image.
+    ``found``: (images,), (captions,) bool, False where the ground truth was not ranked at all
+    (a miss at every k, whatever its rank says)."""
     out: dict[str, float] = {}
-    for name, r in (("i2t", ri), ("t2i", rt)):
+    hit = found or (np.ones(len(ri), bool), np.ones(len(rt), bool))
+    for name, r, h in (("i2t", ri, hit[0]), ("t2i", rt, hit[1])):
         for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * float((r < k).mean())
+            out[f"{name}_r{k}"] = 100.0 * float(((r < k) & h).mean())
     out["rsum"] = sum(out[f"{n}_r{k}"] for n in ("i2t", "t2i") for k in (1, 5, 10))
     for name, r in (("i2t", ri), ("t2i", rt)):
         out[f"{name}_medr"] = float(np.floor(np.median(r)) + 1)
@@ -109,3 +118,47 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
         vals = [m[k] for k in KEYS[:7]] + [m["i2t_medr"], m["t2i_medr"]]
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     return "\n".join(lines)
+
+
+def sparse_ranks(candidates: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each query's 0-based rank among its own candidates only.
+
+    candidates (Q, K) int: the rows each query was scored against; scores (Q, K) their scores;
+    truth (Q, T) bool: which candidates are a ground truth of the query. The rank of a query is
+    the number of non-truth candidates scoring >= its best-scoring truth candidate (ties
+    counted above, as :func:`i2t_ranks`); a query with no truth among its candidates is ranked
+    K (below every candidate; :func:`sparse_recall_metrics` counts it a miss at every k).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    if candidates.shape != scores.shape or truth.shape != scores.shape:
+        raise ValueError(
+            f"candidates, scores and truth must have one shape (Q, K); got {candidates.shape}, "
+            f"{scores.shape} and {truth.shape}"
+        )
+    best = np.where(truth, scores, -np.inf).max(axis=1, initial=-np.inf)  # (Q,)
+    ranks = ((scores >= best[:, None]) & ~truth).sum(axis=1)
+    return np.where(truth.any(axis=1), ranks, scores.shape[1]).astype(np.int64)
+
+
+def sparse_recall_metrics(
+    t2i: tuple[np.ndarray, np.ndarray],
+    i2t: tuple[np.ndarray, np.ndarray],
+    caption_image: np.ndarray,
+) -> dict[str, float]:
+    """:func:`recall_metrics` of a rerank: each query scored against its candidates only.
+
+    t2i: (candidates (Nc, Kt) image rows, scores (Nc, Kt)), one row per caption; i2t:
+    (candidates (Ni, Ki) caption rows, scores (Ni, Ki)), one row per image; caption_image (Nc,)
+    the row of each caption's image. A ground truth outside a query's candidates is a miss
+    (:func:`sparse_ranks`), so the medians and means are lower bounds when there are misses.
+    With every image and every caption a candidate, this equals :func:`recall_metrics` of the
+    dense matrix.
+    """
+    caption_image = np.asarray(caption_image)
+    (tc, ts), (ic, is_) = t2i, i2t
+    if tc.shape[0] != len(caption_image):
+        raise ValueError(f"t2i has {tc.shape[0]} queries for {len(caption_image)} captions")
+    truth_t = tc == caption_image[:, None]
+    truth_i = caption_image[ic] == np.arange(ic.shape[0])[:, None]
+    found = (truth_i.any(axis=1), truth_t.any(axis=1))
+    return ranks_metrics(sparse_ranks(ic, is_, truth_i), sparse_ranks(tc, ts, truth_t), found)

@@ -3,6 +3,7 @@
     shan evaluate --model REF --data PATH [--split test] [--protocol plain] --out DIR
     shan evaluate --model REF --ensemble REF2 REF3 ... --data PATH --out DIR
     shan evaluate --model models:/NAME@candidate --promote champion --data PATH
+    shan evaluate --model REF --data PATH --out DIR --rerank 100 [--compare EXHAUSTIVE_DIR]
 
 REF: a checkpoint folder, an s3:// URL, an MLflow run id, or models:/NAME@ALIAS | models:/NAME/N.
 Protocols: plain (the whole split), f30k (1K test), coco-1k (mean of 5 folds of 1K), coco-5k.
@@ -14,6 +15,12 @@ writes there (a lock: DIR/eval.lock).
 On a cluster (RAY_ADDRESS set, or a submitted job) the actors are asked for as given
 (--actors, --gpus-per-actor, --cpus-per-actor) and the job waits for the autoscaler
 (--wait-timeout); a local instance is sized from the machine.
+--rerank K (a model with a first-stage head): each caption is scored against its top K images
+and each image against its top K captions by the first stage's inner product, not against the
+whole split; candidates and their scores go sparse to DIR/rerank/ (its own metrics.json,
+recall.md and resumable tiles). Recall counts a ground truth outside the K as a miss. When DIR
+(or --compare DIR2) holds the same model's exhaustive evaluation, the difference per metric is
+reported too.
 """
 
 from __future__ import annotations
@@ -98,6 +105,18 @@ def parser() -> argparse.ArgumentParser:
         help="how long to wait for the actors: on a cluster for room, locally to start\n"
         "(default 1800)",
     )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        metavar="K",
+        help="score each query against its top K first-stage candidates only (K >= 10)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="with --rerank: an exhaustive evaluation's --out to report the difference from\n"
+        "(default: --out itself, when it holds one)",
+    )
     p.add_argument("--no-bf16", action="store_true", help="float32 on GPU too")
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
     return p
@@ -117,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--promote needs --model models:/NAME@ALIAS, got {args.model!r}")
         if args.ensemble:
             p.error("--promote evaluates one model: it cannot run with --ensemble")
+        if args.rerank is not None:
+            p.error("--promote compares exhaustive evaluations: it cannot run with --rerank")
 
     from shan.data import fs
     from shan.eval import outputs
@@ -135,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_actor=args.gpus_per_actor,
         bf16=not args.no_bf16,
         wait_timeout_s=args.wait_timeout,
+        rerank=args.rerank,
+        compare=args.compare,
     )
+    opts.check()  # before the work: one error line
     out = args.out or default_out(args.model, args.split, args.protocol)
     outputs.check_out(out)
     if not args.no_mlflow:

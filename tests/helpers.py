@@ -34,13 +34,16 @@ def quiet(_line: str) -> None:
     """A ``log`` that says nothing."""
 
 
-def save_untrained(folder: Path, vocab, config: str = TINY, seed: int = 0) -> Path:
-    """A freshly initialised SHAN of ``config`` for ``vocab`` saved as a checkpoint in
-    ``folder`` (weights only, epoch 0, step 0)."""
+def save_untrained(
+    folder: Path, vocab, config: str = TINY, seed: int = 0, overrides: tuple[str, ...] = ()
+) -> Path:
+    """A freshly initialised SHAN of ``config`` (with ``overrides``, e.g.
+    ``model.first_stage_dim=8``) for ``vocab`` saved as a checkpoint in ``folder`` (weights
+    only, epoch 0, step 0)."""
     from shan.checkpoint import Checkpoint, save_checkpoint
     from shan.config import load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config, list(overrides))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

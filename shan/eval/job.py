@@ -8,23 +8,25 @@ data set, and every checkpoint (loaded in full: weights, config, vocabulary, fin
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from shan.checkpoint import load_checked
+from shan.checkpoint import load_checked, require_first_stage
 from shan.config import Checked, Problems
 from shan.data import fs
 from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
 from shan.errors import JobError
-from shan.eval import PROTOCOLS, outputs, tiles
+from shan.eval import PROTOCOLS, outputs, rerank, tiles
 from shan.eval.lock import OutLock
 from shan.fingerprint import data_fingerprint, digest
 from shan.metrics import fold_metrics, format_table, recall_metrics
@@ -32,6 +34,8 @@ from shan.pictures import attention_pictures
 from shan.runtime import GroupRequest, Resources, init_ray, on_cluster, plan_group, wait_for_room
 from shan.tracking import refs
 from shan.vocab import Vocabulary
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:  # torch is imported once a checkpoint is loaded
     from shan.checkpoint import Checkpoint
@@ -57,6 +61,8 @@ class EvalOptions(Checked):
     log_matrices_mb: float = 256.0  # larger sims_*.npy stay in --out, not in MLflow
     wait_timeout_s: float = 1800.0  # on a cluster: how long to wait for room for the actors
     tags: dict = field(default_factory=dict)
+    rerank: int | None = None  # K: score each query against its top K first-stage candidates
+    compare: str | None = None  # an exhaustive evaluation's --out to compare the rerank with
 
     def problems(self) -> list[str]:
         """What is wrong with the options, one line each, named as the fields."""
@@ -75,6 +81,14 @@ class EvalOptions(Checked):
             p.bad("gpus_per_actor", g, ">= 0, and whole above 1")
         p.positive("wait_timeout_s", self.wait_timeout_s)
         p.non_negative("log_matrices_mb", self.log_matrices_mb)
+        if self.rerank is not None:
+            k = self.rerank
+            if not isinstance(k, int) or isinstance(k, bool) or k < rerank.MAX_RECALL_K:
+                p.bad("rerank", k, f"an integer >= {rerank.MAX_RECALL_K} (K: R@10 needs 10)")
+            if self.protocol == "coco-1k":
+                p.append("rerank: protocol coco-1k averages folds; rerank the whole split instead")
+        elif self.compare is not None:
+            p.append(f"compare {self.compare!r}: compares a rerank; give rerank (K) too")
         return list(p)
 
 
@@ -117,6 +131,7 @@ class EvalResult:
     doc: dict
     models: list[refs.ModelRef]
     card: DatasetCard | None = None  # the evaluated data set's card
+    folder: str | None = None  # where ``names`` are, when not in --out (a rerank's)
 
     @property
     def rsum(self) -> float:
@@ -220,6 +235,15 @@ def evaluate(
         if n < len(split.image_ids):
             split = split.head(n)
         data_fp = data_fingerprint(card_bytes, split)
+        if opts.rerank is not None:
+            job = _Job(models, data, split, out, opts, vocab)
+            _check_rerank(job)  # before any work
+            with OutLock(out, log=log) as lock:
+                outputs.check_out(out)
+                result = _rerank(job, data_fp, log, lock.check)
+                result.card = card
+            log(result.table)
+            return result
         with OutLock(out, log=log) as lock:
             outputs.check_out(out)  # again, now that no other evaluation writes there
             outputs.mark_incomplete(out)
@@ -241,27 +265,42 @@ def evaluate(
     return result
 
 
-def _matrices(
-    job: _Job, data_fp: str, log: Callable[[str], None], guard: Callable[[], None]
-) -> dict[str, np.ndarray]:
-    """Every model's four matrices, averaged; tiles a previous run stored are reused."""
+def _on_pool(
+    job: _Job, log: Callable[[str], None], work: Callable[[tiles.Pool, tuple[str, str]], _T]
+) -> _T:
+    """``work(pool, device)`` on a started pool of the evaluation's actors, killed after."""
     try:
         ray = init_ray(log)
     except ConnectionError as e:
         raise JobError(f"cannot reach the Ray cluster: {e}") from e
-    models, split, out, opts = job.models, job.split, job.out, job.opts
+    opts = job.opts
     res: Resources = plan_group(actor_request(opts), ray.cluster_resources())
     start_within = opts.wait_timeout_s  # the actors start within this (locally: they wait)
     if on_cluster():
         waited = wait_for_room(res, opts.wait_timeout_s, noun="actor", strategy="SPREAD", log=log)
         start_within = max(120.0, opts.wait_timeout_s - waited)
     log(f"scoring on {res.describe('actor')}")
-    pool = tiles.start_pool([m.weights for m in models], res, opts.bf16, opts.block)
-    order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
-    total: dict[str, np.ndarray] | None = None
+    pool = tiles.start_pool([m.weights for m in job.models], res, opts.bf16, opts.block)
     try:
         device = tiles.device_kinds(pool, start_within)
         log(f"actors on nodes {', '.join(tiles.actor_nodes(pool))}")
+        return work(pool, device)
+    finally:
+        for a in pool.actors:
+            ray.kill(a)
+
+
+def _matrices(
+    job: _Job, data_fp: str, log: Callable[[str], None], guard: Callable[[], None]
+) -> dict[str, np.ndarray]:
+    """Every model's four matrices, averaged; tiles a previous run stored are reused."""
+    models, split, out, opts = job.models, job.split, job.out, job.opts
+    order = np.argsort([len(t) for t in split.tokens], kind="stable").tolist()
+    plan: tiles.Plan | None = None
+
+    def work(pool: tiles.Pool, device: tuple[str, str]) -> dict[str, np.ndarray]:
+        nonlocal plan
+        total: dict[str, np.ndarray] | None = None
         for i in range(len(models)):
             fp = tile_fingerprint(data_fp, models[i].files, job, device)
             plan = tiles.Plan(
@@ -275,10 +314,11 @@ def _matrices(
             store = tiles.TileStore(fs.join(out, "tiles", f"model-{i}"), plan, log, guard)
             sims = tiles.compute(pool, plan, store, split, model_index=i)
             total = sims if total is None else {k: total[k] + sims[k] for k in sims}
-    finally:
-        for a in pool.actors:
-            ray.kill(a)
-    assert total is not None  # evaluate() refuses an empty list of models
+        assert total is not None  # evaluate() refuses an empty list of models
+        return total
+
+    total = _on_pool(job, log, work)
+    assert plan is not None
     sims = {k: v / len(models) for k, v in total.items()}
     tiles.check_complete(plan, sims, "the averaged matrix")
     return sims
@@ -328,3 +368,94 @@ def _write(
     recall_md = f"{header}\n\n{table}\n"
     names = outputs.write_outputs(out, sims, index, doc, extra=extra, recall_md=recall_md)
     return EvalResult(metrics, table, names, doc, [m.ref for m in models])
+
+
+def _meta(job: _Job) -> dict:
+    """What an evaluation's metrics.json says it evaluated (its ``meta``, less the time)."""
+    return {
+        "model": [m.ref.ref for m in job.models],
+        "data": job.data,
+        "split": job.opts.split,
+        "protocol": job.opts.protocol,
+        "images": len(job.split.image_ids),
+        "captions": len(job.split.captions),
+    }
+
+
+def _check_rerank(job: _Job) -> None:
+    """JobError / CheckpointError for a rerank that cannot run, before any work."""
+    opts, models, split = job.opts, job.models, job.split
+    assert opts.rerank is not None
+    if len(models) > 1:
+        raise JobError("--rerank scores one model: it cannot run with --ensemble")
+    require_first_stage(models[0].model, models[0].ref.ref)
+    why = rerank.check_k(opts.rerank, len(split.image_ids), len(split.captions))
+    if why is not None:
+        raise JobError(why)
+    if opts.compare is not None and rerank.exhaustive_metrics(opts.compare, _meta(job)) is None:
+        raise JobError(
+            f"--compare {opts.compare}: it holds no finished exhaustive evaluation (metrics.json) "
+            f"of {models[0].ref.ref} on {job.data} [{opts.split}], protocol {opts.protocol}"
+        )
+
+
+def _rerank(
+    job: _Job, data_fp: str, log: Callable[[str], None], guard: Callable[[], None]
+) -> EvalResult:
+    """Each query scored against its top K first-stage candidates (:mod:`shan.eval.rerank`),
+    the recall of that, and its difference from an exhaustive evaluation when there is one."""
+    opts, split, out, model = job.opts, job.split, job.out, job.models[0]
+    assert opts.rerank is not None
+    k, folder = opts.rerank, fs.join(out, rerank.RERANK_DIR)
+    guard()
+    fs.delete_tree(fs.join(folder, "metrics.json"))  # incomplete until the new one is written
+    sizes = rerank.RerankPlan(len(split.image_ids), len(split.captions), k, opts.tile_images,
+                              opts.tile_captions, "")  # fmt: skip
+    log(
+        f"evaluating {model.ref.ref} on {job.data} [{opts.split}], protocol {opts.protocol}, "
+        f"rerank K = {k}: {sizes.n_images} images x {sizes.n_captions} captions"
+    )
+    t0 = time.perf_counter()
+
+    def work(pool: tiles.Pool, device: tuple[str, str]) -> dict[int, dict[str, np.ndarray]]:
+        first = rerank.first_stage(pool, split, sizes, 0)
+        cands = rerank.candidates(first, k)
+        log(
+            f"rerank: each caption against its top {sizes.k_of(0)} images, each image against "
+            f"its top {sizes.k_of(1)} captions (first stage, exact inner product)"
+        )
+        base = tile_fingerprint(data_fp, model.files, job, device)
+        plan = dataclasses.replace(sizes, fingerprint=rerank.fingerprint(base, k, cands))
+        root = fs.join(folder, "tiles", "model-0")
+        store = rerank.RerankStore(root, plan, cands, log=log, guard=guard)
+        return rerank.compute(pool, store, first, 0)
+
+    results = _on_pool(job, log, work)
+    seconds = time.perf_counter() - t0
+    metrics = rerank.metrics(results, split.caption_image)
+    meta = {**_meta(job), "rerank_k": k, "seconds": seconds}
+    exhaustive = rerank.exhaustive_metrics(opts.compare or out, _meta(job))
+    doc: dict = {**metrics, "meta": meta}
+    table = format_table(metrics)
+    if exhaustive is not None:
+        doc["vs_exhaustive"] = rerank.differences(metrics, exhaustive)
+        doc["exhaustive"] = exhaustive
+        table += "\n\n" + rerank.format_differences(doc["vs_exhaustive"])
+    header = (
+        f"# Recall on {Path(job.data).name} [{opts.split}], protocol {opts.protocol}, rerank "
+        f"K = {k}\n\nmodel: {model.ref.ref}; {meta['images']} images x {meta['captions']} "
+        "captions; each query scored against its top K first-stage candidates only (a ground "
+        "truth outside them is a miss, its rank counted as K + 1 in medr and meanr); recalls in "
+        "percent (pessimistic ties)"
+    )
+    index = {
+        "image_ids": split.image_ids.tolist(),
+        "caption_image_ids": split.image_ids[split.caption_image].tolist(),
+    }
+    files = {
+        "index.json": json.dumps(index).encode(),
+        "recall.md": f"{header}\n\n{table}\n".encode(),
+    }
+    guard()
+    names = rerank.write_outputs(folder, results, files=files, doc=doc)
+    return EvalResult(metrics, table, names, doc, [model.ref], folder=folder)

@@ -24,17 +24,22 @@ from shan.errors import JobError
 from shan.metrics import SCORES, i2t_ranks, t2i_ranks
 
 # What an evaluation's --out may hold (posix paths relative to it). v<N>/ are --promote's
-# per-version evaluations; tiles/model-<i>/ the finished tiles of model i.
+# per-version evaluations; tiles/model-<i>/ the finished tiles of model i; rerank/ a --rerank
+# evaluation's.
 _FILE = (
     r"sims_(total|l2l|g2l|g2g)\.npy|index\.json|metrics\.json|recall\.md|recall_at_k\.png"
     r"|attention_\d+\.png|promotion\.json|eval\.lock"
     r"|tiles/model-\d+/(plan\.json|tile-r\d{5}-c\d{5}\.npz)"
     r"|tiles/model-\d+/\.?(plan\.json|tile-r\d{5}-c\d{5}\.npz)\.tmp-\w+"  # killed writes
+    # rerank/: a --rerank evaluation's sparse outputs and tiles (shan.eval.rerank)
+    r"|rerank/((t2i|i2t)_(candidates|total|l2l|g2l|g2g)\.npy|index\.json|metrics\.json|recall\.md)"
+    r"|rerank/tiles/model-\d+/(plan\.json|tile-r\d{5}-c\d{5}\.npz)"
+    r"|rerank/tiles/model-\d+/\.?(plan\.json|tile-r\d{5}-c\d{5}\.npz)\.tmp-\w+"
 )
 OURS_FILE = re.compile(rf"^(v\d+/)?({_FILE})$")
 # one score's (i2t R@1..K, t2i R@1..K) in percent
 Curve = tuple[list[float], list[float]]
-OURS_DIR = re.compile(r"^(v\d+|(v\d+/)?tiles|(v\d+/)?tiles/model-\d+)$")
+OURS_DIR = re.compile(r"^(v\d+|(v\d+/)?(rerank/)?tiles(/model-\d+)?|(v\d+/)?rerank)$")
 
 
 def foreign_entries(out: str) -> list[str]:

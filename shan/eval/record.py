@@ -42,7 +42,8 @@ def log_evaluation(
         **notes.note_tags(notes.evaluation_note(c, title, models, result.table)),
     }
     tags = {**standard, **tags}  # the caller's tags win
-    run = c.create_run(exp_id, run_name=f"eval-{opts.split}-{opts.protocol}", tags=tags)
+    name = f"eval-{opts.split}-{opts.protocol}" + (f"-rerank{opts.rerank}" if opts.rerank else "")
+    run = c.create_run(exp_id, run_name=name, tags=tags)
     rid = run.info.run_id
     try:
         if result.card is not None:
@@ -50,14 +51,19 @@ def log_evaluation(
         log_params(c, rid, {k: v for k, v in meta.items() if k != "model"} | {"out": out})
         for k, v in flat_metrics(result.metrics, opts.split).items():
             c.log_metric(rid, k, v)
-        local, kept = outputs.local_copy(out, result.names, int(opts.log_matrices_mb * 2**20))
+        if "vs_exhaustive" in result.doc:  # a rerank beside an exhaustive evaluation
+            diff = {"vs_exhaustive": result.doc["vs_exhaustive"]["total"]}
+            for k, v in flat_metrics(diff, opts.split).items():
+                c.log_metric(rid, k, v)  # e.g. test/vs_exhaustive/rsum
+        folder = result.folder or out
+        local, kept = outputs.local_copy(folder, result.names, int(opts.log_matrices_mb * 2**20))
         try:
             c.log_artifacts(rid, local)
         finally:  # the copy is ours to remove, whether the upload worked or not
             shutil.rmtree(local, ignore_errors=True)
         skipped = sorted(set(result.names) - set(kept))
         if skipped:
-            c.set_tag(rid, "shan.not_logged", f"{', '.join(skipped)} (too large; in {out})")
+            c.set_tag(rid, "shan.not_logged", f"{', '.join(skipped)} (too large; in {folder})")
     except BaseException:
         c.set_terminated(rid, "FAILED")
         raise

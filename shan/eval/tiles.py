@@ -35,6 +35,8 @@ from shan.metrics import SCORES
 from shan.progress import Progress
 from shan.runtime import Resources
 
+IMAGE_F = ("v", "mask", "vp", "vg", "pv")  # EncodedImages' fields, in order
+CAPTION_FIELDS = ("t", "mask", "tp", "tq", "u1t")  # EncodedCaptions' fields, in order
 PLAN_FILE = "plan.json"
 TILE_NAME = re.compile(r"^tile-r(\d{5})-c(\d{5})\.npz$")
 # a killed write's temporary (fs.write_atomic's ``.NAME.tmp-XXXXXXXX``; ``NAME.tmp-PID`` before)
@@ -106,6 +108,8 @@ class TileStore:
     there) deletes its tiles: they are this project's own files, of another evaluation.
     ``guard`` is called before each write (the output lock checks it is still held)."""
 
+    KEYS: tuple[str, ...] = SCORES  # the arrays of a tile's .npz
+
     def __init__(
         self,
         root: str,
@@ -130,7 +134,7 @@ class TileStore:
             data = json.loads(fs.read_bytes(path))
         except (fs.StorageError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError
             return None, f"its {PLAN_FILE} is unreadable ({type(e).__name__})"
-        if not isinstance(data, dict) or set(data) != {f for f in Plan.__dataclass_fields__}:
+        if not isinstance(data, dict) or set(data) != set(type(self.plan).__dataclass_fields__):
             return None, f"its {PLAN_FILE} is not a tile plan"
         return data, None
 
@@ -168,13 +172,17 @@ class TileStore:
             self.guard()
         fs.write_atomic(path, data, make_parents=True)  # never a half-written file
 
+    def problem(self, r: int, c: int, tile: object) -> str | None:
+        """Why ``tile`` cannot be tile (r, c) of this store's plan (None: it can)."""
+        return tile_problem(self.plan, r, c, tile)
+
     def save(self, r: int, c: int, sims: dict[str, np.ndarray]) -> None:
-        why = tile_problem(self.plan, r, c, sims)
+        why = self.problem(r, c, sims)
         if why is not None:
             raise JobError(f"tile ({r}, {c}) is not saved: {why}")
         buf = io.BytesIO()
         # numpy's stub types every ** value as a possible ``allow_pickle`` flag
-        np.savez(buf, **{k: sims[k] for k in SCORES})  # type: ignore[arg-type]
+        np.savez(buf, **{k: sims[k] for k in self.KEYS})  # type: ignore[arg-type]
         self._write(self._path(r, c), buf.getvalue())
 
     def load(self, r: int, c: int) -> dict[str, np.ndarray] | None:
@@ -183,11 +191,11 @@ class TileStore:
         path = self._path(r, c)
         try:
             with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
-                tile = {k: z[k] for k in SCORES if k in z.files}
+                tile = {k: z[k] for k in self.KEYS if k in z.files}
         except (fs.StorageError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             self.log(f"{path}: unreadable ({type(e).__name__}); recomputing it")
             return None
-        why = tile_problem(self.plan, r, c, tile)
+        why = self.problem(r, c, tile)
         if why is not None:
             self.log(f"{path}: {why}; recomputing it")
             return None
@@ -320,6 +328,82 @@ class TileScorer:
             sims = model.score(model.image_terms(v, vm), model.caption_terms(t, tm), self.block)
             return {k: sims[k].float().cpu().numpy() for k in SCORES}
 
+    # -- rerank (shan.eval.rerank) ---------------------------------------------------------------
+    def rerank_images(
+        self, m: int, features: np.ndarray, counts: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A chunk of images (B, R, F), region counts (B,) -> (the encoded images' fields
+        (:class:`~shan.model.EncodedImages`, numpy, B rows), first-stage vectors (B, D))."""
+        from shan.scoring import encode_images, image_vectors
+
+        model, chunk = self.models[m], max(1, len(features))
+        im = encode_images(model, features, counts, self.device, chunk=chunk, bf16=self.bf16)
+        vec = image_vectors(model, features, counts, self.device, chunk=chunk, bf16=self.bf16)
+        return {f: getattr(im, f).numpy() for f in IMAGE_F}, vec
+
+    def rerank_captions(
+        self, m: int, tokens: list[list[int]]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A chunk of captions -> (the encoded captions' fields (numpy, padded to the chunk's
+        longest), first-stage vectors (B, D))."""
+        import torch
+
+        from shan.data.reader import pad_tokens
+        from shan.scoring import autocast, caption_vectors
+
+        model = self.models[m]
+        toks, lens = pad_tokens(tokens)
+        with torch.no_grad(), autocast(self.device, self.bf16):
+            cap = model.encode_captions(toks.to(self.device), lens.to(self.device))
+        fields = {f: _numpy(getattr(cap, f)) for f in CAPTION_FIELDS}
+        return fields, caption_vectors(model, tokens, self.device, chunk=max(1, len(tokens)))
+
+    def rerank_tile(
+        self, m: int, by: str, queries: np.ndarray, candidates: np.ndarray, parts: list[Any]
+    ) -> dict[str, np.ndarray]:
+        """Queries (Q,) rows (captions ``by="caption"``, images ``by="image"``), candidates
+        (Q, K) rows of the other side -> {"candidates" (Q, K) int32, "total", "l2l", "g2l",
+        "g2g" (Q, K) float32} (:func:`shan.scoring.rerank_scores`). ``parts``: [image chunk
+        refs, caption chunk refs] of :meth:`rerank_images` / :meth:`rerank_captions`, gathered
+        once per actor (and again after a restart)."""
+        import torch
+
+        from shan.scoring import autocast, rerank_scores
+
+        images, captions = self._held(m, parts)
+        q = torch.from_numpy(np.array(queries, dtype=np.int64)).to(self.device)
+        candidates = np.array(candidates)  # Ray's arrays are read-only: torch wants its own
+        with autocast(self.device, self.bf16):
+            if by == "caption":
+                got = rerank_scores(self.models[m], images, captions[q], candidates, by=by)
+            else:
+                got = rerank_scores(self.models[m], images[q], captions, candidates, by=by)
+        return {"candidates": candidates.astype(np.int32), **got}
+
+    def _held(self, m: int, parts: list[Any]) -> tuple[Any, Any]:
+        """Model ``m``'s encoded split (images, captions) on this actor's device."""
+        import ray
+        import torch
+
+        from shan.model import EncodedCaptions, EncodedImages
+
+        held = getattr(self, "held", {})
+        if m not in held:
+            image_parts, caption_parts = (ray.get(list(p)) for p in parts)
+            n = max(x[0]["t"].shape[1] for x in caption_parts)
+
+            def cat(chunks: list[dict], f: str, pad: int | None = None) -> torch.Tensor:
+                arrays = [c[f] if pad is None else _pad_words(c[f], pad) for c in chunks]
+                return torch.from_numpy(np.concatenate(arrays)).to(self.device)
+
+            images = EncodedImages(*(cat([p[0] for p in image_parts], f) for f in IMAGE_F))
+            captions = EncodedCaptions(
+                *(cat([p[0] for p in caption_parts], f, n) for f in CAPTION_FIELDS)
+            )
+            held[m] = (images, captions)
+            self.held = held
+        return held[m]
+
 
 @dataclass
 class Pool:
@@ -408,28 +492,32 @@ def compute(
         note=f"{already} already done" if already else "",
     )
     with progress:
-        _run_tiles(
-            pool, plan, store, sims, todo=todo, img=img, cap=cap, model_index=model_index,
+        run_tiles(
+            pool,
+            store,
+            todo=todo,
+            submit=lambda actor, t: actor.score_tile.remote(model_index, img[t[0]], cap[t[1]]),
+            done=lambda t, scores: place(plan, sims, *t, scores),
+            what=f"model {model_index}",
             progress=progress,
-        )  # fmt: skip
+        )
     check_complete(plan, sims)
     return sims
 
 
-def _run_tiles(
+def run_tiles(
     pool: Pool,
-    plan: Plan,
     store: TileStore,
-    sims: dict[str, np.ndarray],
     *,
     todo: list[tuple[int, int]],
-    img: dict[int, Any],
-    cap: dict[int, Any],
-    model_index: int,
+    submit: Callable[[Any, tuple[int, int]], Any],
+    done: Callable[[tuple[int, int], dict[str, np.ndarray]], None],
+    what: str,
     progress: Progress,
 ) -> None:
-    """Score the ``todo`` tiles on the pool's actors, saving and placing each into ``sims``;
-    an actor that dies has its tile redone by another."""
+    """Score the ``todo`` tiles on the pool's actors (``submit(actor, tile)``: the object ref of
+    the tile's scores), checking, saving and passing each to ``done``; an actor that dies has
+    its tile redone by another."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -438,14 +526,14 @@ def _run_tiles(
     pending: dict[Any, tuple[Any, tuple[int, int]]] = {}  # object ref: (actor, tile)
     alive, failures = list(a), {id(x): 0 for x in a}
 
-    def submit(actor: Any) -> None:
+    def send(actor: Any) -> None:
         if queue:
-            r, c = queue.pop(0)
-            pending[actor.score_tile.remote(model_index, img[r], cap[c])] = (actor, (r, c))
+            tile = queue.pop(0)
+            pending[submit(actor, tile)] = (actor, tile)
 
     for actor in alive:
         for _ in range(pool.per_actor):
-            submit(actor)
+            send(actor)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         actor, tile = pending.pop(ready[0])
@@ -458,15 +546,28 @@ def _run_tiles(
                 alive.remove(actor)  # restarted too often: give its work to the others
             if not alive:
                 raise JobError("every evaluation actor died; see the Ray logs") from None
-            submit(actor if actor in alive else min(alive, key=_load(pending)))
+            send(actor if actor in alive else min(alive, key=_load(pending)))
             continue
-        why = tile_problem(plan, *tile, scores)
+        why = store.problem(*tile, scores)
         if why is not None:
-            raise JobError(f"model {model_index} scored tile {tile} wrong: {why}")
+            raise JobError(f"{what} scored tile {tile} wrong: {why}")
         store.save(*tile, scores)
-        place(plan, sims, *tile, scores)
+        done(tile, scores)
         progress.update()
-        submit(actor)
+        send(actor)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A tensor on any device -> numpy (float32, or bool for masks)."""
+    return x.float().cpu().numpy() if x.dtype.is_floating_point else x.cpu().numpy()
+
+
+def _pad_words(a: np.ndarray, n: int) -> np.ndarray:
+    """(B, m, ...) -> (B, n, ...): zeros (False for a mask) after the m words."""
+    if a.shape[1] == n:
+        return a
+    pad = [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad)
 
 
 def _load(pending: dict[Any, tuple[Any, tuple[int, int]]]) -> Callable[[Any], int]:

@@ -194,6 +194,20 @@ def _wrong_vocab(tmp: Path) -> list[str]:
     return args(tmp, str(save_untrained(tmp / "other", Vocabulary(["other", "words"]))))
 
 
+def _head(tmp: Path, name: str = "head") -> str:
+    """A checkpoint of the tiny model with a first-stage head (what --rerank needs)."""
+    from shan.data.format import load_vocab
+
+    vocab = load_vocab(str(_BASE["data"]))
+    folder = save_untrained(tmp / name, vocab, overrides=("model.first_stage_dim=8",))
+    return str(folder)
+
+
+def rerank(*extra: str, head: bool = True):
+    """A good command line with ``--rerank`` options, of a model with a head (``head``)."""
+    return lambda tmp: args(tmp, _head(tmp) if head else None, *extra)
+
+
 CASES: list[Case] = [
     # options
     Case("tile-images-negative", "evaluate", "`--tile-images -1`", opt("--tile-images", "-1"),
@@ -221,6 +235,24 @@ CASES: list[Case] = [
     Case("promote-not-registered", "evaluate", "`--promote` of a model that is not `models:/...`",
          lambda tmp: [a for a in args(tmp, None, "--promote", "champion") if a != "--no-mlflow"],
          ("--promote", "models:/")),
+    Case("rerank-zero", "evaluate", "`--rerank 0`", rerank("--rerank", "0"), ("rerank", "0")),
+    Case("rerank-below-recall-k", "evaluate", "`--rerank 5` (K smaller than R@10's 10)",
+         rerank("--rerank", "5"), ("rerank", "5", ">= 10")),
+    Case("rerank-beyond-the-split", "evaluate",
+         "`--rerank 41` on a split of 8 images x 40 captions",
+         rerank("--rerank", "41"), ("--rerank 41", "larger than the split")),
+    Case("rerank-without-a-first-stage", "evaluate",
+         "`--rerank` of a checkpoint without a first-stage head",
+         rerank("--rerank", "10", head=False), ("ck", "no first-stage head")),
+    Case("rerank-with-ensemble", "evaluate", "`--rerank` with `--ensemble`",
+         lambda tmp: args(tmp, _head(tmp), "--rerank", "10", "--ensemble", _head(tmp, "h2")),
+         ("--rerank", "--ensemble")),
+    Case("compare-without-exhaustive", "evaluate",
+         "`--rerank --compare DIR` where DIR holds no exhaustive evaluation",
+         lambda tmp: args(tmp, _head(tmp), "--rerank", "10", "--compare", str(tmp)),
+         ("--compare", "no finished exhaustive evaluation")),
+    Case("compare-without-rerank", "evaluate", "`--compare DIR` without `--rerank`",
+         opt("--compare", "elsewhere"), ("compare", "rerank")),
     # the model
     Case("mlflow-unreachable", "evaluate",
          "`--model RUN_ID` (or `runs:/`, `models:/`) with `MLFLOW_TRACKING_URI` at a closed port",

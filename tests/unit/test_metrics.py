@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from shan.metrics import fold_metrics, i2t_ranks, recall_metrics, t2i_ranks
+from shan.metrics import (
+    fold_metrics,
+    i2t_ranks,
+    recall_metrics,
+    sparse_ranks,
+    sparse_recall_metrics,
+    t2i_ranks,
+)
 
 
 def naive_i2t(sims, cap_img):
@@ -77,3 +84,47 @@ def test_five_folds_average_the_fold_blocks():
 def test_image_without_caption_is_an_error():
     with pytest.raises(ValueError, match="image row 1 has no caption"):
         recall_metrics(np.zeros((2, 2), np.float32), np.array([0, 0]))
+
+
+def _all_candidates(sims: np.ndarray) -> tuple[tuple, tuple]:
+    """The dense matrix as a rerank whose candidates are every row, in a shuffled order."""
+    rng = np.random.default_rng(1)
+    ni, nc = sims.shape
+    tc = np.stack([rng.permutation(ni) for _ in range(nc)])  # (Nc, Ni)
+    ic = np.stack([rng.permutation(nc) for _ in range(ni)])  # (Ni, Nc)
+    ts = sims.T[np.arange(nc)[:, None], tc]
+    is_ = sims[np.arange(ni)[:, None], ic]
+    return (tc, ts), (ic, is_)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_recall_with_every_candidate_equals_the_dense_recall(seed):
+    rng = np.random.default_rng(seed)
+    ni = 40
+    caption_image = np.repeat(np.arange(ni), 5)
+    sims = rng.normal(size=(ni, 5 * ni)).astype(np.float32)
+    sims[caption_image, np.arange(5 * ni)] += 1.5  # some signal: recalls between 0 and 100
+    sims[3, 7] = sims[3, 0]  # and a tie, counted above the ground truth by both
+    t2i, i2t = _all_candidates(sims)
+    assert sparse_recall_metrics(t2i, i2t, caption_image) == recall_metrics(sims, caption_image)
+
+
+def test_sparse_recall_a_ground_truth_outside_the_candidates_is_a_miss():
+    caption_image = np.array([0, 0, 1, 1])
+    # captions 0..3: candidates are images; caption 2's image (1) is not among its candidates
+    tc = np.array([[0, 1], [1, 0], [0, 0], [1, 0]])
+    ts = np.array([[0.9, 0.1], [0.8, 0.7], [0.5, 0.4], [0.3, 0.6]], dtype=np.float32)
+    ic = np.array([[2, 0], [3, 0]])  # image 0's candidates: captions 2 (not its), 0 (its)
+    is_ = np.array([[0.9, 0.5], [0.2, 0.1]], dtype=np.float32)
+    ranks_t = sparse_ranks(tc, ts, tc == caption_image[:, None])
+    assert ranks_t.tolist() == [0, 1, 2, 1]  # caption 2: a miss, ranked K = 2
+    ranks_i = sparse_ranks(ic, is_, caption_image[ic] == np.arange(2)[:, None])
+    assert ranks_i.tolist() == [1, 0]
+    m = sparse_recall_metrics((tc, ts), (ic, is_), caption_image)
+    assert m["t2i_r1"] == 25.0 and m["i2t_r1"] == 50.0
+    assert m["t2i_r10"] == 75.0 and m["t2i_meanr"] == 2.0  # the miss: ranked K + 1 = 3
+
+
+def test_sparse_recall_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        sparse_ranks(np.zeros((2, 3), int), np.zeros((2, 2)), np.zeros((2, 3), bool))
