@@ -87,6 +87,7 @@ FREE_TEXT = {
     "evaluate --split": "a split of the data set",
     "search --cache": "a folder for the image indexes",
     "index build --split": "a split of the data set",
+    "index head --split": "a split of the data set",
     "data images --weights": "a .pth file or 'random'",
 }
 
