@@ -211,8 +211,8 @@ def require_first_stage(model: SHAN, name: str) -> None:
     if model.first_stage is None:
         raise CheckpointError(
             f"model {name} has no first-stage head (its model.first_stage_dim is 0), so it "
-            "cannot build or use an index: train it with model.first_stage_dim=256 (the "
-            "default configs have one), or search and evaluate it without --index/--rerank"
+            "cannot build or use an index: fit one with `shan index head --model ... --out "
+            "NEW_CHECKPOINT`, or search and evaluate it without --index/--rerank"
         )
 
 
