@@ -273,7 +273,7 @@ def train_epoch(w: Worker, batches: Iterable[Batch], steps_hint: int) -> Meter:
         check_loss(w, total)  # every rank goes on, or every rank stops
         w.optimizer.zero_grad(set_to_none=True)
         (loss * w.world).backward()
-        torch.nn.utils.clip_grad_norm_(w.core.parameters(), cfg.optim.grad_clip)
+        clip_gradients(w.core, cfg.optim.grad_clip)
         w.optimizer.step()
         w.state.step += 1
         meter.step(total.item(), len(batch), lr)  # rank 0 logs every tracking.log_every steps
@@ -281,6 +281,18 @@ def train_epoch(w: Worker, batches: Iterable[Batch], steps_hint: int) -> Meter:
         raise Stop(JobError("this worker got no training batch: the train split is smaller "
                             "than the global batch (optim.batch_size)"))  # fmt: skip
     return meter
+
+
+def clip_gradients(core: SHAN, max_norm: float) -> None:
+    """Clip SHAN's gradient norm to ``max_norm``, and the first stage's (if any) on its own:
+    one norm over both would let the head's gradients scale SHAN's steps."""
+    shan: list[torch.nn.Parameter] = []
+    head: list[torch.nn.Parameter] = []
+    for name, p in core.named_parameters():
+        (head if name.startswith("first_stage.") else shan).append(p)
+    torch.nn.utils.clip_grad_norm_(shan, max_norm)
+    if head:
+        torch.nn.utils.clip_grad_norm_(head, max_norm)
 
 
 def epoch_batches(w: Worker, shard: DataIterator) -> Iterator[Batch]:
