@@ -23,7 +23,7 @@ from shan.errors import CheckpointError
 from shan.loss import first_stage_loss
 from shan.model import SHAN, l2norm
 from shan.scoring import caption_vectors, image_vectors, score_matrix
-from shan.train.worker import LoopSettings, epoch_batches, make_worker, train_epoch
+from shan.train.worker import LoopSettings, Meter, epoch_batches, make_worker, train_epoch
 from shan.vocab import Vocabulary
 from tests.helpers import WORDS
 
@@ -104,8 +104,9 @@ def config(first_stage_dim: int, grad_clip: float = 0.05) -> Config:
     ).validate()
 
 
-def trained(first_stage_dim: int, grad_clip: float = 0.05) -> tuple[dict, dict]:
-    """(weights before, weights after) one epoch of the worker's own loop (8 steps)."""
+def trained(first_stage_dim: int, grad_clip: float = 0.05) -> tuple[dict, dict, Meter]:
+    """(weights before, weights after, the epoch's meter) of one epoch of the worker's own loop
+    (8 steps)."""
     settings = LoopSettings(
         config=config(first_stage_dim, grad_clip),
         vocab=VOCAB,
@@ -122,11 +123,11 @@ def trained(first_stage_dim: int, grad_clip: float = 0.05) -> tuple[dict, dict]:
     try:
         w = make_worker(settings, torch.device("cpu"), rank=1)  # rank 1: no MLflow logger
         before = {k: v.clone() for k, v in w.core.state_dict().items()}
-        train_epoch(w, epoch_batches(w, Shard()), steps_hint=8)
+        meter = train_epoch(w, epoch_batches(w, Shard()), steps_hint=8)
         assert w.state.step == 8
     finally:
         torch.set_num_threads(threads)
-    return before, {k: v.clone() for k, v in w.core.state_dict().items()}
+    return before, {k: v.clone() for k, v in w.core.state_dict().items()}, meter
 
 
 @pytest.mark.parametrize("grad_clip", [0.05, 2.0])
@@ -134,8 +135,8 @@ def test_the_head_leaves_every_shan_step_bitwise_unchanged(grad_clip):
     """The worker's steps (forward, backward, gradient clip, Adam) with a first stage give
     SHAN's weights bit for bit what they give without it, with the clip acting (0.05) or not;
     the head's own weights do train."""
-    start0, end0 = trained(0, grad_clip)
-    start8, end8 = trained(8, grad_clip)
+    start0, end0, meter0 = trained(0, grad_clip)
+    start8, end8, meter8 = trained(8, grad_clip)
     head = {k for k in end8 if k.startswith(HEAD)}
     assert head and set(end8) - head == set(end0)
     for k in end0:
@@ -143,6 +144,13 @@ def test_the_head_leaves_every_shan_step_bitwise_unchanged(grad_clip):
         assert torch.equal(end8[k], end0[k]), f"{k}: trained weights differ"
     assert any(not torch.equal(end0[k], start0[k]) for k in end0)  # SHAN trained at all
     assert all(not torch.equal(end8[k], start8[k]) for k in head), "a head weight did not train"
+    # train/loss stays SHAN's own; the head's is logged apart (train/first_stage_loss)
+    assert meter8.losses == pytest.approx(meter0.losses, rel=1e-5)
+    assert meter0.first_stage == [] and "train/epoch_first_stage_loss" not in meter0.stats()
+    assert len(meter8.first_stage) == 8 and all(0 < x < 10 for x in meter8.first_stage)
+    assert meter8.stats()["train/epoch_first_stage_loss"] == pytest.approx(
+        np.mean(meter8.first_stage)
+    )
 
 
 def test_shans_initial_weights_and_the_random_stream_do_not_depend_on_the_head():
@@ -216,3 +224,8 @@ def test_an_old_checkpoint_scores_and_says_in_one_line_that_it_has_no_head(tmp_p
     assert "\n" not in message and message.startswith("model runs:/abc/model has no first-stage")
     with pytest.raises(ValueError, match="no first stage"):
         image_vectors(loaded.model, features, regions, cpu)
+
+
+# The logged MLflow model is this checkpoint folder, byte for byte (pyfunc.log_model; the bytes
+# are compared in test_tracking_pyfunc.py's test_resolve_the_mlflow_model_layout): it holds the
+# head whenever model.pt does (test_a_checkpoint_keeps_the_head_and_its_vectors).
