@@ -134,9 +134,16 @@ def kl_to_shan(
         scores = model.score(model.image_terms(v[img], v_mask[img]),
                              model.caption_terms(t[rows], t_mask[rows]))["total"]  # fmt: skip
         teacher = scores.T / 0.05  # (B captions, B images), SHAN's scores at the head's tau
-    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher, 1), log_target=True)
-    kl_t = F.kl_div(F.log_softmax(logits.T, 1), F.log_softmax(teacher.T, 1), log_target=True)
-    return 0.5 * (kl + kl_t) * len(rows)
+    kl = F.kl_div(
+        F.log_softmax(logits, 1), F.log_softmax(teacher, 1), reduction="batchmean", log_target=True
+    )
+    kl_t = F.kl_div(
+        F.log_softmax(logits.T, 1),
+        F.log_softmax(teacher.T, 1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return 0.5 * (kl + kl_t)
 
 
 def distill(model: SHAN, train: tuple[Encoded, np.ndarray], spec: Spec, args) -> FirstStage:
