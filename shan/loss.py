@@ -204,6 +204,7 @@ class BatchLoss(nn.Module):
         super().__init__()
         self.model = model
         self.loss = TripletLoss(cfg)
+        self.first_stage_part: Tensor | None = None  # the last forward's first-stage loss
 
     def forward(
         self,
@@ -248,12 +249,14 @@ class BatchLoss(nn.Module):
         head = self.model.first_stage
         if head is None:
             return v.new_zeros(())
-        return first_stage_loss(
+        loss = first_stage_loss(
             head.images(v.detach(), v_mask),
             head.captions(t.detach(), t_mask),
             image_ids,
             self.loss.cfg.first_stage_temperature,
         )
+        self.first_stage_part = loss.detach()  # logged apart (train/first_stage_loss)
+        return loss
 
 
 def first_stage_loss(images: Tensor, captions: Tensor, image_ids: Tensor, tau: float) -> Tensor:

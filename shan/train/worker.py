@@ -244,6 +244,16 @@ def batch_loss(w: Worker, loss: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def first_stage_part(w: Worker) -> torch.Tensor | None:
+    """The first stage's part of the last step's global loss (the sum of every rank's, detached;
+    :meth:`BatchLoss.first_stage`), None without a first stage: SHAN's own loss is the rest."""
+    if w.core.first_stage is None:
+        return None
+    step = getattr(w.model, "module", w.model)  # the BatchLoss (DDP wraps it)
+    part = getattr(step, "first_stage_part", None)
+    return None if part is None else batch_loss(w, part)
+
+
 def check_loss(w: Worker, loss: torch.Tensor) -> None:
     """Every rank goes on only when every rank's loss is finite (before backward, whose
     gradient all-reduce would otherwise wait for the rank that stopped)."""
@@ -271,16 +281,34 @@ def train_epoch(w: Worker, batches: Iterable[Batch], steps_hint: int) -> Meter:
         loss = forward(w, batch)  # this rank's share of the global batch's loss
         total = batch_loss(w, loss)  # the global batch's loss, on every rank
         check_loss(w, total)  # every rank goes on, or every rank stops
+        head = first_stage_part(w)  # the first stage's part of it (logged apart), or None
         w.optimizer.zero_grad(set_to_none=True)
         (loss * w.world).backward()
-        torch.nn.utils.clip_grad_norm_(w.core.parameters(), cfg.optim.grad_clip)
+        clip_gradients(w.core, cfg.optim.grad_clip)
         w.optimizer.step()
         w.state.step += 1
-        meter.step(total.item(), len(batch), lr)  # rank 0 logs every tracking.log_every steps
+        if head is None:
+            meter.step(total.item(), len(batch), lr)  # rank 0 logs every log_every steps
+        else:
+            meter.step(
+                total.item() - head.item(), len(batch), lr, first_stage=head.item() / w.world
+            )
     if not meter.losses:  # the ranks stopped at the same step, so all of them are here
         raise Stop(JobError("this worker got no training batch: the train split is smaller "
                             "than the global batch (optim.batch_size)"))  # fmt: skip
     return meter
+
+
+def clip_gradients(core: SHAN, max_norm: float) -> None:
+    """Clip SHAN's gradient norm to ``max_norm``, and the first stage's (if any) on its own:
+    one norm over both would let the head's gradients scale SHAN's steps."""
+    shan: list[torch.nn.Parameter] = []
+    head: list[torch.nn.Parameter] = []
+    for name, p in core.named_parameters():
+        (head if name.startswith("first_stage.") else shan).append(p)
+    torch.nn.utils.clip_grad_norm_(shan, max_norm)
+    if head:
+        torch.nn.utils.clip_grad_norm_(head, max_norm)
 
 
 def epoch_batches(w: Worker, shard: DataIterator) -> Iterator[Batch]:
@@ -326,7 +354,8 @@ class Meter:
 
     def __init__(self, w: Worker, steps_hint: int) -> None:
         self.w, self.steps_hint = w, steps_hint
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # SHAN's
+        self.first_stage: list[float] = []  # the first stage's (its mean over the ranks)
         self.examples, self.wait = 0, 0.0
         self.t_start = self.t_log = time.perf_counter()
         self.ex_log = 0
@@ -339,8 +368,10 @@ class Meter:
         finally:
             self.wait += time.perf_counter() - t0
 
-    def step(self, loss: float, examples: int, lr: float) -> None:
+    def step(self, loss: float, examples: int, lr: float, first_stage: float | None = None) -> None:
         self.losses.append(loss)
+        if first_stage is not None:
+            self.first_stage.append(first_stage)
         self.examples += examples
         w, every = self.w, self.w.cfg.tracking.log_every
         if w.logger is None or len(self.losses) % every:
@@ -353,20 +384,23 @@ class Meter:
             f"epoch {w.state.epoch + 1}/{w.cfg.optim.epochs} step {len(self.losses)}/"
             f"~{self.steps_hint} loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker"
         )
-        w.logger.log(
-            {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate},
-            step=w.state.step,
-        )
+        points = {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate}
+        if self.first_stage:
+            points["train/first_stage_loss"] = float(np.mean(self.first_stage[-every:]))
+        w.logger.log(points, step=w.state.step)
 
     def stats(self) -> dict[str, float]:
         """The mean loss of the global batches, examples/s and the share of the time spent
         waiting for data."""
         seconds = time.perf_counter() - self.t_start
-        return {
+        stats = {
             "train/epoch_loss": float(np.mean(self.losses)),
             "train/epoch_examples_per_s": self.examples / seconds,
             "train/data_wait": self.wait / seconds,
         }
+        if self.first_stage:
+            stats["train/epoch_first_stage_loss"] = float(np.mean(self.first_stage))
+        return stats
 
 
 class Validator:
