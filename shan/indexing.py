@@ -15,20 +15,30 @@ A destination that already holds the index of this model, data and split is left
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import shan
-from shan.checkpoint import load_checked, require_first_stage
+from shan.checkpoint import (
+    CheckedModel,
+    Checkpoint,
+    load_checked,
+    require_first_stage,
+    save_checkpoint,
+)
 from shan.config import FIRST_STAGE_DIM_MAX, Checked, Problems
 from shan.data import fs
-from shan.data.format import CARD, load_card, load_vocab
+from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
 from shan.errors import JobError
 from shan.fingerprint import data_fingerprint
@@ -114,16 +124,8 @@ def build_index(
     opts = opts or IndexOptions()
     opts.check()
     existing = check_destination(out, overwrite=True, log=log)  # a foreign DEST: refused now
-    card = load_card(data)
-    vocab = load_vocab(data, card)
-    if split not in card.splits:
-        raise JobError(f"data set {data} has no split {split!r} (it has {list(card.splits)})")
-    resolved = refs.resolve(model_ref, os.environ.get("MLFLOW_TRACKING_URI"))
-    try:
-        loaded = load_checked(resolved.path, card, vocab, name=resolved.ref, data=data)
-    finally:
-        refs.cleanup([resolved])
-    require_first_stage(loaded.model, resolved.ref)
+    card, loaded, name = checked_model(model_ref, data, split)
+    require_first_stage(loaded.model, name)
     arrays = read_split(data, split, card, max_words=loaded.config.data.max_words)
     data_fp = data_fingerprint(fs.read_bytes(fs.join(data, CARD)), arrays)
     if existing is not None and not opts.overwrite:
@@ -291,42 +293,35 @@ def fit_head(
     encoders (:func:`shan.firststage.fit_first_stage`) on ``data``'s split, written as a new
     checkpoint folder ``out`` (new or empty: nothing is replaced). SHAN's weights are copied
     unchanged. Returns ``out``."""
-    import dataclasses
+    import torch  # here: the error paths above stay light
 
-    import torch
-
-    from shan.checkpoint import save_checkpoint
-    from shan.firststage import FitOptions, fit_first_stage, with_head
+    from shan.firststage import FitOptions, fit_first_stage, with_head  # (torch too)
 
     opts = opts or HeadOptions()
     opts.check()
-    dest = _new_folder(out)
-    card = load_card(data)
-    vocab = load_vocab(data, card)
-    if opts.split not in card.splits:
-        raise JobError(f"data set {data} has no split {opts.split!r} (it has {list(card.splits)})")
-    resolved = refs.resolve(model_ref, os.environ.get("MLFLOW_TRACKING_URI"))
-    try:
-        loaded = load_checked(resolved.path, card, vocab, name=resolved.ref, data=data)
-    finally:
-        refs.cleanup([resolved])
+    dest = _check_new_folder(out)
+    card, loaded, _ = checked_model(model_ref, data, opts.split)
     cfg = loaded.config
     dim = opts.dim or cfg.model.first_stage_dim or DEFAULT_HEAD_DIM
     arrays = read_split(data, opts.split, card, max_words=cfg.data.max_words)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":  # a small model's ops are too small for threads: 2 threads were
-        torch.set_num_threads(cpu_threads(cfg.model.d))  # 35x slower than 1 at d 64 (loaded box)
     model = loaded.model.to(device)
     fit = FitOptions(opts.epochs, opts.batch, opts.lr, cfg.loss.first_stage_temperature)
     captions = len(arrays.caption_image)
     log(f"fitting a first stage (D {dim}) to model {model_ref} on {data} [{opts.split}]: "
         f"{captions:,} captions, {opts.epochs} epochs of {opts.batch}")  # fmt: skip
     t0 = time.perf_counter()
-    head = fit_first_stage(model, arrays, dim, fit,
-                           report=lambda e, loss: log(f"epoch {e}: loss {loss:.4f}"))  # fmt: skip
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # a small model's ops are too small for threads: 2 threads were
+        torch.set_num_threads(cpu_threads(cfg.model.d))  # 35x slower than 1 at d 64 (loaded box)
+    try:
+        head = fit_first_stage(model, arrays, dim, fit, report=lambda e, loss: log(
+            f"epoch {e}: loss {loss:.4f}"))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     new_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, first_stage_dim=dim))
     ckpt = dataclasses.replace(loaded.checkpoint, weights=with_head(model, head), config=new_cfg)
-    save_checkpoint(dest, ckpt)
+    _save_new(dest, ckpt)
     log(f"first stage fitted in {time.perf_counter() - t0:.0f} s; the model with it: {out}")
     return out
 
@@ -342,17 +337,46 @@ def cpu_threads(d: int) -> int:
     return max(1, min(torch.get_num_threads(), d // 256))
 
 
-def _new_folder(out: str) -> str:
-    """``out`` as a new or empty local folder (created); JobError otherwise."""
-    from pathlib import Path
-
+def _check_new_folder(out: str) -> Path:
+    """``out`` as a local folder that is new or empty (nothing is created yet); JobError
+    otherwise."""
     if "://" in out:
         raise JobError(f"--out {out}: give a local folder (upload the checkpoint afterwards)")
     path = Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise JobError(f"--out {out} exists and is not an empty folder; it is left alone")
+    return path
+
+
+def _save_new(dest: Path, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` beside ``dest``, then rename it into place: ``dest`` is never a
+    half-written checkpoint. It must still be new or empty (checked again)."""
+    _check_new_folder(str(dest))
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     except OSError as e:
-        raise JobError(f"--out {out}: cannot create it ({e.strerror or e})") from None
-    return out
+        raise JobError(f"--out {dest}: cannot create it ({e.strerror or e})") from None
+    try:
+        save_checkpoint(staging, ckpt)
+        if dest.exists():
+            dest.rmdir()  # empty (checked above)
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the staging folder: all of it is ours
+        raise
+
+
+def checked_model(model_ref: str, data: str, split: str) -> tuple[DatasetCard, CheckedModel, str]:
+    """(``data``'s card, the model ``model_ref`` loaded and checked against the data set, the
+    reference as resolved), after checking that the data set has ``split``."""
+    card = load_card(data)
+    vocab = load_vocab(data, card)
+    if split not in card.splits:
+        raise JobError(f"data set {data} has no split {split!r} (it has {list(card.splits)})")
+    resolved = refs.resolve(model_ref, os.environ.get("MLFLOW_TRACKING_URI"))
+    try:
+        loaded = load_checked(resolved.path, card, vocab, name=resolved.ref, data=data)
+    finally:
+        refs.cleanup([resolved])
+    return card, loaded, resolved.ref
