@@ -4,6 +4,7 @@
     shan evaluate --model REF --data PATH [--out DIR] ...
     shan data {precomp,images,synthetic,validate} ...
     shan search --model REF --data PATH "a sentence" ...
+    shan serve --model REF [--port 5001] [--index DEST]
 
 ``shan COMMAND --help`` describes each; ``jobs/<job>.py`` runs the same code by path (what
 ``ray job submit -- python jobs/train.py`` needs).
@@ -25,6 +26,7 @@ COMMANDS = {
     "data": ("shan_cli.prepare_data", "convert, extract, generate or validate a data set"),
     "search": ("shan_cli.search", "the images of a split that best match sentences"),
     "index": ("shan_cli.index", "build a split's image index for retrieve-then-rerank"),
+    "serve": ("shan_cli.serve", "serve a trained model over HTTP (MLflow's scoring server)"),
 }
 
 

@@ -1,15 +1,16 @@
-"""The registered model served by MLflow's scoring server (``mlflow models serve --env-manager
-local``) on 127.0.0.1: ``/invocations`` answers the four score matrices of the library's scorer;
-a bad request (a wrong type, a flood of 100,000 x 100,000 scores) gets a 400 naming the field,
-JSON nested 100,000 deep an error, none of them a traceback, and a good request after them all
-is answered. The model is an untrained tiny checkpoint logged
-into the session's MLflow server (no training).
+"""The registered model served on 127.0.0.1 by ``shan serve`` (MLflow's scoring app behind the
+request guard): ``/invocations`` answers the four score matrices of the library's scorer; a bad
+request (a wrong type, a flood of 100,000 x 100,000 scores) gets a 400 naming the field, JSON
+nested 100,000 deep a 400 naming the depth limit, a body over ``--max-body-bytes`` a 413, none of
+them a traceback, and a good request after them all is answered. The model is an untrained tiny
+checkpoint logged into the session's MLflow server (no training).
 
-The served search: a tiny checkpoint with a first-stage head, logged and registered, served with
-``SHAN_SERVE_INDEX`` naming an index of it (built in this process with the index library); a
-request with empty features and counts is answered with the best images of its captions and
-their scores, those ``shan search --index`` ranks; K below k is a 400 naming the param; a
-scoring request is still answered."""
+The served search, by MLflow's own ``mlflow models serve --env-manager local``: a tiny
+checkpoint with a first-stage head, logged and registered, served with ``SHAN_SERVE_INDEX``
+naming an index of it (built in this process with the index library); a request with empty
+features and counts is answered with the best images of its captions and their scores, those
+``shan search --index`` ranks; K below k is a 400 naming the param; a scoring request is still
+answered."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from shan_stack import free_port
 from shan.model import SCORES
 from tests.helpers import library_scores, log_tiny_model, scoring_request, untrained_on_synthetic
 from tests.rerank_helpers import build_index, save_untrained_first_stage
+
+MAX_BODY = 16_000_000  # shan serve --max-body-bytes: above the 100,000-image flood (9.6 MB)
 
 
 def post_raw(url: str, data: bytes) -> tuple[int, bytes]:
@@ -83,16 +86,14 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
+def test_shan_serve_scores_like_the_library_and_refuses_hostile_requests(services, tmp_path):
     uri = os.environ["MLFLOW_TRACKING_URI"]
     logged = log_tiny_model(tmp_path, name="shan-serve", alias="champion", uri=uri)
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/shan-serve@champion",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    cmd = [sys.executable, "-m", "shan_cli", "serve", "--model", "models:/shan-serve@champion",
+           "--port", str(port), "--max-body-bytes", str(MAX_BODY)]  # fmt: skip
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed in finally)
-    # MLflow runs `uvicorn` from PATH: the one beside this Python
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU float32, comparable to the library's at 1e-5
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU float32, as the library's at 1e-5
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
@@ -133,7 +134,10 @@ def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
         deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         status, raw = post_raw(url, deep)
         print(f"JSON nested 100,000 deep: HTTP {status}: {raw[:200]!r}")
-        assert status >= 400 and b"Traceback" not in raw and b"stack_trace" not in raw
+        assert status == 400 and b"JSON nested deeper than 64 levels" in raw, raw[:300]
+        status, raw = post_raw(url, b" " * (MAX_BODY + 1))
+        print(f"a body of {MAX_BODY + 1:,} bytes: HTTP {status}: {raw[:200]!r}")
+        assert status == 413 and f"over the limit of {MAX_BODY} bytes".encode() in raw, raw
         status, answer = post(url, body)  # a good request after them all
         print(f"then a good request: HTTP {status}, {sorted(answer.get('predictions', {}))}")
         assert status == 200
@@ -144,6 +148,10 @@ def test_mlflow_models_serve_scores_like_the_library(services, tmp_path):
         stop(proc)
         log.close()
     assert proc.poll() is not None
+    console = (tmp_path / "serve.log").read_text()
+    print(f"shan serve's console:\n{console}")
+    assert "Traceback" not in console and "WARNING" not in console, console
+    assert f"serving models:/shan-serve@champion at http://127.0.0.1:{port}" in console
 
 
 @contextmanager

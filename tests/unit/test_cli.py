@@ -44,6 +44,7 @@ def test_shan_lists_its_commands_and_version(capsys):
         "data",
         "search",
         "index",
+        "serve",
     }
     assert main([]) == 2  # no command: the usage, and a failing status
     assert main(["--version"]) == 0
@@ -89,6 +90,7 @@ FREE_TEXT = {
     "index build --split": "a split of the data set",
     "index head --split": "a split of the data set",
     "data images --weights": "a .pth file or 'random'",
+    "serve --host": "an address to listen on",
 }
 
 

@@ -13,7 +13,8 @@ lower one, never of a higher one:
    ``shan.loss``, ``shan.scoring``, ``shan.checkpoint``, ``shan.fingerprint``,
    ``shan.pictures``, ``shan.index`` (the image index: card, FAISS, fragments),
    ``shan.rerank`` (sentences against an index: retrieve, then rerank);
-5. ``shan.tracking.*`` (MLflow), ``shan.serving``, ``shan.promotion``;
+5. ``shan.tracking.*`` (MLflow), ``shan.serving``, ``shan.promotion``, ``shan.server`` (the
+   HTTP server of ``shan serve``);
 6. the jobs: ``shan.train.*``, ``shan.eval.*``, ``shan.extract`` (images to a data set),
    ``shan.indexing`` (the index build); they never import each other;
 7. ``shan.search.*``: builds on the library, never on the evaluation (``shan.eval.*``) nor on
@@ -125,7 +126,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("shan", "shan.model", "shan.reference", "shan.loss", "shan.scoring", "shan.checkpoint",
      "shan.fingerprint", "shan.pictures", "shan.index", "shan.rerank",
      "shan.firststage"),
-    ("shan.tracking", "shan.serving", "shan.promotion"),
+    ("shan.tracking", "shan.serving", "shan.promotion", "shan.server"),
     ("shan.train", "shan.eval", "shan.extract", "shan.indexing"),
     ("shan.search",),
     ("shan_cli",),
