@@ -92,17 +92,7 @@ def test_shan_serve_scores_like_the_library_and_refuses_hostile_requests(service
     port = free_port()
     cmd = [sys.executable, "-m", "shan_cli", "serve", "--model", "models:/shan-serve@champion",
            "--port", str(port), "--max-body-bytes", str(MAX_BODY)]  # fmt: skip
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed in finally)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU float32, as the library's at 1e-5
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_for_ping(f"{base}/ping", proc)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
+    with served(cmd, port, tmp_path) as base:
         req = scoring_request()
         body = {"inputs": {k: np.asarray(v).tolist() for k, v in req.items()}}
         status, answer = post(f"{base}/invocations", body)
@@ -144,23 +134,23 @@ def test_shan_serve_scores_like_the_library_and_refuses_hostile_requests(service
         np.testing.assert_allclose(
             np.array(answer["predictions"]["total"], np.float32), want["total"], atol=1e-5
         )
-    finally:
-        stop(proc)
-        log.close()
-    assert proc.poll() is not None
     console = (tmp_path / "serve.log").read_text()
     print(f"shan serve's console:\n{console}")
     assert "Traceback" not in console and "WARNING" not in console, console
     assert f"serving models:/shan-serve@champion at http://127.0.0.1:{port}" in console
 
 
+def mlflow_serve(model_uri: str, port: int) -> list[str]:
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1:``port``, in this environment."""
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+
+
 @contextmanager
-def served(model_uri: str, tmp: Path, env: dict | None = None) -> Iterator[str]:
-    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (its log in ``tmp/serve.log``):
-    the base URL once it answers /ping; stopped by its process group after."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+def served(cmd: list[str], port: int, tmp: Path, env: dict | None = None) -> Iterator[str]:
+    """The server ``cmd`` starts on 127.0.0.1:``port`` (its log in ``tmp/serve.log``): the base
+    URL once it answers /ping; stopped by its process group after. MLflow runs ``uvicorn``
+    from PATH: the one beside this Python; CPU float32, as the library's at 1e-5."""
     full = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     full.update({"CUDA_VISIBLE_DEVICES": "", **(env or {})})
     with open(tmp / "serve.log", "wb") as log:
@@ -216,7 +206,10 @@ def test_mlflow_models_serve_searches_the_index_beside_it(services, tmp_path):
     tokens = [loaded.vocab.encode(c, loaded.config.data.max_words) for c in captions]
     want = search_index(loaded.model, index, tokens, top=3, rerank=8)
     env = {"SHAN_SERVE_INDEX": str(made["index"])}
-    with served("models:/shan-serve-search@champion", tmp_path, env) as base:
+    port = free_port()
+    with served(
+        mlflow_serve("models:/shan-serve-search@champion", port), port, tmp_path, env
+    ) as base:
         url = f"{base}/invocations"
         body = {"inputs": {"features": [], "counts": [], "captions": captions},
                 "params": {"top": 3, "rerank": 8}}  # fmt: skip
