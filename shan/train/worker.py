@@ -556,7 +556,8 @@ def batch_line(w: Worker) -> str:
     more = o.batch_size % w.world
     if more:
         ranks = "rank 0 takes" if more == 1 else f"ranks 0-{more - 1} take"
-        line += f" ({o.batch_size} does not divide over {w.world} workers: {ranks} one more example)"
+        line += f" ({o.batch_size} does not divide over {w.world} workers: {ranks} one more"
+        line += " example)"
     return line
 
 

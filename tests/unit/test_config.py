@@ -165,7 +165,10 @@ def test_a_range_of_workers_is_an_elastic_group():
     c = load_config(None, ["scaling.num_workers=[1, 4]", "scaling.resize_interval=5"])
     sc = c.scaling
     assert (sc.num_workers, sc.elastic, sc.worker_range(), sc.resize_interval) == (
-        [1, 4], True, (1, 4), 5.0
+        [1, 4],
+        True,
+        (1, 4),
+        5.0,
     )
     assert sc.describe_workers(3) == "3 (elastic 1-4)"
     fixed = load_config(None, ["scaling.num_workers=2"]).scaling
