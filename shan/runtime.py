@@ -11,6 +11,7 @@ as many as the machine holds up to ``max``."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -59,10 +60,31 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
         ray.init(
             address=address or "local",
             log_to_driver=True,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_threads.__name__}"},
+            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_workers.__name__}"},
         )
-    quiet_threads()
+    quiet_workers()
     return ray
+
+
+# Ray Train's elastic policy logs this at INFO each scaling.resize_interval seconds when the
+# group keeps its size: a line a minute that says nothing happened
+ELASTIC_UNCHANGED = "Did not detect any changes in the cluster resources"
+ELASTIC_LOGGER = "ray.train.v2._internal.execution.scaling_policy.elastic"
+
+
+class _Unchanged(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(ELASTIC_UNCHANGED)
+
+
+def quiet_workers() -> None:
+    """The job's ``worker_process_setup_hook`` (run in the driver too): :func:`quiet_threads`,
+    and Ray Train's elastic check that found no change (:data:`ELASTIC_UNCHANGED`) off the
+    console; its decisions to start, shrink or grow a group are still printed."""
+    quiet_threads()
+    logger = logging.getLogger(ELASTIC_LOGGER)
+    if not any(isinstance(f, _Unchanged) for f in logger.filters):
+        logger.addFilter(_Unchanged())
 
 
 def quiet_threads() -> None:
@@ -76,7 +98,6 @@ def quiet_threads() -> None:
     (``ray-data.log`` in the session's logs, not the console); any other thread's error is
     printed as before. Run in the driver and, as Ray's ``worker_process_setup_hook``, in each
     of the job's Ray workers."""
-    import logging
     import threading
 
     previous = threading.excepthook

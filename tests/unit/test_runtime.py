@@ -378,3 +378,31 @@ def test_rays_thread_errors_go_to_its_log_file_not_the_console(monkeypatch, capf
         assert "ValueError: a real failure" in err and "Traceback" in err
     finally:
         logging.getLogger("ray.data").removeHandler(kept)
+
+
+def test_the_elastic_checks_that_change_nothing_are_not_printed(monkeypatch):
+    """Ray Train's elastic policy logs a line each resize interval; the ones that change
+    nothing are dropped, its decisions are kept (the hook runs in every worker process)."""
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    logger = logging.getLogger(runtime.ELASTIC_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        runtime.quiet_workers()
+        runtime.quiet_workers()  # one filter, not two
+        logger.warning(
+            "Did not detect any changes in the cluster resources. Training will continue with "
+            "the same worker group size (2)."
+        )
+        logger.warning("Deciding to resize the worker group from 2 -> 1 workers.")
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["Deciding to resize the worker group from 2 -> 1 workers."]
+    assert len(logger.filters) == 1
