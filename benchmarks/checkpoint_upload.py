@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import statistics
 import tempfile
@@ -161,6 +162,7 @@ def main() -> None:
 
         ray.shutdown()
         os.killpg(s3_pid, signal.SIGTERM)  # moto runs in a session of its own
+        shutil.rmtree(work, ignore_errors=True)
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
