@@ -26,13 +26,15 @@ from shan.model import FIRST_STAGE_SEED, SHAN, FirstStage
 @dataclass
 class FitOptions:
     """How the head is fitted: ``epochs`` passes over the captions in shuffled batches of
-    ``batch`` pairs, Adam at ``lr``, the contrastive loss at temperature ``tau``."""
+    ``batch`` pairs, Adam at ``lr``, the contrastive loss at temperature ``tau``; ``pool`` the
+    head's kind (:class:`~shan.model.FirstStage`)."""
 
     epochs: int = 5
     batch: int = 128
     lr: float = 1e-3
     tau: float = 0.05
     seed: int = FIRST_STAGE_SEED
+    pool: str = "max"
 
 
 def fit_first_stage(
@@ -42,7 +44,7 @@ def fit_first_stage(
     opts: FitOptions | None = None,
     report: Callable[[int, float], None] | None = None,
 ) -> FirstStage:
-    """A new head of size ``dim`` fitted on ``split`` (the train split) to ``model``'s frozen
+    """A new head of size ``dim`` and kind ``opts.pool`` fitted on ``split`` (the train split) to ``model``'s frozen
     encoders, on the model's device; ``report(epoch, mean loss)`` after each epoch. The model
     itself is left as it was (its own head included)."""
     opts = opts or FitOptions()
@@ -50,7 +52,7 @@ def fit_first_stage(
     cfg = model.cfg
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
-        head = FirstStage(cfg.d, cfg.d_a, dim).to(device)
+        head = FirstStage(cfg.d, cfg.d_a, dim, opts.pool).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=opts.lr)
     rng = np.random.default_rng(opts.seed)
     model.eval()
