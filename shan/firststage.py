@@ -44,9 +44,9 @@ def fit_first_stage(
     opts: FitOptions | None = None,
     report: Callable[[int, float], None] | None = None,
 ) -> FirstStage:
-    """A new head of size ``dim`` and kind ``opts.pool`` fitted on ``split`` (the train split) to ``model``'s frozen
-    encoders, on the model's device; ``report(epoch, mean loss)`` after each epoch. The model
-    itself is left as it was (its own head included)."""
+    """A new head of size ``dim`` and kind ``opts.pool`` fitted on ``split`` (the train split)
+    to ``model``'s frozen encoders, on the model's device; ``report(epoch, mean loss)`` after
+    each epoch. The model itself is left as it was (its own head included)."""
     opts = opts or FitOptions()
     device = next(model.parameters()).device
     cfg = model.cfg

@@ -311,8 +311,8 @@ def fit_head(
     tau = cfg.loss.first_stage_temperature
     fit = FitOptions(opts.epochs, opts.batch, opts.lr, tau, pool=opts.pool)
     captions = len(arrays.caption_image)
-    log(f"fitting a first stage (D {dim}, {opts.pool} pool) to model {model_ref} on {data} [{opts.split}]: "
-        f"{captions:,} captions, {opts.epochs} epochs of {opts.batch}")  # fmt: skip
+    log(f"fitting a first stage (D {dim}, {opts.pool} pool) to model {model_ref} on {data} "
+        f"[{opts.split}]: {captions:,} captions, {opts.epochs} epochs of {opts.batch}")  # fmt: skip
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     if device.type == "cpu":  # a small model's ops are too small for threads: 2 threads were

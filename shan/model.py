@@ -215,9 +215,7 @@ class SHAN(nn.Module):
         if cfg.first_stage_dim:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(FIRST_STAGE_SEED)
-                self.first_stage = FirstStage(
-                    d, cfg.d_a, cfg.first_stage_dim, cfg.first_stage_pool
-                )
+                self.first_stage = FirstStage(d, cfg.d_a, cfg.first_stage_dim, cfg.first_stage_pool)
 
     def _init_weights(self) -> None:
         r = (6.0 / (self.img_fc.in_features + self.img_fc.out_features)) ** 0.5
