@@ -131,10 +131,10 @@ class FirstStage(nn.Module):
     ``pool`` "max": each region (word) embedding is projected to D = ``dim`` and the side's
     vector is the element-wise max over its regions (words), unit length: each of the D
     features fires when any one fragment shows it, so an image keeps every object it holds
-    (benchmarks/results/first_stage_cpu.txt: the caption's image among the top 100 for 99.1 %
-    of the demo's test captions at D 64, against 93.7 % for "attention"). ``pool``
-    "attention": each side attention-pooled to one d-vector, then projected to D (the heads
-    of checkpoints from before the choice). Trained beside SHAN on detached encodings
+    (benchmarks/results/first_stage_cpu.txt: fitted afterwards at D 64, the caption's image is
+    among the top 100 for 98.8 % of the demo's test captions, against 93.7 % for "attention").
+    ``pool`` "attention": each side attention-pooled to one d-vector, then projected to D (the
+    heads of checkpoints from before the choice). Trained beside SHAN on detached encodings
     (:func:`shan.loss.first_stage_loss`): SHAN's own weights and scores are the same with or
     without it.
     """
