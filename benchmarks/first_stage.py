@@ -2,7 +2,8 @@
 first stage's top K, for several ways of making the vectors, and what each costs.
 
     PYTHONPATH=. .venv/bin/python benchmarks/first_stage.py --model DIR --data ROOT \\
-        [--split test] [--distill 2x16 5x128 3x128+kl]
+        [--split test] [--distill 5x128-attention 5x128 5x128@256 3x128+kl] \\
+        [--exhaustive EVAL_DIR [--rerank-k 100]]
 
 ``--model`` is a checkpoint trained with a first stage (``model.first_stage_dim`` > 0), e.g. the
 demo's; ``--data`` the data set it was trained on. The variants, each giving a (N, D) image and
@@ -11,11 +12,12 @@ a (C, D) caption matrix of unit vectors, scored by inner product:
 - ``mean(v), mean(t)``: no parameters: the masked mean of SHAN's region and word embeddings.
 - ``mean(vp), mean(tp)``: no parameters: the same of SHAN's L2L projections.
 - ``joint``: the checkpoint's own head, trained beside SHAN on detached encodings
-  (``shan.loss.first_stage_loss``, what training does).
-- ``distilled`` (``--distill EPOCHSxBATCH``): a fresh head of the same shape fitted afterwards
-  on the frozen SHAN's encodings of the train split, with the same loss: ``2x16`` is the joint
-  head's budget (2 epochs of the demo's batch of 16), on the final encodings instead of moving
-  ones.
+  (``shan.loss.first_stage_loss``, what training does; its pool is the checkpoint's).
+- ``distilled`` (``--distill EPOCHSxBATCH[-max|-attention][@D]``): a fresh head fitted
+  afterwards on the frozen SHAN's encodings of the train split, with the same loss: ``2x16`` is
+  the joint head's budget (2 epochs of the demo's batch of 16), on the final encodings instead
+  of moving ones; ``-max`` (the default) the max pool of projected fragments, ``-attention``
+  the attention pool (``shan.model.FirstStage``); ``@D`` its size (default: the model's).
 - ``distilled + KL`` (``EPOCHSxBATCH+kl``): the same, plus the KL divergence from SHAN's own
   in-batch total scores (softmax over each caption's images and each image's captions).
 
@@ -24,6 +26,11 @@ image query finds any of its captions in the top K of the C captions. Cost: ``jo
 head's step to each of training's steps (measured here on the demo's batch of 16 and multiplied
 by the recipe's steps, in CPU time: the machine may be shared); ``distilled`` is its fitting
 time; the split's encoding is the same for every variant.
+
+``--exhaustive DIR`` (the model's ``shan evaluate --split test --out DIR``, or any model with
+the same SHAN weights: a head fitted afterwards leaves them as they are) adds a second table:
+each variant's rerank recall at ``--rerank-k``, minus the exhaustive recall, computed from
+``DIR/sims_total.npy`` without rescoring (:func:`rerank_from_exhaustive`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +52,7 @@ import torch.nn.functional as F
 from shan.checkpoint import load_model
 from shan.data.reader import pad_tokens, read_split
 from shan.loss import first_stage_loss
+from shan.metrics import recall_metrics, sparse_recall_metrics
 from shan.model import SHAN, FirstStage, l2norm, masked_mean
 
 KS = (1, 5, 10, 50, 100)
@@ -99,21 +108,30 @@ def recall(images: torch.Tensor, captions: torch.Tensor, caption_image: np.ndarr
 
 @dataclass(frozen=True)
 class Spec:
-    """One distilled variant: ``EPOCHSxBATCH``, ``+kl`` for the KL term (``5x128+kl``)."""
+    """One distilled variant: ``EPOCHSxBATCH``, ``+kl`` for the KL term, ``-attention`` for
+    the attention-pool head (default: ``-max``), ``@D`` for its size (default: the model's
+    first_stage_dim): ``5x128``, ``3x128+kl-attention``, ``5x128@256``."""
 
     epochs: int
     batch: int
     kl: bool
+    pool: str = "max"
+    dim: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Spec:
-        m = re.fullmatch(r"(\d+)x(\d+)(\+kl)?", text)
-        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 2:
-            raise argparse.ArgumentTypeError(f"not EPOCHSxBATCH[+kl]: {text!r}")
-        return cls(int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+        m = re.fullmatch(r"(\d+)x(\d+)(\+kl)?(?:-(max|attention))?(?:@(\d+))?", text)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 2 or m.group(5) == "0":
+            raise argparse.ArgumentTypeError(
+                f"not EPOCHSxBATCH[+kl][-max|-attention][@D]: {text!r}"
+            )
+        dim = int(m.group(5)) if m.group(5) else None
+        return cls(int(m.group(1)), int(m.group(2)), bool(m.group(3)), m.group(4) or "max", dim)
 
     def __str__(self) -> str:
-        return f"distilled{' + KL' if self.kl else ''}, {self.epochs} epochs of {self.batch}"
+        size = f", D {self.dim}" if self.dim else ""
+        kl = " + KL" if self.kl else ""
+        return f"distilled{kl}, {self.pool}{size}, {self.epochs} epochs of {self.batch}"
 
 
 def batches(caption_image: np.ndarray, batch: int, rng: np.random.Generator):
@@ -154,7 +172,7 @@ def distill(model: SHAN, train: tuple[Encoded, np.ndarray], spec: Spec, args) ->
     v, v_mask, t, t_mask = enc
     cfg = model.cfg
     torch.manual_seed(args.seed)
-    head = FirstStage(cfg.d, cfg.d_a, cfg.first_stage_dim)
+    head = FirstStage(cfg.d, cfg.d_a, spec.dim or cfg.first_stage_dim, spec.pool)
     opt = torch.optim.Adam(head.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     tau = args.tau
@@ -176,7 +194,8 @@ def joint_step_cost(model: SHAN, train: tuple[Encoded, np.ndarray], batch: int) 
     pairs: what training with a first stage adds to each step."""
     enc, caption_image = train
     v, v_mask, t, t_mask = enc
-    head = FirstStage(model.cfg.d, model.cfg.d_a, model.cfg.first_stage_dim)
+    m = model.cfg
+    head = FirstStage(m.d, m.d_a, m.first_stage_dim, m.first_stage_pool)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     n, t0 = 0, 0.0
@@ -196,6 +215,32 @@ def joint_step_cost(model: SHAN, train: tuple[Encoded, np.ndarray], batch: int) 
     return (time.process_time() - t0) / max(n, 1)
 
 
+RERANK_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def rerank_from_exhaustive(
+    sims: np.ndarray, caption_image: np.ndarray, images: torch.Tensor, captions: torch.Tensor,
+    k: int,
+) -> dict[str, float]:  # fmt: skip
+    """The recall of a rerank at ``k`` without rescoring: sims (N, C) SHAN's exhaustive total
+    scores (``shan evaluate``'s sims_total.npy), images (N, D) and captions (C, D) the first
+    stage's vectors. A rerank only changes which rows are a query's candidates; each candidate
+    keeps its exhaustive score, so its metrics are :func:`shan.metrics.sparse_recall_metrics`
+    of the first stage's top ``k`` with those scores (checked against a real ``shan evaluate
+    --rerank 100``: the same to the digit, benchmarks/results/first_stage_cpu.txt)."""
+    s = captions @ images.T  # (C, N)
+    t2i = torch.topk(s, min(k, s.shape[1]), 1).indices.numpy()  # (C, k) image rows
+    i2t = torch.topk(s.T, min(k, s.shape[0]), 1).indices.numpy()  # (N, k) caption rows
+    t2i_scores = np.take_along_axis(sims.T, t2i, 1)
+    i2t_scores = np.take_along_axis(sims, i2t, 1)
+    return sparse_recall_metrics((t2i, t2i_scores), (i2t, i2t_scores), caption_image)
+
+
+def rerank_row(name: str, got: dict, exhaustive: dict) -> str:
+    diffs = " | ".join(f"{got[k] - exhaustive[k]:+.2f}" for k in RERANK_KEYS)
+    return f"| {name} | {diffs} |"
+
+
 def table_row(name: str, r: dict, cost: str) -> str:
     t2i = " | ".join(f"{r['t2i'][k]:5.1f}" for k in KS)
     i2t = " | ".join(f"{r['i2t'][k]:5.1f}" for k in KS)
@@ -211,10 +256,17 @@ def main() -> int:
         "--distill",
         nargs="*",
         type=Spec.parse,
-        default=[Spec(2, 16, False), Spec(5, 128, False), Spec(3, 128, True)],
-        metavar="EPOCHSxBATCH[+kl]",
-        help="distilled variants (default: 2x16 5x128 3x128+kl)",
+        default=[Spec(5, 128, False, "attention"), Spec(5, 128, False)],
+        metavar="EPOCHSxBATCH[+kl][-max|-attention][@D]",
+        help="distilled variants (default: 5x128-attention 5x128)",
     )
+    p.add_argument(
+        "--exhaustive",
+        metavar="DIR",
+        help="the model's exhaustive `shan evaluate` of the split (sims_total.npy): adds each "
+        "variant's rerank recall at --rerank-k, minus the exhaustive's",
+    )
+    p.add_argument("--rerank-k", type=int, default=100, metavar="K")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -247,18 +299,34 @@ def main() -> int:
     steps = math.ceil(len(train[1]) / cfg.optim.batch_size) * cfg.optim.epochs
     per_step = joint_step_cost(model, train, cfg.optim.batch_size)
     cost = f"{per_step * 1e3:.1f} CPU-ms x {steps} steps = {per_step * steps:.1f} CPU-s in training"
-    joint = recall(*head_vectors(model.first_stage, test[0]), test[1])
-    rows.append(table_row("joint", joint, cost))
+    sims = np.load(Path(args.exhaustive) / "sims_total.npy") if args.exhaustive else None
+    exhaustive = recall_metrics(sims, test[1]) if sims is not None else {}
+    reranks = []
+
+    def add(name: str, head: FirstStage, cost: str) -> None:
+        vectors = head_vectors(head, test[0])
+        rows.append(table_row(name, recall(*vectors, test[1]), cost))
+        if sims is not None:
+            got = rerank_from_exhaustive(sims, test[1], *vectors, args.rerank_k)
+            reranks.append(rerank_row(name, got, exhaustive))
+
+    add(f"joint ({model.cfg.first_stage_pool})", model.first_stage, cost)
     for spec in args.distill:
         t0, c0 = time.perf_counter(), time.process_time()
         head = distill(model, train, spec, args)
         fit, cpu = time.perf_counter() - t0, time.process_time() - c0
-        cost = f"{fit:.1f} s ({cpu:.1f} CPU-s) after training"
-        rows.append(table_row(str(spec), recall(*head_vectors(head, test[0]), test[1]), cost))
+        add(str(spec), head, f"{fit:.1f} s ({cpu:.1f} CPU-s) after training")
     ks = " | ".join(f"R@{k}" for k in KS)
     print(f"\n| first stage | t2i {ks} | i2t {ks} | cost |")
     print("|---" * (2 + 2 * len(KS)) + "|")
     print("\n".join(rows))
+    if sims is not None:
+        ex = " | ".join(f"{exhaustive[k]:.2f}" for k in RERANK_KEYS)
+        print(f"\n# rerank at K={args.rerank_k} minus exhaustive (points), from {args.exhaustive}"
+              f"/sims_total.npy; exhaustive: {ex}")  # fmt: skip
+        print("\n| first stage | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |")
+        print("|---" * 8 + "|")
+        print("\n".join(reranks))
     print(f"\n# load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

@@ -160,6 +160,7 @@ def _finite(value: Any) -> TypeGuard[float]:
 # Upper bounds of the model's sizes, generous for real use, checked before any work starts; and
 # of the parameters they make together (word embeddings aside: they depend on the vocabulary).
 MODEL_SIZE_MAX = {"feature_dim": 16384, "d": 16384, "word_dim": 4096, "d_a": 16384}
+FIRST_STAGE_POOLS = ("max", "attention")  # shan.model.FirstStage's pool
 FIRST_STAGE_DIM_MAX = 4096  # a first-stage vector's size (its index holds N of them)
 MODEL_PARAMETERS_MAX = 2_000_000_000  # 8 GB of float32 weights; Adam trains with about 4 times
 
@@ -194,6 +195,12 @@ class ModelConfig(_Section):
     first_stage_dim: int = _key(
         0, "first-stage vector size (retrieve-then-rerank, shan index); 0: no first stage"
     )
+    first_stage_pool: str = _key(
+        "max",
+        '(choice) first stage: "max" of projected fragments; "attention": attention pool, then '
+        "projected (checkpoints from before the choice)",
+        FIRST_STAGE_POOLS,
+    )
 
     def problems(self, prefix: str = "model.") -> list[str]:
         p = Problems(prefix)
@@ -226,6 +233,7 @@ class ModelConfig(_Section):
         p.one_of("direction", self.direction, DIRECTIONS)
         p.at_least("first_stage_dim", self.first_stage_dim, 0)
         p.at_most("first_stage_dim", self.first_stage_dim, FIRST_STAGE_DIM_MAX)
+        p.one_of("first_stage_pool", self.first_stage_pool, FIRST_STAGE_POOLS)
         return list(p)
 
 
@@ -773,7 +781,16 @@ def load_config(
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
-    return _checked(data, [])
+    return _checked(_with_old_first_stage(data), [])
+
+
+def _with_old_first_stage(data: Any) -> Any:
+    """``data`` with ``model.first_stage_pool: attention`` where it has a first stage but no
+    pool: a checkpoint from before the choice, whose head is the attention pool's."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and model.get("first_stage_dim") and "first_stage_pool" not in model:
+        return {**data, "model": {**model, "first_stage_pool": "attention"}}
+    return data
 
 
 def _checked(data: Any, problems: list[str]) -> Config:

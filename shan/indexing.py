@@ -36,7 +36,7 @@ from shan.checkpoint import (
     require_first_stage,
     save_checkpoint,
 )
-from shan.config import FIRST_STAGE_DIM_MAX, Checked, Problems
+from shan.config import FIRST_STAGE_DIM_MAX, FIRST_STAGE_POOLS, Checked, Problems
 from shan.data import fs
 from shan.data.format import CARD, DatasetCard, load_card, load_vocab
 from shan.data.reader import SplitArrays, read_split
@@ -263,13 +263,14 @@ __all__ = ["EncodeActor", "IndexOptions", "IndexResult", "build_index"]
 @dataclass
 class HeadOptions(Checked):
     """``shan index head``'s options: the split fitted on, the head's size (None: the model's
-    own, else 256), and :class:`shan.firststage.FitOptions`' epochs, batch and rate."""
+    own, else 256), and :class:`shan.firststage.FitOptions`' epochs, batch, rate and pool."""
 
     split: str = "train"
     dim: int | None = None
     epochs: int = 5
     batch: int = 128
     lr: float = 1e-3
+    pool: str = "max"
 
     def problems(self) -> list[str]:
         p = Problems()
@@ -278,6 +279,7 @@ class HeadOptions(Checked):
         p.at_least("epochs", self.epochs, 1)
         p.at_least("batch", self.batch, 2)
         p.positive("lr", self.lr)
+        p.one_of("pool", self.pool, FIRST_STAGE_POOLS)
         return list(p)
 
 
@@ -306,10 +308,11 @@ def fit_head(
     arrays = read_split(data, opts.split, card, max_words=cfg.data.max_words)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
-    fit = FitOptions(opts.epochs, opts.batch, opts.lr, cfg.loss.first_stage_temperature)
+    tau = cfg.loss.first_stage_temperature
+    fit = FitOptions(opts.epochs, opts.batch, opts.lr, tau, pool=opts.pool)
     captions = len(arrays.caption_image)
-    log(f"fitting a first stage (D {dim}) to model {model_ref} on {data} [{opts.split}]: "
-        f"{captions:,} captions, {opts.epochs} epochs of {opts.batch}")  # fmt: skip
+    log(f"fitting a first stage (D {dim}, {opts.pool} pool) to model {model_ref} on {data} "
+        f"[{opts.split}]: {captions:,} captions, {opts.epochs} epochs of {opts.batch}")  # fmt: skip
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     if device.type == "cpu":  # a small model's ops are too small for threads: 2 threads were
@@ -319,7 +322,8 @@ def fit_head(
             f"epoch {e}: loss {loss:.4f}"))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    new_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, first_stage_dim=dim))
+    head_cfg = dataclasses.replace(cfg.model, first_stage_dim=dim, first_stage_pool=opts.pool)
+    new_cfg = dataclasses.replace(cfg, model=head_cfg)
     ckpt = dataclasses.replace(loaded.checkpoint, weights=with_head(model, head), config=new_cfg)
     _save_new(dest, ckpt)
     log(f"first stage fitted in {time.perf_counter() - t0:.0f} s; the model with it: {out}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shan.config import FIRST_STAGE_POOLS
 from shan.index import SHARD_SIZE
 from shan.index.ann import KINDS
 from shan_cli.argtypes import at_least, positive
@@ -105,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--batch", type=at_least(2), default=128, metavar="B",
                    help="pairs a step, each the others' negatives (128)")  # fmt: skip
     h.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's rate (0.001)")
+    h.add_argument("--pool", choices=FIRST_STAGE_POOLS, default="max",
+                   help="max: each fragment projected, then the element-wise max (default);\n"
+                        "attention: attention-pooled, then projected (the older head)")  # fmt: skip
     return p
 
 
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 def head(args: argparse.Namespace) -> int:
     from shan.indexing import HeadOptions, fit_head
 
-    opts = HeadOptions(args.split, args.dim, args.epochs, args.batch, args.lr)
+    opts = HeadOptions(args.split, args.dim, args.epochs, args.batch, args.lr, args.pool)
     out = fit_head(args.model, args.data, args.out, opts, log=lambda s: print(s, file=sys.stderr))
     print(f"checkpoint with a first stage: {out}")
     return 0

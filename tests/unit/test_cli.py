@@ -135,6 +135,7 @@ def test_every_flag_has_help_and_every_enumeration_choices():
 def test_the_walk_finds_subcommands_and_enumerations():
     """The walk reaches the data subcommands, and the known enumerations have their choices
     (from the library's own tuples where it has one)."""
+    from shan.config import FIRST_STAGE_POOLS
     from shan.data.format import DTYPES
     from shan.eval import PROTOCOLS
     from shan.extract import ON_BAD
@@ -155,6 +156,7 @@ def test_the_walk_finds_subcommands_and_enumerations():
         "data images --arch": tuple(ARCHS),
         "data images --on-bad-image": ON_BAD,
         "index build --kind": KINDS,
+        "index head --pool": FIRST_STAGE_POOLS,
     }
 
 

@@ -99,6 +99,7 @@ OUT_OF_RANGE = [
     ("model.direction", "both", "model.direction must be one of full, i2t, t2i"),
     ("model.first_stage_dim", "-1", "model.first_stage_dim must be an integer >= 0, got -1"),
     ("model.first_stage_dim", "5000", "model.first_stage_dim must be an integer <= 4096"),
+    ("model.first_stage_pool", "mean", "model.first_stage_pool must be one of max, attention"),
     ("loss.first_stage_temperature", "0", "loss.first_stage_temperature must be > 0"),
     ("loss.margin", "-5", "loss.margin must be >= 0 and finite, got -5.0"),
     ("loss.margin", "nan", "loss.margin must be >= 0 and finite, got nan"),

@@ -66,6 +66,7 @@ def test_fit_head_writes_a_model_with_a_head_scoring_as_before(made, tmp_path):
     new, old = load_model(out), load_model(made["ckpt"])
     require_first_stage(new.model, str(out))
     assert new.config.model.first_stage_dim == 6
+    assert new.config.model.first_stage_pool == "max" and new.model.first_stage.pool == "max"
     split = read_split(data, "test", load_card(data))
     cpu = torch.device("cpu")
     args = (split.features, split.num_regions, split.tokens, cpu)
@@ -83,5 +84,5 @@ def test_fit_head_refuses_a_folder_it_did_not_write_and_bad_options(made, tmp_pa
     with pytest.raises(JobError, match="has no split 'train'"):
         fit_head(str(made["ckpt"]), str(made["data"]), str(tmp_path / "new"))
     with pytest.raises(Exception, match="epochs") as e:
-        HeadOptions(epochs=0, batch=1).check()
-    assert "batch" in str(e.value)
+        HeadOptions(epochs=0, batch=1, pool="mean").check()
+    assert "batch" in str(e.value) and "pool" in str(e.value)

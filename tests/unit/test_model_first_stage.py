@@ -18,10 +18,10 @@ from shan.checkpoint import (
     require_first_stage,
     save_checkpoint,
 )
-from shan.config import Config, DataConfig, ModelConfig, OptimConfig
+from shan.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig
 from shan.errors import CheckpointError
 from shan.loss import first_stage_loss
-from shan.model import SHAN, l2norm
+from shan.model import SHAN, FirstStage, l2norm
 from shan.scoring import caption_vectors, image_vectors, score_matrix
 from shan.train.worker import LoopSettings, Meter, epoch_batches, make_worker, train_epoch
 from shan.vocab import Vocabulary
@@ -229,3 +229,55 @@ def test_an_old_checkpoint_scores_and_says_in_one_line_that_it_has_no_head(tmp_p
 # The logged MLflow model is this checkpoint folder, byte for byte (pyfunc.log_model; the bytes
 # are compared in test_tracking_pyfunc.py's test_resolve_the_mlflow_model_layout): it holds the
 # head whenever model.pt does (test_a_checkpoint_keeps_the_head_and_its_vectors).
+
+
+# -- the head's pool ------------------------------------------------------------------------------
+def test_the_max_head_keeps_each_features_largest_fragment_and_ignores_padding():
+    """pool "max": each side's vector is the element-wise max of its projected fragments over
+    the kept ones, unit length; a padded fragment, however large, changes nothing."""
+    torch.manual_seed(0)
+    head = FirstStage(6, 4, 5)  # the default pool: max
+    assert head.pool == "max" and not hasattr(head, "pool_v")
+    v = torch.randn(2, 3, 6)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    want = l2norm(head.head_v(v[0, :2]).max(0).values)
+    np.testing.assert_allclose(head.images(v, mask)[0].detach(), want.detach(), rtol=1e-6)
+    v2 = v.clone()
+    v2[0, 2] = 1e3  # the padded region
+    assert torch.equal(head.images(v2, mask)[0], head.images(v, mask)[0])
+    t = torch.randn(2, 4, 6)
+    t_mask = torch.tensor([[True, False, False, False], [True] * 4])
+    one = l2norm(head.head_t(t[0, 0]))  # one word: its projection
+    np.testing.assert_allclose(head.captions(t, t_mask)[0].detach(), one.detach(), rtol=1e-6)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        FirstStage(6, 4, 5, "mean")
+
+
+def test_a_checkpoint_from_before_the_pool_choice_loads_its_attention_head(tmp_path):
+    """A head saved without ``first_stage_pool`` in config.yaml was the attention pool's: it
+    loads as such, with the same vectors; a new config's default is "max"."""
+    assert ModelConfig().first_stage_pool == "max"
+    torch.manual_seed(4)
+    cfg = config(8)
+    cfg.model.first_stage_pool = "attention"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SHAN(cfg.model, len(VOCAB)).eval()
+    save_checkpoint(tmp_path / "old", Checkpoint(model.state_dict(), cfg, VOCAB))
+    config_file = tmp_path / "old" / CONFIG_FILE
+    text = config_file.read_text()
+    assert "  first_stage_pool: attention\n" in text
+    config_file.write_text(text.replace("  first_stage_pool: attention\n", ""))
+    back = load_model(tmp_path / "old")
+    assert back.config.model.first_stage_pool == "attention"
+    features, regions, _ = split()
+    cpu = torch.device("cpu")
+    np.testing.assert_array_equal(
+        image_vectors(back.model, features, regions, cpu),
+        image_vectors(model, features, regions, cpu),
+    )
+
+
+def test_a_bad_pool_is_a_config_problem():
+    with pytest.raises(ConfigError, match="model.first_stage_pool"):
+        Config(model=ModelConfig(first_stage_pool="mean")).validate()
