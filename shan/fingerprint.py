@@ -5,7 +5,8 @@ inputs is never reused. Evaluation tiles (``shan.eval.tiles``) and search indexe
 - :func:`digest`: sha256 over length-prefixed parts (no two lists of parts collide);
 - :func:`file_digests`: a checkpoint folder's files, name -> sha256 of the bytes;
 - :func:`data_fingerprint`: a data set's card bytes and a digest of a split's arrays;
-- :func:`index_key`: the search index's cache key (format, checkpoint files, data, split).
+- :func:`index_key`: the search index's cache key (format, checkpoint files, data, split);
+- :func:`scorer_digest`: SHAN's scoring weights and keys, without the first stage.
 
 The bytes hashed are part of the stored files' identity: changing them makes every existing tile
 store and search cache miss.
@@ -14,8 +15,9 @@ store and search cache miss.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -78,3 +80,20 @@ def index_key(model_files: dict[str, str], data_fp: str, split: str) -> str:
         h.update(f"\0file\0{name}\0{sha}".encode())
     h.update(f"\0data\0{data_fp}\0split\0{split}".encode())
     return h.hexdigest()
+
+
+def scorer_digest(state: Mapping[str, Any], model_keys: Mapping[str, Any], max_words: int) -> str:
+    """A digest of what SHAN's scores depend on: every weight of the state dict ``state`` but
+    the first stage's (``first_stage.*``), the ``model.*`` config keys ``model_keys`` but the
+    first stage's, and the caption cut ``max_words``. Two checkpoints of one digest score every
+    pair alike (``shan index head`` writes one with another first stage and this digest)."""
+    parts: list[bytes | str] = ["max_words", str(max_words)]
+    for key in sorted(model_keys):
+        if not key.startswith("model.first_stage"):
+            parts += [key, repr(model_keys[key])]
+    for name in sorted(state):
+        if name.startswith("first_stage."):
+            continue
+        t = state[name].detach().cpu().contiguous()
+        parts += [name, str(t.dtype), str(tuple(t.shape)), t.numpy().tobytes()]
+    return digest(*parts)

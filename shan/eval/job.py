@@ -28,7 +28,7 @@ from shan.data.reader import SplitArrays, read_split
 from shan.errors import JobError
 from shan.eval import PROTOCOLS, outputs, rerank, tiles
 from shan.eval.lock import OutLock
-from shan.fingerprint import data_fingerprint, digest
+from shan.fingerprint import data_fingerprint, digest, scorer_digest
 from shan.metrics import fold_metrics, format_table, recall_metrics
 from shan.pictures import attention_pictures
 from shan.runtime import GroupRequest, Resources, init_ray, on_cluster, plan_group, wait_for_room
@@ -354,26 +354,26 @@ def _write(
             cap_rows=split.caption_image,
         )
     )
-    meta = {
-        "model": [m.ref.ref for m in models],
-        "data": data,
-        "split": opts.split,
-        "protocol": opts.protocol,
-        "images": len(split.image_ids),
-        "captions": len(split.captions),
-        "seconds": seconds,
-    }
-    doc = {**metrics, "meta": meta}
+    doc = {**metrics, "meta": {**_meta(job), "seconds": seconds}}
     table = format_table(metrics)
     recall_md = f"{header}\n\n{table}\n"
     names = outputs.write_outputs(out, sims, index, doc, extra=extra, recall_md=recall_md)
     return EvalResult(metrics, table, names, doc, [m.ref for m in models])
 
 
+def scorer_of(m: EvalModel) -> str:
+    """:func:`shan.fingerprint.scorer_digest` of ``m``: equal for checkpoints that score alike
+    (a first stage fitted by ``shan index head`` leaves it as it was)."""
+    cfg = m.weights.config
+    keys = {k: v for k, v in cfg.flat().items() if k.startswith("model.")}
+    return scorer_digest(m.model.state_dict(), keys, cfg.data.max_words)
+
+
 def _meta(job: _Job) -> dict:
     """What an evaluation's metrics.json says it evaluated (its ``meta``, less the time)."""
     return {
         "model": [m.ref.ref for m in job.models],
+        "scorer": [scorer_of(m) for m in job.models],
         "data": job.data,
         "split": job.opts.split,
         "protocol": job.opts.protocol,

@@ -254,8 +254,9 @@ def metrics(
 
 
 def exhaustive_metrics(folder: str, meta: dict[str, Any]) -> dict[str, dict[str, float]] | None:
-    """The metrics of a finished exhaustive evaluation in ``folder`` of the same models, data,
-    split, protocol and matrix as ``meta``; None when there is none (or not the same)."""
+    """The metrics of a finished exhaustive evaluation in ``folder`` of the same scorer (SHAN's
+    weights; the first stage may differ), data, split, protocol and matrix as ``meta``; None
+    when there is none (or not the same)."""
     path = fs.join(folder, "metrics.json")
     if not fs.exists(path):
         return None
@@ -264,7 +265,10 @@ def exhaustive_metrics(folder: str, meta: dict[str, Any]) -> dict[str, dict[str,
     except (fs.StorageError, ValueError):
         return None
     theirs = doc.get("meta", {}) if isinstance(doc, dict) else {}
-    same = ("model", "data", "split", "protocol", "images", "captions")
+    # the same scorer: SHAN's weights and keys (another first stage scores alike), or, for
+    # an evaluation written before the scorer was recorded, the same model references
+    model = "scorer" if "scorer" in theirs else "model"
+    same = (model, "data", "split", "protocol", "images", "captions")
     if any(theirs.get(k) != meta.get(k) for k in same) or "rerank_k" in theirs:
         return None
     got = {k: doc.get(k) for k in SCORES}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from shan.data.format import load_vocab
 from shan.eval.job import EvalOptions, evaluate
@@ -37,19 +38,37 @@ def sparse(folder: Path) -> dict[str, np.ndarray]:
     return {n: np.load(folder / f"{n}.npy") for n in names}
 
 
+def another_head(ckpt: Path, folder: Path) -> Path:
+    """A copy of ``ckpt`` with other first-stage weights (what ``shan index head`` writes):
+    another checkpoint, the same scorer."""
+    from shan.checkpoint import load_checkpoint, save_checkpoint
+
+    c = load_checkpoint(ckpt)
+    g = torch.Generator().manual_seed(7)
+    for name, w in c.weights.items():
+        if name.startswith("first_stage."):
+            c.weights[name] = torch.randn(w.shape, generator=g, dtype=w.dtype)
+    return save_checkpoint(folder, c)
+
+
 @pytest.fixture(scope="module")
 def whole(ray_client, synthetic_small, with_head, tmp_path_factory):
-    """(out, exhaustive result, rerank result): the model evaluated exhaustively, then with K =
-    every caption (every image for t2i) into the same --out."""
+    """(out, exhaustive result, rerank result, the copy's folder): the model evaluated exhaustively, then a copy
+    with another first stage (as ``shan index head`` writes) with K = every caption (every image
+    for t2i) into the same --out, compared with the exhaustive one though it is another
+    checkpoint."""
     out = tmp_path_factory.mktemp("rerank") / "out"
-    ref, quiet = [str(with_head)], lambda s: None
-    exhaustive = evaluate(ref, synthetic_small, str(out), opts(), log=quiet)
-    reranked = evaluate(ref, synthetic_small, str(out), opts(rerank=N_CAPTIONS), log=quiet)
-    return out, exhaustive, reranked
+    quiet = lambda s: None  # noqa: E731
+    exhaustive = evaluate([str(with_head)], synthetic_small, str(out), opts(), log=quiet)
+    refit = str(another_head(with_head, tmp_path_factory.mktemp("refit") / "ckpt"))
+    reranked = evaluate(
+        [refit], synthetic_small, str(out), opts(rerank=N_CAPTIONS, compare=str(out)), log=quiet
+    )
+    return out, exhaustive, reranked, refit
 
 
 def test_rerank_with_k_the_whole_split_is_the_exhaustive_ranking(whole):
-    out, exhaustive, reranked = whole
+    out, exhaustive, reranked, _ = whole
     got = sparse(out / "rerank")
     assert got["t2i_candidates"].shape == (N_CAPTIONS, N_IMAGES)  # K capped at the images
     assert got["i2t_candidates"].shape == (N_IMAGES, N_CAPTIONS)
@@ -72,10 +91,10 @@ def test_rerank_with_k_the_whole_split_is_the_exhaustive_ranking(whole):
     assert "| rerank - exhaustive |" in reranked.table
 
 
-def test_a_killed_rerank_resumes_from_its_tiles(synthetic_small, with_head, whole, tmp_path):
-    out = tmp_path / "out"
+def test_a_killed_rerank_resumes_from_its_tiles(synthetic_small, whole, tmp_path):
+    out, refit = tmp_path / "out", whole[3]
     cmd = [
-        sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", str(with_head),
+        sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", refit,
         "--data", synthetic_small, "--out", str(out), "--rerank", "20", "--tile-images", "16",
         "--tile-captions", "64", "--actors", "2", "--cpus-per-actor", "0.5", "--no-mlflow",
     ]  # fmt: skip
@@ -102,7 +121,7 @@ def test_a_rerank_is_logged_to_mlflow_with_its_k(services, whole):
 
     from shan.eval.record import log_evaluation
 
-    out, _, reranked = whole
+    out, _, reranked, _ = whole
     rid = log_evaluation(reranked, str(out), opts(rerank=N_CAPTIONS, experiment="shan-rerank"))
     run = MlflowClient().get_run(rid)
     assert run.data.params["rerank_k"] == str(N_CAPTIONS)

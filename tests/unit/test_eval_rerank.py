@@ -131,3 +131,19 @@ def test_only_the_same_exhaustive_evaluation_is_compared_with(tmp_path):
         assert rerank.exhaustive_metrics(str(tmp_path), meta) is None, other
     (tmp_path / "metrics.json").write_text("{not json")
     assert rerank.exhaustive_metrics(str(tmp_path), meta) is None
+
+
+def test_an_exhaustive_evaluation_of_the_same_scorer_is_compared_with(tmp_path):
+    """``shan index head`` writes another checkpoint (another reference) that scores alike:
+    the same scorer digest is enough; another digest is not."""
+    import json
+
+    meta = {"model": ["ckpt-head"], "scorer": ["s1"], "data": "d", "split": "test",
+            "protocol": "plain", "images": 7, "captions": 35}  # fmt: skip
+    metrics = {k: {m: 1.0 for m in rerank.KEYS} for k in SCORES}
+    doc = {**metrics, "meta": {**meta, "model": ["ckpt"]}}
+    (tmp_path / "metrics.json").write_text(json.dumps(doc))
+    assert rerank.exhaustive_metrics(str(tmp_path), meta) == metrics
+    doc["meta"]["scorer"] = ["s2"]
+    (tmp_path / "metrics.json").write_text(json.dumps(doc))
+    assert rerank.exhaustive_metrics(str(tmp_path), meta) is None
