@@ -3,11 +3,11 @@ training through ``shan.train.driver.run_training`` (the code of ``shan train``)
 run, ASHA stopping the trials whose ``val/rsum`` lags.
 
 Every trial is sized alike (the training config's ``scaling``, planned once here) and Tune runs
-as many at once as the cluster holds now (a CPU, or half of one, left to Ray Data's reads), or
-the sweep file's ``max_concurrent_trials``. A trial's function asks Tune for a hundredth of a CPU: its
-``TorchTrainer`` asks Ray for the workers. Each epoch's metrics reach Tune through Ray Train's
-``TuneReportCallback``; when ASHA stops a trial, Tune ends the trial's actor, and with it the
-Ray Train controller and workers it owns. The job then closes what the stopped trials left
+as many at once as the cluster holds now (:func:`concurrency`: each with a CPU for its reads),
+or the sweep file's ``max_concurrent_trials``. A trial's function asks Tune for a hundredth of a
+CPU: its ``TorchTrainer`` asks Ray for the workers. Each epoch's metrics reach Tune through Ray
+Train's ``TuneReportCallback``; when ASHA stops a trial, Tune ends the trial's actor, and with
+it the Ray Train controller and workers it owns. The job then closes what the stopped trials left
 open (their child runs: FINISHED, tagged ``shan.sweep.stopped_early``), writes the table as the
 parent's description and the plot as its artifact, and registers the best trial's model.
 """
@@ -95,7 +95,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     tags = {PARENT_TAG: job.parent_id, SWEEP_TAG: job.parent_name, TRIAL_TAG: trial_id}
     if row is not None:
         tags[ROW_TAG] = row
-    result = run_training(cfg, data=job.data, log=lambda line: print(f"[{name}] {line}", flush=True),
+    result = run_training(cfg, data=job.data, log=lambda line: print(f"[{name}] {line}"),
                           tags=tags, callbacks=(epochs_to_tune(cfg.optim.epochs),))  # fmt: skip
     best = {k: v for k, v in result.best_metrics.items() if isinstance(v, int | float)}
     tune.report({**best, "epoch": cfg.optim.epochs, "best_epoch": best.get("epoch", 0)})
@@ -116,12 +116,12 @@ def epochs_to_tune(last: int) -> Any:
 
 
 def concurrency(res: Resources, cluster: dict[str, float]) -> int:
-    """How many trials of ``res`` the cluster holds at once: its CPUs less one for Ray Data's
-    reads (half of one below 2 CPUs) over a trial's CPUs, and its GPUs over a trial's; at
-    least 1."""
+    """How many trials of ``res`` the cluster holds at once, at least 1: each needs its
+    workers' CPUs (and GPUs) and a whole CPU besides for its data set's reads. Ray Data shares
+    the CPUs that no worker holds among the running data sets in whole CPUs, so that on 2 CPUs
+    two trials' reads would both get none and wait for ever."""
     cpus = float(cluster.get("CPU", 0))
-    spare = 1.0 if cpus >= 2 else 0.5
-    slots = math.floor((cpus - spare) / (res.count * res.cpus_each) + 1e-9)
+    slots = math.floor(cpus / (res.count * res.cpus_each + 1.0) + 1e-9)
     if res.use_gpu:
         slots = min(slots, math.floor(float(cluster.get("GPU", 0)) / (res.count * res.gpus_each)))
     return max(1, slots)
@@ -173,8 +173,9 @@ def run_sweep(
     parent = runs.start_run(uri, cfg.tracking.experiment, name, parent_params(base, sweep),
                             parent_tags(base, sweep, root))  # fmt: skip
     log(f"MLflow: parent run {parent} ({name}) at {runs.redact(uri)}")
+    address = os.environ.get("RAY_ADDRESS") if on_cluster() else None
     job = TrialJob(sweep=sweep, base=base, data=root, parent_id=parent, parent_name=name,
-                   uri=uri, ray_address=os.environ.get("RAY_ADDRESS") if on_cluster() else None)  # fmt: skip
+                   uri=uri, ray_address=address)  # fmt: skip
     with runs.Heartbeat(uri, parent):
         try:
             results = _tune(job, at_once, storage_root(base))
@@ -301,8 +302,8 @@ def _close_stopped(c: Any, job: TrialJob, trial: Trial, child: Any) -> None:
     if trial.stopped:
         c.set_tag(run_id, STOPPED_TAG, "true")
         rsum = "no epoch" if trial.rsum is None else f"best val/rsum {trial.rsum:.1f}"
-        notes.set_note(c, run_id, f"### Stopped early by ASHA after epoch {trial.epochs} "
-                                  f"({rsum})\n\nA trial of sweep `{job.parent_name}`.\n")  # fmt: skip
+        text = f"### Stopped early by ASHA after epoch {trial.epochs} ({rsum})\n\n"
+        notes.set_note(c, run_id, text + f"A trial of sweep `{job.parent_name}`.\n")
         runs.end_run(job.uri, run_id, "FINISHED")
     else:
         runs.end_run(job.uri, run_id, "FAILED", error=trial.error or "the trial ended",

@@ -148,7 +148,8 @@ def plot(sweep: Sweep, trials: list[Trial], title: str) -> bytes:
         _scatter(
             ax, key, done, log=any(d.key == key and d.kind == "loguniform" for d in sweep.dims)
         )
-    axes[0][0].set_ylabel("best val/rsum")
+    if keys:
+        axes[0][0].set_ylabel("best val/rsum")
     fig.suptitle(title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -161,11 +162,12 @@ def _scatter(ax: Any, key: str, trials: list[Trial], log: bool) -> None:
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
     labels = sorted({str(x) for x in xs}) if not numeric else []
     pos = [float(x) if numeric else labels.index(str(x)) for x in xs]  # type: ignore[arg-type]
-    for stopped, mark in ((False, "o"), (True, "o")):
+    for stopped in (False, True):
         pts = [(p, t.rsum) for p, t in zip(pos, trials) if t.stopped == stopped]
         if pts:
-            ax.scatter(*zip(*pts), marker=mark, s=40, label="stopped early" if stopped else "ran to the end",
-                       facecolors="none" if stopped else "C0", edgecolors="C0")  # fmt: skip
+            label = "stopped early" if stopped else "ran to the end"
+            face = "none" if stopped else "C0"
+            ax.scatter(*zip(*pts), s=40, label=label, facecolors=face, edgecolors="C0")
     if labels:
         ax.set_xticks(range(len(labels)), labels)
     if log and numeric:

@@ -17,9 +17,12 @@ def base():
 
 SPACE = Sweep(
     source="s.yaml",
-    dims=[Dimension("optim.lr", "loguniform", (1e-4, 1e-2)), Dimension("model.direction", "grid", ("full", "i2t"))],
+    dims=[
+        Dimension("optim.lr", "loguniform", (1e-4, 1e-2)),
+        Dimension("model.direction", "grid", ("full", "i2t")),
+    ],
     asha=Asha(4, 1, 2.0),
-)  # fmt: skip
+)
 
 
 def trials() -> list[Trial]:

@@ -47,8 +47,9 @@ asha: {max_t: 6, grace_period: 2, reduction_factor: 3}
     space = sweep.param_space()
     assert space["loss.margin"] == {"grid_search": [0.1, 0.2, 0.4]}
     assert space["optim.lr"].lower == 1e-4 and space["optim.lr"].upper == 1e-2
-    assert sweep.values_of({"optim.lr": 1e-3, "loss.margin": 0.2, "model.direction": "i2t",
-                            "model.mu": 0.5, "loss.negatives": "all"})[1]["model.direction"] == "i2t"  # fmt: skip
+    drawn = {"optim.lr": 1e-3, "loss.margin": 0.2, "model.direction": "i2t", "model.mu": 0.5,
+             "loss.negatives": "all"}  # fmt: skip
+    assert sweep.values_of(drawn) == (None, drawn)
     assert sweep.params()["sweep.space.loss.margin"] == "grid [0.1, 0.2, 0.4]"
 
 
