@@ -67,6 +67,7 @@ class TrialJob:
     parent_name: str
     uri: str  # MLflow
     ray_address: str | None  # the cluster the driver joined (None: a local instance)
+    quiet_downloads: bool = False  # MLflow's download bars off (the driver writes to a log)
 
 
 def trial_name(parent: str, trial_id: str) -> str:
@@ -86,6 +87,8 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     from shan.train.driver import run_training
 
     os.environ["MLFLOW_TRACKING_URI"] = job.uri
+    if job.quiet_downloads:  # as the driver's (shan_cli.run_job: no bars in a log)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if job.ray_address:  # the trial's training joins the same cluster, as the driver did
         os.environ.setdefault("RAY_ADDRESS", job.ray_address)
     trial_id = tune.get_context().get_trial_id()
@@ -95,7 +98,8 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     tags = {PARENT_TAG: job.parent_id, SWEEP_TAG: job.parent_name, TRIAL_TAG: trial_id}
     if row is not None:
         tags[ROW_TAG] = row
-    result = run_training(cfg, data=job.data, log=lambda line: print(f"[{name}] {line}"),
+    short = name[len(job.parent_name) + 1 :]  # t01: the trial's lines on the driver's console
+    result = run_training(cfg, data=job.data, log=lambda line: print(f"[{short}] {line}"),
                           tags=tags, callbacks=(epochs_to_tune(cfg.optim.epochs),))  # fmt: skip
     best = {k: v for k, v in result.best_metrics.items() if isinstance(v, int | float)}
     tune.report({**best, "epoch": cfg.optim.epochs, "best_epoch": best.get("epoch", 0)})
@@ -174,8 +178,9 @@ def run_sweep(
                             parent_tags(base, sweep, root))  # fmt: skip
     log(f"MLflow: parent run {parent} ({name}) at {runs.redact(uri)}")
     address = os.environ.get("RAY_ADDRESS") if on_cluster() else None
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "").lower() == "false"
     job = TrialJob(sweep=sweep, base=base, data=root, parent_id=parent, parent_name=name,
-                   uri=uri, ray_address=address)  # fmt: skip
+                   uri=uri, ray_address=address, quiet_downloads=quiet)  # fmt: skip
     with runs.Heartbeat(uri, parent):
         try:
             results = _tune(job, at_once, storage_root(base))

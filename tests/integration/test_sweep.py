@@ -5,6 +5,7 @@ ASHA stops it early."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def test_a_sweep_of_four_trials_with_asha(services, synthetic_small, tmp_path):
     (tmp_path / "sweep.out").write_text(out)  # the whole console, kept with the test's files
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     # the job's own lines (Ray's actors' forwarded logs start with their "(name pid=...)")
-    own = [ln for ln in out.splitlines() if not ln.lstrip("\x1b[0-9m").startswith("(")]
+    own = [ln for ln in out.splitlines() if not re.sub(r"\x1b\[[0-9;]*m", "", ln).startswith("(")]
     assert not [ln for ln in own if "Traceback" in ln or "Trial status" in ln], own
     parent_id = next(ln for ln in r.stdout.splitlines() if ln.startswith("MLflow parent run"))
     parent_id = parent_id.split()[3]
