@@ -17,6 +17,10 @@ takes, with Debian's ``chromium`` (installed with apt-get when it is missing and
 - ``mlflow_sweep_parent.png``: the parent run: its description (the trials' table) and params;
 - ``mlflow_sweep_plot.png``: the parent's plot (``sweep.png``: val/rsum against the rate).
 
+``--sweep-only`` takes the sweep's three alone, of a sweep named ``ui-sweep`` already in
+``--work``'s store (e.g. ``shan sweep ... --name ui-sweep`` with ``MLFLOW_TRACKING_URI`` set to
+it): the demo sweep takes the demo training's time three times over.
+
 The pictures go to ``--out`` (default ``docs/images``); the README shows the overview. Every
 process started here is stopped by its id.
 """
@@ -85,8 +89,8 @@ def demo_sweep(work: Path, env: dict, epochs: int) -> None:
     job(work, env, str(ROOT / "jobs" / "sweep.py"), str(sweep), "--name", SWEEP)
 
 
-def find_sweep(uri: str) -> str:
-    """The run id of the sweep's parent run."""
+def find_sweep(uri: str) -> tuple[str, str]:
+    """(experiment id, run id) of the sweep's parent run."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(uri)
@@ -97,7 +101,7 @@ def find_sweep(uri: str) -> str:
     ]
     if not found:
         sys.exit(f"error: no sweep run {SWEEP!r} in {uri}")
-    return found[0].info.run_id
+    return found[0].info.experiment_id, found[0].info.run_id
 
 
 def find_runs(uri: str) -> tuple[str, str, str]:
@@ -175,6 +179,11 @@ def main() -> None:
     p.add_argument("--work", help="working folder (its mlflow.db is reused when it has runs)")
     p.add_argument("--out", default=str(ROOT / "docs" / "images"), help="where pictures go")
     p.add_argument("--epochs", type=int, default=2, help="demo training epochs")
+    p.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help=f"only the sweep's pictures, of the run {SWEEP!r} already in --work's store",
+    )
     args = p.parse_args()
     browser = chromium()
     work = Path(args.work or tempfile.mkdtemp(prefix="shan-ui-")).absolute()
@@ -185,25 +194,30 @@ def main() -> None:
     if not (work / "mlflow.db").is_file():
         demo_runs(work, env, args.epochs)
         demo_sweep(work, env, args.epochs)
-    exp, train, evaluation = find_runs(uri)
-    parent = find_sweep(uri)
+    sweep_exp, parent = find_sweep(uri)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     proc, base = serve(work, uri)
     try:
         with tempfile.TemporaryDirectory(prefix="shan-chromium-") as profile:
-            run = f"{base}/#/experiments/{exp}/runs"
+            sweep_runs = f"{base}/#/experiments/{sweep_exp}/runs"
             shots = {
-                "mlflow_run_overview.png": f"{run}/{train}",
-                "mlflow_run_metrics.png": f"{run}/{train}/model-metrics",
-                "mlflow_run_system_metrics.png": f"{run}/{train}/system-metrics",
-                "mlflow_eval_plots.png": f"{run}/{evaluation}/artifacts/recall_at_k.png",
                 # the parent and its children (their names start with the parent's), nested
-                "mlflow_sweep_runs.png": f"{base}/#/experiments/{exp}/runs?searchFilter="
+                "mlflow_sweep_runs.png": f"{sweep_runs}?searchFilter="
                 f"attributes.run_name%20LIKE%20%27{SWEEP}%25%27&",
-                "mlflow_sweep_parent.png": f"{run}/{parent}",
-                "mlflow_sweep_plot.png": f"{run}/{parent}/artifacts/sweep.png",
+                "mlflow_sweep_parent.png": f"{sweep_runs}/{parent}",
+                "mlflow_sweep_plot.png": f"{sweep_runs}/{parent}/artifacts/sweep.png",
             }
+            if not args.sweep_only:
+                exp, train, evaluation = find_runs(uri)
+                run = f"{base}/#/experiments/{exp}/runs"
+                shots = {
+                    "mlflow_run_overview.png": f"{run}/{train}",
+                    "mlflow_run_metrics.png": f"{run}/{train}/model-metrics",
+                    "mlflow_run_system_metrics.png": f"{run}/{train}/system-metrics",
+                    "mlflow_eval_plots.png": f"{run}/{evaluation}/artifacts/recall_at_k.png",
+                    **shots,
+                }
             # a fresh browser remembers no view: the model-training one, as the experiment's
             # kind says (the UI's toggle is kept in the browser or given in the URL)
             for name, url in shots.items():  # the overview down to its "Logged models"
