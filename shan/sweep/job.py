@@ -68,6 +68,7 @@ class TrialJob:
     uri: str  # MLflow
     ray_address: str | None  # the cluster the driver joined (None: a local instance)
     quiet_downloads: bool = False  # MLflow's download bars off (the driver writes to a log)
+    source: dict[str, str] | None = None  # the parent's source tags (a child's too)
 
 
 def trial_name(parent: str, trial_id: str) -> str:
@@ -95,7 +96,8 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     row, values = job.sweep.values_of(config)
     cfg = with_values(job.base, values)
     cfg.tracking.run_name = name = trial_name(job.parent_name, trial_id)
-    tags = {PARENT_TAG: job.parent_id, SWEEP_TAG: job.parent_name, TRIAL_TAG: trial_id}
+    tags = {**(job.source or {}), PARENT_TAG: job.parent_id, SWEEP_TAG: job.parent_name,
+            TRIAL_TAG: trial_id}  # fmt: skip
     if row is not None:
         tags[ROW_TAG] = row
     short = name[len(job.parent_name) + 1 :]  # t01: the trial's lines on the driver's console
@@ -180,7 +182,8 @@ def run_sweep(
     address = os.environ.get("RAY_ADDRESS") if on_cluster() else None
     quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "").lower() == "false"
     job = TrialJob(sweep=sweep, base=base, data=root, parent_id=parent, parent_name=name,
-                   uri=uri, ray_address=address, quiet_downloads=quiet)  # fmt: skip
+                   uri=uri, ray_address=address, quiet_downloads=quiet,
+                   source=context.source_tags("sweep", "jobs/sweep.py"))  # fmt: skip
     with runs.Heartbeat(uri, parent):
         try:
             results = _tune(job, at_once, storage_root(base))

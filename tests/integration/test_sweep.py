@@ -60,6 +60,7 @@ def test_a_sweep_of_four_trials_with_asha(services, synthetic_small, tmp_path):
     for ch in children:  # each child a training run: params, curves, its name
         assert ch.data.params["model.d"] == "16"
         assert ch.data.tags[RUN_TAG].startswith(parent.data.tags[RUN_TAG] + "-t")
+        assert ch.data.tags["mlflow.source.name"] == "jobs/sweep.py"
         assert c.get_metric_history(ch.info.run_id, "train/loss")
     # the table: best val/rsum first; the best child registered
     best = {ch.info.run_id: max(m.value for m in c.get_metric_history(ch.info.run_id, "val/rsum"))
