@@ -134,8 +134,9 @@ class Sweep:
         out = {"sweep.file": self.source, "sweep.table": self.table}
         for d in self.dims:
             out[f"sweep.space.{d.key}"] = f"{d.kind} {list(d.values)}"
-        for r in self.rows:
-            out[f"sweep.trial.{r.name}"] = ", ".join(f"{k}={v}" for k, v in r.values.items())
+        for i, r in enumerate(self.rows, 1):  # a row's name may hold what a key may not ("+")
+            values = ", ".join(f"{k}={v}" for k, v in r.values.items())
+            out[f"sweep.trial.{i:02d}"] = f"{r.name}: {values}"
         out["sweep.num_samples"] = str(self.num_samples)
         if self.asha:
             out.update(

@@ -183,5 +183,13 @@ def test_with_values_checks_the_whole_config(base):
 
 
 def test_the_shipped_sweeps_load(base):
+    """...and their params are MLflow param names (a row's name may hold "+", "(")."""
+    from mlflow.utils.validation import _validate_param_name
+
     for path in sorted((ROOT / "sweeps").glob("*.yaml")):
-        assert load_sweep(path, base).trial_count() >= 1, path
+        sweep = load_sweep(path, base)
+        assert sweep.trial_count() >= 1, path
+        for key in sweep.params():
+            _validate_param_name(key)
+    rows = load_sweep(ROOT / "sweeps" / "paper-ablation.yaml", base).params()
+    assert rows["sweep.trial.04"].startswith("L2L + G2L: model.w_l2l=0.5")
