@@ -11,7 +11,15 @@ takes, with Debian's ``chromium`` (installed with apt-get when it is missing and
   model, description, metrics, parameters and, at its foot, the logged model);
 - ``mlflow_run_metrics.png``: its model metrics (``train/loss``, ``val/rsum``, ...);
 - ``mlflow_run_system_metrics.png``: its system metrics;
-- ``mlflow_eval_plots.png``: the evaluation run's recall-at-K plot in the artifact viewer.
+- ``mlflow_eval_plots.png``: the evaluation run's recall-at-K plot in the artifact viewer;
+- ``mlflow_sweep_runs.png``: a sweep (``shan sweep``, 3 learning rates with ASHA, run as
+  ``ui-sweep``): its parent run with the trials' child runs nested under it in the runs list;
+- ``mlflow_sweep_parent.png``: the parent run: its description (the trials' table) and params;
+- ``mlflow_sweep_plot.png``: the parent's plot (``sweep.png``: val/rsum against the rate).
+
+``--sweep-only`` takes the sweep's three alone, of a sweep named ``ui-sweep`` already in
+``--work``'s store (e.g. ``shan sweep ... --name ui-sweep`` with ``MLFLOW_TRACKING_URI`` set to
+it): the demo sweep takes the demo training's time three times over.
 
 The pictures go to ``--out`` (default ``docs/images``); the README shows the overview. Every
 process started here is stopped by its id.
@@ -33,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shan-demo"
+SWEEP = "ui-sweep"  # the demo sweep's parent run
 VIEW = "workflowType=machine_learning"
 
 
@@ -67,6 +76,32 @@ def demo_runs(work: Path, env: dict, epochs: int) -> None:
     data = env["SHAN_DEMO_DATA"]
     job(work, env, evaluate, "--model", f"models:/{MODEL}/1", "--data", data, "--split", "test",
         "--out", str(work / "eval"))  # fmt: skip
+
+
+def demo_sweep(work: Path, env: dict, epochs: int) -> None:
+    """A finished sweep of the demo config, named SWEEP: 3 learning rates, ASHA from epoch 1
+    (the rate of 1e-8 does not learn: it is stopped early)."""
+    sweep = work / "ui-sweep.yaml"
+    sweep.write_text(
+        "space:\n  optim.lr: {grid: [2.0e-4, 1.0e-3, 1.0e-8]}\n"
+        f"asha: {{max_t: {epochs}, grace_period: 1, reduction_factor: 2}}\n"
+    )
+    job(work, env, str(ROOT / "jobs" / "sweep.py"), str(sweep), "--name", SWEEP)
+
+
+def find_sweep(uri: str) -> tuple[str, str]:
+    """(experiment id, run id) of the sweep's parent run."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    found = [
+        r
+        for e in c.search_experiments()
+        for r in c.search_runs([e.experiment_id], filter_string=f"tags.`shan.run_name` = '{SWEEP}'")
+    ]
+    if not found:
+        sys.exit(f"error: no sweep run {SWEEP!r} in {uri}")
+    return found[0].info.experiment_id, found[0].info.run_id
 
 
 def find_runs(uri: str) -> tuple[str, str, str]:
@@ -144,6 +179,11 @@ def main() -> None:
     p.add_argument("--work", help="working folder (its mlflow.db is reused when it has runs)")
     p.add_argument("--out", default=str(ROOT / "docs" / "images"), help="where pictures go")
     p.add_argument("--epochs", type=int, default=2, help="demo training epochs")
+    p.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help=f"only the sweep's pictures, of the run {SWEEP!r} already in --work's store",
+    )
     args = p.parse_args()
     browser = chromium()
     work = Path(args.work or tempfile.mkdtemp(prefix="shan-ui-")).absolute()
@@ -153,24 +193,39 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)  # a local Ray instance of the job's own
     if not (work / "mlflow.db").is_file():
         demo_runs(work, env, args.epochs)
-    exp, train, evaluation = find_runs(uri)
+        demo_sweep(work, env, args.epochs)
+    sweep_exp, parent = find_sweep(uri)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     proc, base = serve(work, uri)
     try:
         with tempfile.TemporaryDirectory(prefix="shan-chromium-") as profile:
-            run = f"{base}/#/experiments/{exp}/runs"
+            sweep_runs = f"{base}/#/experiments/{sweep_exp}/runs"
             shots = {
-                "mlflow_run_overview.png": f"{run}/{train}",
-                "mlflow_run_metrics.png": f"{run}/{train}/model-metrics",
-                "mlflow_run_system_metrics.png": f"{run}/{train}/system-metrics",
-                "mlflow_eval_plots.png": f"{run}/{evaluation}/artifacts/recall_at_k.png",
+                # the parent and its children (their names start with the parent's), nested
+                "mlflow_sweep_runs.png": f"{sweep_runs}?searchFilter="
+                f"attributes.run_name%20LIKE%20%27{SWEEP}%25%27&",
+                "mlflow_sweep_parent.png": f"{sweep_runs}/{parent}",
+                "mlflow_sweep_plot.png": f"{sweep_runs}/{parent}/artifacts/sweep.png",
             }
+            if not args.sweep_only:
+                exp, train, evaluation = find_runs(uri)
+                run = f"{base}/#/experiments/{exp}/runs"
+                shots = {
+                    "mlflow_run_overview.png": f"{run}/{train}",
+                    "mlflow_run_metrics.png": f"{run}/{train}/model-metrics",
+                    "mlflow_run_system_metrics.png": f"{run}/{train}/system-metrics",
+                    "mlflow_eval_plots.png": f"{run}/{evaluation}/artifacts/recall_at_k.png",
+                    **shots,
+                }
             # a fresh browser remembers no view: the model-training one, as the experiment's
             # kind says (the UI's toggle is kept in the browser or given in the URL)
             for name, url in shots.items():  # the overview down to its "Logged models"
-                height = 2500 if name == "mlflow_run_overview.png" else 1100
-                shoot(browser, f"{url}?{VIEW}", out / name, Path(profile), height)
+                height = (
+                    2500 if name in ("mlflow_run_overview.png", "mlflow_sweep_parent.png") else 1100
+                )
+                sep = "" if url.endswith("&") else "?"
+                shoot(browser, f"{url}{sep}{VIEW}", out / name, Path(profile), height)
     finally:
         stop(proc)
     print(f"store: {uri}")

@@ -1,6 +1,7 @@
 """``shan``: one command, a subcommand per job.
 
     shan train [--config demo] [--data PATH] [key=value ...]
+    shan sweep SWEEP.yaml [--config demo] [--data PATH] [key=value ...]
     shan evaluate --model REF --data PATH [--out DIR] ...
     shan data {precomp,images,synthetic,validate} ...
     shan search --model REF --data PATH "a sentence" ...
@@ -22,6 +23,7 @@ from shan_cli import run_job
 
 COMMANDS = {
     "train": ("shan_cli.train", "train SHAN on Ray Train, logged to MLflow"),
+    "sweep": ("shan_cli.sweep", "sweep a config with Ray Tune: ASHA, MLflow parent and child runs"),
     "evaluate": ("shan_cli.evaluate", "score a split on Ray actors; metrics, outputs, promotion"),
     "data": ("shan_cli.prepare_data", "convert, extract, generate or validate a data set"),
     "search": ("shan_cli.search", "the images of a split that best match sentences"),

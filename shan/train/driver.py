@@ -67,6 +67,7 @@ class Fit:
     uri: str  # MLflow
     run_id: str
     token: str  # the FatalBox token of this training
+    callbacks: tuple[Any, ...] = ()  # Ray Train UserCallbacks (a sweep's trial: Tune's report)
 
 
 def ensure_demo_data(log: Callable[[str], None] = print) -> str:
@@ -170,8 +171,14 @@ def run_training(
     data: str | None = None,
     register: str | None = None,
     log: Callable[[str], None] = print,
+    *,
+    tags: dict[str, str] | None = None,
+    callbacks: tuple[Any, ...] = (),
 ) -> TrainingResult:
-    """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set)."""
+    """Train ``cfg`` on the data set at ``data`` (default: cfg.data.path, else the demo set).
+
+    A sweep's trial (shan.sweep) adds ``tags`` to the MLflow run (``mlflow.parentRunId``: a
+    child run) and ``callbacks`` to Ray Train's (Tune's report of each epoch)."""
     cfg.validate()  # with scaling.num_workers set, the global batch's share too
     check_local_gpus(cfg.scaling)
     if cfg.tracking.run_name:  # a generated name is one whose folder does not exist
@@ -197,7 +204,7 @@ def run_training(
         run_name,
         cfg.flat(),
         {**context.source_tags("train", "jobs/train.py"), "shan.data": root,
-         "shan.config": cfg.name},
+         "shan.config": cfg.name, **(tags or {})},
     )  # fmt: skip
     log(f"MLflow: run {run_id} ({run_name}) at {runs.redact(uri)}")
     box = runs.FatalBox(uri, run_id, secrets.token_hex(8))
@@ -206,7 +213,7 @@ def run_training(
             datasets.log_dataset(runs.client(uri), run_id, card, given, "training")
             fit = Fit(
                 root=root, storage=storage, card=card, vocab=vocab, glove=glove, uri=uri,
-                run_id=run_id, token=box.token,
+                run_id=run_id, token=box.token, callbacks=callbacks,
             )  # fmt: skip
             result = _fit(cfg, fit, log)
             out = _log_outcome(cfg, fit, result, register, log)
@@ -305,6 +312,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
                 checkpoint_score_attribute="val/rsum",
                 checkpoint_score_order="max",
             ),
+            callbacks=list(fit.callbacks) or None,
         ),
         datasets={"train": open_split(fit.root, cfg.data.train_split).randomize_block_order()},
     )

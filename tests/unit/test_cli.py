@@ -40,6 +40,7 @@ def test_shan_lists_its_commands_and_version(capsys):
     out = capsys.readouterr().out
     assert all(f"  {name}" in out for name in COMMANDS) and set(COMMANDS) == {
         "train",
+        "sweep",
         "evaluate",
         "data",
         "search",
@@ -85,6 +86,7 @@ def test_the_job_shims_run_the_packages_main():
 # default is an enumeration and must have choices)
 FREE_TEXT = {
     "train --config": "a packaged config or a YAML file",
+    "sweep --config": "a packaged config or a YAML file",
     "evaluate --split": "a split of the data set",
     "search --cache": "a folder for the image indexes",
     "index build --split": "a split of the data set",

@@ -16,7 +16,8 @@ lower one, never of a higher one:
 5. ``shan.tracking.*`` (MLflow), ``shan.serving``, ``shan.promotion``, ``shan.server`` (the
    HTTP server of ``shan serve``);
 6. the jobs: ``shan.train.*``, ``shan.eval.*``, ``shan.extract`` (images to a data set),
-   ``shan.indexing`` (the index build); they never import each other;
+   ``shan.indexing`` (the index build); they never import each other; ``shan.sweep.*`` (Tune
+   trials that are trainings) may import ``shan.train``, which never imports it;
 7. ``shan.search.*``: builds on the library, never on the evaluation (``shan.eval.*``) nor on
    training;
 8. ``shan_cli.*``: the command lines;
@@ -127,7 +128,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "shan.fingerprint", "shan.pictures", "shan.index", "shan.rerank",
      "shan.firststage"),
     ("shan.tracking", "shan.serving", "shan.promotion", "shan.server"),
-    ("shan.train", "shan.eval", "shan.extract", "shan.indexing"),
+    ("shan.train", "shan.eval", "shan.extract", "shan.indexing", "shan.sweep"),
     ("shan.search",),
     ("shan_cli",),
     ("jobs",),
@@ -169,6 +170,8 @@ def rule_problem(source: str, target: str) -> str | None:
     dst = next((j for j in JOBS if within(target, j)), None)
     if src and dst and src != dst:
         return f"{', '.join(JOBS[:-1])} and {JOBS[-1]} never import each other"
+    if src and within(target, "shan.sweep"):
+        return "the jobs never import shan.sweep (it builds on shan.train)"
     if within(source, "shan.search") and within(target, "shan.train"):
         return "shan.search never imports shan.train"
     if within(source, "shan.search") and within(target, "shan.eval"):
@@ -385,6 +388,8 @@ def found(problems: list[str], where: str) -> list[str]:
          "from shan.train.worker import lr_at", "never import each other"),
         ("shan/train/driver.py", "from . import worker\nfrom ..eval import job\n",
          "from ..eval import job", "never import each other"),
+        ("shan/train/driver.py", "def f():\n    from shan.sweep import job\n",
+         "from shan.sweep import job", "never import shan.sweep"),
         ("shan/extract.py", "def f():\n    from shan.eval import tiles\n",
          "from shan.eval import tiles", "never import each other"),
         ("shan/runtime.py", "if True:\n    import argparse\n",

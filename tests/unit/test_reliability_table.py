@@ -15,7 +15,14 @@ def test_reliability_page_table_matches_the_cases():
 def test_every_case_has_a_unique_id_and_names_what_is_wrong():
     cases = reliability.all_cases()
     assert len(cases) >= 30
-    assert {c.job for c in cases} == {"prepare_data", "train", "evaluate", "search", "index"}
+    assert {c.job for c in cases} == {
+        "prepare_data",
+        "train",
+        "sweep",
+        "evaluate",
+        "search",
+        "index",
+    }
     ids = [(c.job, c.id) for c in cases]
     assert len(ids) == len(set(ids))
     assert all(c.names and c.input for c in cases)
