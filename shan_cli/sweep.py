@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from shan.config import load_config
-from shan_cli.argtypes import at_least, positive
+from shan_cli.argtypes import positive, workers
 
 FLAG_KEYS = (  # flags that set a config key (typed already: taken as they are)
     ("data", "data.path"),
@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the parent run's name (tracking.run_name); a new name")
     p.add_argument("--register", metavar="NAME", help="register the best trial's model as NAME")
     p.add_argument(
-        "--workers", type=at_least(1), help="training workers of each trial (scaling.num_workers)"
+        "--workers",
+        type=workers,
+        help="training workers of each trial, N or MIN-MAX (elastic; scaling.num_workers)",
     )
     p.add_argument(
         "--gpus-per-worker",

@@ -53,10 +53,10 @@ def another_head(ckpt: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def whole(ray_client, synthetic_small, with_head, tmp_path_factory):
-    """(out, exhaustive result, rerank result, the copy's folder): the model evaluated exhaustively, then a copy
-    with another first stage (as ``shan index head`` writes) with K = every caption (every image
-    for t2i) into the same --out, compared with the exhaustive one though it is another
-    checkpoint."""
+    """(out, exhaustive result, rerank result, the copy's folder): the model evaluated
+    exhaustively, then a copy with another first stage (as ``shan index head`` writes) with
+    K = every caption (every image for t2i) into the same --out, compared with the exhaustive
+    one though it is another checkpoint."""
     out = tmp_path_factory.mktemp("rerank") / "out"
     quiet = lambda s: None  # noqa: E731
     exhaustive = evaluate([str(with_head)], synthetic_small, str(out), opts(), log=quiet)
