@@ -43,6 +43,7 @@ DIRECTIONS = ("full", "i2t", "t2i")
 NEGATIVES = ("hardest", "all")
 NEGATIVES_FROM = ("global", "local")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+CHECKPOINT_UPLOADS = ("async", "sync")
 
 
 def _key(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
@@ -279,13 +280,20 @@ class OptimConfig(_Section):
         p.non_negative("weight_decay", self.weight_decay)
         return list(p)
 
-    def worker_batch(self, workers: int) -> int:
-        """Examples each of ``workers`` workers takes per step: ``batch_size // workers`` (the
-        global batch is then ``workers`` times that); a ConfigError when it would be 0."""
+    def worker_batch(self, workers: int, rank: int = 0) -> int:
+        """Examples worker ``rank`` of ``workers`` takes per step (:meth:`batch_shares`); a
+        ConfigError when a share would be 0."""
+        return self.batch_shares(workers)[rank]
+
+    def batch_shares(self, workers: int) -> list[int]:
+        """The global batch shared out among ``workers``, rank by rank: ``batch_size //
+        workers`` each, and one more for the first ``batch_size % workers`` ranks, so that the
+        shares sum to ``batch_size`` at any world size; a ConfigError when a share would be 0."""
         problem = self.share_problem(workers)
         if problem:
             raise ConfigError(problem)
-        return self.batch_size // workers
+        each, more = divmod(self.batch_size, workers)
+        return [each + (rank < more) for rank in range(workers)]
 
     def share_problem(self, workers: int) -> str | None:
         """Why the global batch cannot be shared out among ``workers`` (None: it can)."""
@@ -330,7 +338,12 @@ class ScalingConfig(_Section):
     ``None`` taking Ray's defaults (1 worker, no GPU, 1 CPU), and the job waits up to
     ``wait_timeout`` seconds for the autoscaler; locally ``None`` means: size from the machine."""
 
-    num_workers: int | None = _key(None, "training workers (--workers); null: see above")
+    num_workers: int | list[int] | None = _key(
+        None,
+        "training workers (--workers N), or [min, max] for an elastic group that starts with "
+        "what fits, goes on without a lost node and grows as nodes join (--workers MIN-MAX); "
+        "null: see above",
+    )
     use_gpu: bool | None = _key(None, "train on GPUs; null: see above")
     cpus_per_worker: float | None = _key(None, "CPUs per worker; null: see above")
     gpus_per_worker: float = _key(1.0, "GPUs per worker when use_gpu: <= 1, or a whole number")
@@ -345,10 +358,16 @@ class ScalingConfig(_Section):
     )
     checkpoint_blocks: bool = _key(False, "recompute score blocks in backward (less memory)")
     bf16: bool = _key(True, "bfloat16 autocast on CUDA")
+    resize_interval: float = _key(
+        60.0, "with num_workers [min, max]: seconds between checks for room to grow the group"
+    )
 
     def problems(self, prefix: str = "scaling.") -> list[str]:
         p = Problems(prefix)
-        p.at_least("num_workers", self.num_workers, 1, optional=True)
+        if isinstance(self.num_workers, list):
+            p += _range_problems(f"{prefix}num_workers", self.num_workers)
+        else:
+            p.at_least("num_workers", self.num_workers, 1, optional=True)
         p.positive("cpus_per_worker", self.cpus_per_worker, optional=True)
         g = self.gpus_per_worker
         if not _finite(g) or g <= 0 or (g > 1 and g != int(g)):
@@ -356,7 +375,41 @@ class ScalingConfig(_Section):
         p.positive("wait_timeout", self.wait_timeout)
         p.one_of("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         p.at_least("score_block", self.score_block, 1, optional=True)
+        p.positive("resize_interval", self.resize_interval)
         return list(p)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a range ``[min, max]`` (an elastic group)."""
+        return isinstance(self.num_workers, list)
+
+    def worker_range(self) -> tuple[int, int] | None:
+        """``(min, max)`` workers: the range, ``(n, n)`` for a fixed ``n``, None when unset."""
+        n = self.num_workers
+        if n is None:
+            return None
+        if isinstance(n, list):
+            return n[0], n[1]
+        return n, n
+
+    def describe_workers(self, world: int) -> str:
+        """``2 (elastic 1-2)`` or ``2``: a group of ``world`` workers under this config."""
+        r = self.worker_range()
+        return f"{world} (elastic {r[0]}-{r[1]})" if self.elastic and r else str(world)
+
+
+def _range_problems(key: str, value: list[Any]) -> list[str]:
+    """What is wrong with a ``[min, max]`` range of workers, one line each."""
+    shown = _show(value)
+    if len(value) != 2:
+        return [f"{key} must be an integer >= 1 or a range [min, max], got {shown}"]
+    out = []
+    for name, v in zip(("min", "max"), value, strict=True):
+        if not _whole(v) or v < 1:
+            out.append(f"{key} must have {name} an integer >= 1, got {shown}")
+    if not out and value[0] > value[1]:
+        out.append(f"{key} must have min <= max, got {shown}")
+    return out
 
 
 @dataclass
@@ -371,6 +424,12 @@ class TrackingConfig(_Section):
     log_every: int = _key(20, "steps between train/loss points")
     keep_checkpoints: int = _key(2, "checkpoints Ray Train keeps (the best by val/rsum)")
     max_failures: int = _key(3, "worker-group restarts from the last checkpoint before giving up")
+    checkpoint_upload: str = _key(
+        "async",
+        "checkpoints reach storage_path in the background (async: the steps go on) or while "
+        "the workers wait (sync)",
+        CHECKPOINT_UPLOADS,
+    )
     system_metrics_every: float = _key(
         10.0, "seconds between system/... samples (CPU, memory, GPU) per node; 0: off"
     )
@@ -383,6 +442,7 @@ class TrackingConfig(_Section):
         p.at_least("log_every", self.log_every, 1)
         p.at_least("keep_checkpoints", self.keep_checkpoints, 1)
         p.at_least("max_failures", self.max_failures, 0)
+        p.one_of("checkpoint_upload", self.checkpoint_upload, CHECKPOINT_UPLOADS)
         every = self.system_metrics_every
         if not _finite(every) or not (every == 0 or every >= 1):
             p.bad("system_metrics_every", every, "0 (off) or at least 1 (seconds)")
@@ -414,6 +474,8 @@ class Config(Checked):
         ):  # fmt: skip
             out += section.problems()
         workers, batch = self.scaling.num_workers, self.optim.batch_size
+        if isinstance(workers, list) and not _range_problems("", workers):
+            workers = workers[1]  # the largest group shares out the global batch too
         if _whole(workers) and _whole(batch) and workers >= 1 and batch >= 2:  # else above
             share = self.optim.share_problem(workers)  # the global batch over the workers
             out += [share] if share else []
@@ -448,6 +510,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin is list:
+        return "a list"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a text"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -468,6 +532,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {_show(value)}")
+    if origin is list and isinstance(value, list):
+        # items of the wrong type are kept for the section's problems(), which reports each
+        # item with the length and the range (one place for every problem of the list)
+        return [_coerce_or_keep(key, v, typing.get_args(tp)[0]) for v in value]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is bool and isinstance(value, bool):
@@ -477,6 +545,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key} must be {_type_name(tp)}, got {_show(value)}")
+
+
+def _coerce_or_keep(key: str, value: Any, tp: Any) -> Any:
+    try:
+        return _coerce(key, value, tp)
+    except ConfigError:
+        return value
 
 
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
@@ -740,11 +815,17 @@ def _short_type(tp: Any, choices: tuple[Any, ...]) -> str:
     shown = (
         "{" + ",".join(map(str, choices)) + "}"
         if choices
-        else "|".join(
-            {int: "int", float: "float", bool: "bool", str: "text"}.get(a, str(a)) for a in names
-        )
+        else "|".join(_short_name(a) for a in names)
     )
     return shown + ("|null" if type(None) in args else "")
+
+
+def _short_name(tp: Any) -> str:
+    """``int``, ``[int,int]`` (a list: a range), ...: one type as ``--help`` shows it."""
+    if typing.get_origin(tp) is list:
+        item = _short_name(typing.get_args(tp)[0])
+        return f"[{item},{item}]"
+    return {int: "int", float: "float", bool: "bool", str: "text"}.get(tp, str(tp))
 
 
 def _show_default(value: Any) -> str:

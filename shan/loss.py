@@ -142,55 +142,70 @@ def workers() -> int:
 
 class _GatherRows(torch.autograd.Function):
     """``all_gather`` along the first axis that autograd goes back through: the gradient of a
-    worker's rows is the sum of every worker's gradient of them."""
+    worker's rows is the sum of every worker's gradient of them. Shares of unequal sizes are
+    padded to the largest for the gather and cut back after it."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        """x: (b, ...) -> (W*b, ...)."""
-        parts = [torch.empty_like(x) for _ in range(workers())]  # W x (b, ...)
-        dist.all_gather(parts, x.contiguous())
-        start = dist.get_rank() * x.shape[0]
+    def forward(ctx: Any, x: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        """x: (b, ...), sizes: every worker's b (rank order) -> (B, ...), B = sum(sizes)."""
+        start = sum(sizes[: dist.get_rank()])
         ctx.own = slice(start, start + x.shape[0])
-        return torch.cat(parts)  # (W*b, ...)
+        return _gather(x.contiguous(), sizes)  # (B, ...)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        """grad: (W*b, ...) this worker's gradient of every row -> (b, ...)."""
-        total = grad.clone(memory_format=torch.contiguous_format)  # (W*b, ...)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        """grad: (B, ...) this worker's gradient of every row -> (b, ...)."""
+        total = grad.clone(memory_format=torch.contiguous_format)  # (B, ...)
         dist.all_reduce(total)  # every worker's gradient of every row
-        return total[ctx.own]  # (b, ...): of this worker's rows
+        return total[ctx.own], None  # (b, ...): of this worker's rows
 
 
-def gather_rows(x: Tensor) -> Tensor:
-    """x: (b, ...) on each of W workers -> (W*b, ...): every worker's rows, in rank order.
+def _gather(x: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """x: (b, ...) contiguous on each worker, sizes: every worker's b -> (sum(sizes), ...)."""
+    most = max(sizes)
+    if x.shape[0] < most:  # all_gather takes equal shapes: pad, then cut each part back
+        x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]  # W x (most, ...)
+    dist.all_gather(parts, x)
+    if len(set(sizes)) == 1:
+        return torch.cat(parts)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
-    Floating-point rows keep their gradient: it flows back to each row's owner, summed over
-    the workers. Without a process group, ``x`` itself.
+
+def gather_rows(x: Tensor, sizes: tuple[int, ...] | None = None) -> Tensor:
+    """x: (b, ...) on each of W workers -> (B, ...): every worker's rows, in rank order.
+
+    ``sizes``: every worker's b (:func:`share_shapes`); None: all the same (this one's). The
+    shares of an elastic group may differ by one (``OptimConfig.batch_shares``). Floating-point
+    rows keep their gradient: it flows back to each row's owner, summed over the workers.
+    Without a process group, ``x`` itself.
     """
     if workers() == 1:
         return x
+    sizes = sizes or (x.shape[0],) * workers()
     if x.is_floating_point():
-        return _GatherRows.apply(x)  # (W*b, ...)
+        return _GatherRows.apply(x, sizes)  # (B, ...)
     raw = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()  # gloo has no bool
-    parts = [torch.empty_like(raw) for _ in range(workers())]  # W x (b, ...)
-    dist.all_gather(parts, raw)
-    return torch.cat(parts).to(x.dtype)  # (W*b, ...)
+    return _gather(raw, sizes).to(x.dtype)  # (B, ...)
 
 
-def global_max(value: int, device: torch.device) -> int:
-    """The largest ``value`` of all workers."""
+def share_shapes(b: int, n: int, device: torch.device) -> tuple[tuple[int, ...], int]:
+    """Every worker's share size ``b`` (rank order) and the largest ``n`` (words of a share's
+    longest caption), in one gather."""
     if workers() == 1:
-        return value
-    t = torch.tensor([value], device=device)  # (1,)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+        return (b,), n
+    mine = torch.tensor([b, n], device=device)  # (2,)
+    parts = [torch.empty_like(mine) for _ in range(workers())]
+    dist.all_gather(parts, mine)
+    return tuple(int(p[0]) for p in parts), max(int(p[1]) for p in parts)
 
 
 class BatchLoss(nn.Module):
     """A training batch's loss as one module, the one DDP wraps, so that the encoders, the
     gathering and the scorer all run inside its forward.
 
-    Each worker holds a share of b examples of the global batch of B = W * b. With
+    Each worker holds a share of b examples of the global batch of B examples (the shares
+    may differ by one: ``OptimConfig.batch_shares``). With
     ``negatives_from="local"`` (or one worker) the share is scored against itself and its
     loss is :class:`TripletLoss` of its (b, b) matrices. With ``"global"`` the shares' region
     and word embeddings are gathered from every worker (the scorer's per-image and per-caption
@@ -227,18 +242,19 @@ class BatchLoss(nn.Module):
             scores = self.model.score(images, captions, block=block, checkpoint=checkpoint)
             loss = self.loss(scores, image_ids)  # (b, b) each
             return loss + self.first_stage(v, v_mask, t, t_mask, image_ids)
-        n = global_max(tokens.shape[1], tokens.device)  # words of the longest caption
+        sizes, n = share_shapes(len(tokens), tokens.shape[1], tokens.device)  # n: longest
         tokens = F.pad(tokens, (0, n - tokens.shape[1]))  # (b, n): every share as wide
         v, v_mask = self.model.embed_images(features, region_mask)  # (b, k, d), (b, k)
         t, t_mask = self.model.embed_captions(tokens, lengths)  # (b, n, d), (b, n)
         first = self.first_stage(v, v_mask, t, t_mask, image_ids)  # the share's own pairs
-        images = self.model.image_terms(gather_rows(v), gather_rows(v_mask))  # B images
-        captions = self.model.caption_terms(gather_rows(t), gather_rows(t_mask))  # B captions
-        start = dist.get_rank() * len(v)  # the share's first example in the global batch
+        images = self.model.image_terms(gather_rows(v, sizes), gather_rows(v_mask, sizes))
+        captions = self.model.caption_terms(gather_rows(t, sizes), gather_rows(t_mask, sizes))
+        start = sum(sizes[: dist.get_rank()])  # the share's first example in the global batch
         own = slice(start, start + len(v))
         rows = self.model.score(images[own], captions, block=block, checkpoint=checkpoint)
         cols = self.model.score(images, captions[own], block=block, checkpoint=checkpoint)
-        loss = self.loss.share(rows, cols, gather_rows(image_ids), start)  # (b, B), (B, b)
+        ids = gather_rows(image_ids, sizes)  # (B,)
+        loss = self.loss.share(rows, cols, ids, start)  # (b, B), (B, b)
         return loss + first
 
     def first_stage(

@@ -4,11 +4,14 @@ the cluster to offer it, and reading what a failed worker left behind.
 One rule serves training workers, evaluation actors and extraction actors
 (:func:`plan_group`): on a cluster (``RAY_ADDRESS`` set, as in a submitted job) a group is
 asked for exactly as configured and the job waits for the autoscaler (:func:`wait_for_room`);
-a local instance is sized from what it has (:func:`size_group`)."""
+a local instance is sized from what it has (:func:`size_group`). An elastic group (a range
+``[min, max]`` of members) waits on a cluster only for ``min`` to fit, and is sized locally for
+as many as the machine holds up to ``max``."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -57,10 +60,31 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
         ray.init(
             address=address or "local",
             log_to_driver=True,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_threads.__name__}"},
+            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_workers.__name__}"},
         )
-    quiet_threads()
+    quiet_workers()
     return ray
+
+
+# Ray Train's elastic policy logs this at INFO each scaling.resize_interval seconds when the
+# group keeps its size: a line a minute that says nothing happened
+ELASTIC_UNCHANGED = "Did not detect any changes in the cluster resources"
+ELASTIC_LOGGER = "ray.train.v2._internal.execution.scaling_policy.elastic"
+
+
+class _Unchanged(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(ELASTIC_UNCHANGED)
+
+
+def quiet_workers() -> None:
+    """The job's ``worker_process_setup_hook`` (run in the driver too): :func:`quiet_threads`,
+    and Ray Train's elastic check that found no change (:data:`ELASTIC_UNCHANGED`) off the
+    console; its decisions to start, shrink or grow a group are still printed."""
+    quiet_threads()
+    logger = logging.getLogger(ELASTIC_LOGGER)
+    if not any(isinstance(f, _Unchanged) for f in logger.filters):
+        logger.addFilter(_Unchanged())
 
 
 def quiet_threads() -> None:
@@ -74,7 +98,6 @@ def quiet_threads() -> None:
     (``ray-data.log`` in the session's logs, not the console); any other thread's error is
     printed as before. Run in the driver and, as Ray's ``worker_process_setup_hook``, in each
     of the job's Ray workers."""
-    import logging
     import threading
 
     previous = threading.excepthook
@@ -135,6 +158,7 @@ class GroupRequest:
     check_fit: bool = True
     what: str = "scaling.num_workers x scaling.cpus_per_worker"
     gpu_off: str = "scaling.use_gpu=false, without --gpus-per-worker"
+    least: int | None = None  # an elastic group: at least this many, at most ``count``
 
 
 @dataclass
@@ -147,22 +171,38 @@ class Resources:
     cpus_each: float
     gpus_each: float
     torch_threads: int
+    least: int | None = None  # an elastic group: ``least`` to ``count`` members
+
+    @property
+    def elastic(self) -> bool:
+        return self.least is not None
+
+    @property
+    def fewest(self) -> int:
+        """The members the group cannot start without: ``least``, else ``count``."""
+        return self.count if self.least is None else self.least
 
     def describe(self, noun: str = "worker") -> str:
         kind = f"{self.gpus_each:g} GPU + " if self.use_gpu else ""
+        count = f"{self.least} to {self.count}" if self.elastic else str(self.count)
         return (
-            f"{self.count} {noun}(s), each {kind}{self.cpus_each:g} CPU, "
-            f"{self.torch_threads} torch thread(s)"
+            f"{count} {noun}(s){' (elastic)' if self.elastic else ''}, each {kind}"
+            f"{self.cpus_each:g} CPU, {self.torch_threads} torch thread(s)"
         )
+
+    def ray_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ``num_workers``: the count, or ``(min, max)`` for an elastic group."""
+        return (self.fewest, self.count) if self.elastic else self.count
 
     def ray_resources(self) -> dict[str, float]:
         """Ray's ``resources_per_worker`` / actor options for one member."""
         return {"CPU": self.cpus_each, **({"GPU": self.gpus_each} if self.use_gpu else {})}
 
     def bundles(self) -> str:
-        """``2 x {CPU: 4, GPU: 1}``: what the group asks of the cluster."""
+        """``2 x {CPU: 4, GPU: 1}``: what the group cannot start without (an elastic group:
+        its ``least``)."""
         each = ", ".join(f"{k}: {v:g}" for k, v in self.ray_resources().items())
-        return f"{self.count} x {{{each}}}"
+        return f"{self.fewest} x {{{each}}}"
 
 
 def plan_group(req: GroupRequest, cluster: dict[str, float] | None = None) -> Resources:
@@ -180,7 +220,7 @@ def ask_group(req: GroupRequest) -> Resources:
     use_gpu = bool(req.use_gpu)
     cpus = round(req.cpus_each or 1.0, 2)
     gpus = req.gpus_each if use_gpu else 0.0
-    return Resources(req.count or 1, use_gpu, cpus, gpus, max(1, int(cpus)))
+    return Resources(req.count or 1, use_gpu, cpus, gpus, max(1, int(cpus)), least=req.least)
 
 
 def cluster_offer(ray: Any) -> str:
@@ -207,21 +247,21 @@ def wait_for_room(
     from ray.util.placement_group import placement_group, remove_placement_group
 
     start = time.monotonic()
-    pg = placement_group([res.ray_resources()] * res.count, strategy=strategy)
+    pg = placement_group([res.ray_resources()] * res.fewest, strategy=strategy)
     placed = pg.ready()
     try:
         ready, _ = ray.wait([placed], timeout=min(2.0, timeout))
         if ready:
             return time.monotonic() - start
         log(
-            f"waiting for the cluster to offer {res.bundles()} for {res.count} {noun}(s) "
+            f"waiting for the cluster to offer {res.bundles()} for {res.fewest} {noun}(s) "
             f"({cluster_offer(ray)} now); --wait-timeout {timeout:g} s"
         )
         while not ready:
             waited = time.monotonic() - start
             if waited >= timeout:
                 raise JobError(
-                    f"the cluster did not offer {res.bundles()} for {res.count} {noun}(s) within "
+                    f"the cluster did not offer {res.bundles()} for {res.fewest} {noun}(s) within "
                     f"--wait-timeout {timeout:g} s ({cluster_offer(ray)}): add nodes, or ask "
                     "for less"
                 )
@@ -249,13 +289,16 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
     cpus = float(cluster.get("CPU", 1))
     gpus = float(cluster.get("GPU", 0))
     use_gpu = bool(req.use_gpu if req.use_gpu is not None else gpus >= 1)
-    if use_gpu and gpus < req.gpus_each * (req.count or 1):
+    fewest = req.least or req.count or 1
+    if use_gpu and gpus < req.gpus_each * fewest:
         raise ConfigError(
-            f"{req.count or 1} x {req.gpus_each:g} GPU asked for, but this Ray instance has "
+            f"{fewest} x {req.gpus_each:g} GPU asked for, but this Ray instance has "
             f"{gpus:g} GPU: ask for none ({req.gpu_off}), or run against a cluster with "
             "RAY_ADDRESS"
         )
-    if use_gpu:
+    if use_gpu and req.least is not None and req.count is not None:  # as many as fit
+        num = max(req.least, min(req.count, int(gpus // req.gpus_each)))
+    elif use_gpu:
         num = req.count or max(1, int(gpus // req.gpus_each))
     else:
         num = req.count or max(1, int(cpus // req.cpus_per_member_guess))
@@ -270,12 +313,16 @@ def size_group(req: GroupRequest, cluster: dict[str, float]) -> Resources:
         threads = max(1, int(per_cpu))
     else:  # guessed on a CPU-only cluster: the members share every CPU's thread
         threads = max(1, int(cpus // num))
-    return Resources(num, use_gpu, per_cpu, req.gpus_each if use_gpu else 0.0, threads)
+    gpus_each = req.gpus_each if use_gpu else 0.0
+    return Resources(num, use_gpu, per_cpu, gpus_each, threads, least=req.least)
 
 
 def training_request(sc: ScalingConfig) -> GroupRequest:
-    """The request of the ``scaling`` config section."""
-    return GroupRequest(sc.num_workers, sc.use_gpu, sc.cpus_per_worker, sc.gpus_per_worker)
+    """The request of the ``scaling`` config section; a range ``[min, max]`` of workers is an
+    elastic request of at least ``min`` and at most ``max``."""
+    span = sc.worker_range()
+    count, least = (span[1] if span else None), (span[0] if span and sc.elastic else None)
+    return GroupRequest(count, sc.use_gpu, sc.cpus_per_worker, sc.gpus_per_worker, least=least)
 
 
 def worker_errors(e: BaseException) -> list[tuple[int, BaseException]]:

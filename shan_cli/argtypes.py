@@ -44,3 +44,23 @@ def positive(kind: type = float) -> Callable[[str], int | float]:
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def workers(text: str) -> int | list[int]:
+    """``N`` (a fixed number of workers, >= 1) or ``MIN-MAX`` (an elastic range, 1 <= MIN <=
+    MAX): the int, or the list ``[MIN, MAX]`` that ``scaling.num_workers`` takes."""
+    low, dash, high = text.strip().partition("-")
+    if not dash:
+        return int(at_least(1)(text))
+    try:
+        pair = [int(low), int(high)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or MIN-MAX (whole numbers), got {text!r}"
+        ) from None
+    if pair[0] < 1 or pair[0] > pair[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text}")
+    return pair
+
+
+workers.__name__ = "N or MIN-MAX"

@@ -15,7 +15,9 @@ credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_T
 Ray: ``RAY_ADDRESS`` (set for submitted jobs), else a local instance. On a cluster the workers
 are asked for as given (--workers, --gpus-per-worker, --cpus-per-worker; default 1 worker of
 1 CPU) and the job waits for the autoscaler (--wait-timeout); a local instance is sized from
-the machine.
+the machine. ``--workers MIN-MAX`` makes the group elastic: it starts as soon as MIN workers
+fit, goes on with the survivors after a node loss and grows towards MAX as nodes join; the
+global batch (optim.batch_size) stays the same at any size.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import shutil
 import yaml
 
 from shan.config import Config, keys_help, load_config
-from shan_cli.argtypes import at_least, positive
+from shan_cli.argtypes import positive, workers
 
 FLAG_KEYS = (  # flags that set a config key (typed already: taken as they are)
     ("data", "data.path"),
@@ -56,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--register", metavar="NAME", help="register the best checkpoint as NAME")
     p.add_argument(
-        "--workers", type=at_least(1), help="number of training workers (scaling.num_workers)"
+        "--workers",
+        type=workers,
+        metavar="N|MIN-MAX",
+        help="training workers, or an elastic range such as 1-4 (scaling.num_workers)",
     )
     p.add_argument(
         "--gpus-per-worker",

@@ -47,11 +47,13 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 HEARTBEAT_EVERY = 30.0  # seconds between heartbeats
 HEARTBEAT_STALE = 120.0  # a RUNNING run whose heartbeat is older than this counts as dead
 
-# keys that may differ when a run is continued: naming, resources, logging, and the number of
-# epochs (continuing a finished run to train it longer)
+# keys that may differ when a run is continued: naming, resources (a fixed or an elastic
+# group alike: the global batch is the same at any size), logging, checkpoint upload, and the
+# number of epochs (continuing a finished run to train it longer)
 RESUME_MAY_DIFFER = (
     "tracking.run_name", "tracking.log_every", "tracking.keep_checkpoints",
-    "tracking.max_failures", "tracking.system_metrics_every", "optim.epochs", "scaling.",
+    "tracking.max_failures", "tracking.system_metrics_every", "tracking.checkpoint_upload",
+    "optim.epochs", "scaling.",
 )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from shan.data.synthetic import demo_data_root
 from shan.errors import USER_ERRORS, JobError, from_record
 from shan.metrics import format_table
 from shan.runtime import (
+    Resources,
     failure_line,
     init_ray,
     on_cluster,
@@ -140,7 +141,8 @@ def check_local_gpus(sc: ScalingConfig) -> None:
         return
     import torch
 
-    have, want = torch.cuda.device_count(), sc.gpus_per_worker * (sc.num_workers or 1)
+    fewest = (sc.worker_range() or (1, 1))[0]  # an elastic group starts with its min
+    have, want = torch.cuda.device_count(), sc.gpus_per_worker * fewest
     if have < want:
         raise ConfigError(
             f"scaling.use_gpu is true ({want:g} GPU asked for) but this machine has {have} "
@@ -256,7 +258,6 @@ def _end_failed(uri: str, run_id: str, error: BaseException, log: Callable[[str]
 def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     """Ray Train's ``TorchTrainer`` over ``fit``: its ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
 
     from shan.data.reader import open_split
@@ -266,7 +267,7 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     ray = init_ray(log)
     sc = cfg.scaling
     res = plan_group(training_request(sc), ray.cluster_resources())
-    cfg.optim.worker_batch(res.count)  # a ConfigError before any wait or Ray Train
+    cfg.optim.batch_shares(res.count)  # a ConfigError before any wait or Ray Train
     if on_cluster():
         wait_for_room(res, sc.wait_timeout, strategy=sc.placement_strategy, log=log)
     log(f"Ray Train: {res.describe()}")
@@ -285,19 +286,16 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
-        scaling_config=RayScaling(
-            num_workers=res.count,
-            use_gpu=res.use_gpu,
-            resources_per_worker=res.ray_resources(),
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
+        scaling_config=ray_scaling(res, sc),
         run_config=RunConfig(
             name=cfg.tracking.run_name,
             storage_path=fit.storage,
             # a worker group that cannot start (its node died, no replacement came) is
             # retried by Ray Train's controller every 60 s: at most for about --wait-timeout
             # (Ray Train v2's FailureConfig, which ray.train gives at run time; the type
-            # stubs resolve ray.train.FailureConfig to v1's, without the argument)
+            # stubs resolve ray.train.FailureConfig to v1's, without the argument). An elastic
+            # group does not wait: after a lost worker (one of max_failures) it restarts at
+            # once from the last checkpoint with the workers that fit, at least its min
             failure_config=FailureConfig(  # type: ignore[call-arg]
                 max_failures=cfg.tracking.max_failures,
                 controller_failure_limit=max(1, math.ceil(sc.wait_timeout / 60)),
@@ -315,6 +313,23 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
     if record is not None:  # the workers stopped together on a user error
         raise from_record(record)
     return result
+
+
+def ray_scaling(res: Resources, sc: ScalingConfig) -> Any:
+    """Ray Train's ``ScalingConfig`` of the sized group ``res``: an elastic group is
+    ``num_workers=(min, max)``, checked for room to grow every ``scaling.resize_interval``
+    seconds (Ray's ElasticScalingPolicy: it starts with as many workers as the cluster holds,
+    at least min, restarts from the last checkpoint with the survivors after a loss, and
+    restarts bigger when room appears)."""
+    from ray.train.v2.api.config import ScalingConfig as RayScaling  # ray.train's, typed
+
+    return RayScaling(
+        num_workers=res.ray_workers(),
+        use_gpu=res.use_gpu,
+        resources_per_worker=res.ray_resources(),
+        placement_strategy=sc.placement_strategy,
+        elastic_resize_monitor_interval_s=sc.resize_interval,  # read by the elastic policy only
+    )
 
 
 def _best(result: Any) -> tuple[Any, dict[str, Any]]:

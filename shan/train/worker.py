@@ -312,11 +312,11 @@ def clip_gradients(core: SHAN, max_norm: float) -> None:
 
 
 def epoch_batches(w: Worker, shard: DataIterator) -> Iterator[Batch]:
-    """This rank's batches of an epoch (``optim.batch_size // world`` examples each), made
-    from the image rows of its data shard."""
+    """This rank's batches of an epoch (its share of ``optim.batch_size``:
+    ``OptimConfig.batch_shares``), made from the image rows of its data shard."""
     cfg = w.cfg
     stream = ExampleStream(
-        cfg.optim.worker_batch(w.world),
+        cfg.optim.worker_batch(w.world, w.rank),
         cfg.data.shuffle_buffer,
         cfg.data.max_words,
         seed=[cfg.seed, w.state.epoch, w.rank],
@@ -384,7 +384,12 @@ class Meter:
             f"epoch {w.state.epoch + 1}/{w.cfg.optim.epochs} step {len(self.losses)}/"
             f"~{self.steps_hint} loss {recent:.4f} lr {lr:.2e} {rate:.0f} examples/s per worker"
         )
-        points = {"train/loss": recent, "train/lr": lr, "train/examples_per_s": rate}
+        points = {
+            "train/loss": recent,
+            "train/lr": lr,
+            "train/examples_per_s": rate,
+            "train/workers": w.world,
+        }
         if self.first_stage:
             points["train/first_stage_loss"] = float(np.mean(self.first_stage[-every:]))
         w.logger.log(points, step=w.state.step)
@@ -434,24 +439,47 @@ class Validator:
 
 
 def report(w: Worker, metrics: dict[str, float]) -> None:
+    """Report the epoch's ``metrics`` to Ray Train, with rank 0's checkpoint. With
+    ``tracking.checkpoint_upload: async`` Ray uploads the checkpoint to the storage in a
+    thread of its own while the next epoch runs, and deletes the local folder after the upload
+    (so it is not ours to delete); with ``sync`` the workers wait for the upload."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    if w.cfg.tracking.checkpoint_upload == "sync":
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = save_local(w, metrics, d) if w.rank == 0 else None
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.SYNC
+            )
+        return
+    checkpoint = None
+    if w.rank == 0:  # Ray deletes the folder once it is uploaded
+        checkpoint = save_local(w, metrics, tempfile.mkdtemp(prefix="shan-checkpoint-"))
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+        delete_local_checkpoint_after_upload=True,
+    )
+
+
+def save_local(w: Worker, metrics: dict[str, float], folder: str) -> Any:
+    """Rank 0's checkpoint written to ``folder``: a ``ray.train.Checkpoint`` of it."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if w.rank == 0:
-            saved = Checkpoint(
-                weights=w.core.state_dict(),
-                config=w.cfg,
-                vocab=w.vocab,
-                optimizer=w.optimizer.state_dict(),
-                epoch=w.state.epoch,
-                step=w.state.step,
-                best_rsum=w.state.best_rsum,
-                metrics=metrics,
-            )
-            save_checkpoint(d, saved)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    saved = Checkpoint(
+        weights=w.core.state_dict(),
+        config=w.cfg,
+        vocab=w.vocab,
+        optimizer=w.optimizer.state_dict(),
+        epoch=w.state.epoch,
+        step=w.state.step,
+        best_rsum=w.state.best_rsum,
+        metrics=metrics,
+    )
+    save_checkpoint(folder, saved)
+    return ray.train.Checkpoint.from_directory(folder)
 
 
 def train_loop_per_worker(config: dict[str, LoopSettings]) -> None:
@@ -509,27 +537,45 @@ def run_worker(settings: LoopSettings, box: FatalBox) -> None:
 
 def epoch_steps(w: Worker, captions: int) -> int:
     """About how many steps an epoch over ``captions`` training captions takes: one global
-    batch (``world`` shares of ``optim.batch_size // world``) a step."""
-    return captions // (w.cfg.optim.worker_batch(w.world) * w.world)
+    batch of ``optim.batch_size`` a step, at any world size (a ConfigError when the batch
+    cannot be shared out among the workers)."""
+    w.cfg.optim.batch_shares(w.world)
+    return captions // w.cfg.optim.batch_size
 
 
-def announce_batch(w: Worker) -> None:
-    """Say the batch actually used when ``optim.batch_size`` does not divide over the workers."""
+def batch_line(w: Worker) -> str:
+    """``workers: 2 (elastic 1-2); batch 32 = 16 + 16``: the group and how the global batch is
+    shared out, saying which ranks take one more example when it does not divide."""
     o = w.cfg.optim
-    per = o.worker_batch(w.world)
-    if per * w.world != o.batch_size:
-        say(
-            f"optim.batch_size {o.batch_size} does not divide over {w.world} workers: each "
-            f"takes {per} examples a step, a global batch of {per * w.world}"
-        )
+    shares = o.batch_shares(w.world)
+    if w.world <= 8:
+        split = " + ".join(map(str, shares))
+    else:  # 16 x 9 + 48 x 8
+        split = " + ".join(f"{shares.count(n)} x {n}" for n in sorted(set(shares), reverse=True))
+    line = f"workers: {w.cfg.scaling.describe_workers(w.world)}; batch {o.batch_size} = {split}"
+    more = o.batch_size % w.world
+    if more:
+        ranks = "rank 0 takes" if more == 1 else f"ranks 0-{more - 1} take"
+        line += f" ({o.batch_size} does not divide over {w.world} workers: {ranks} one more"
+        line += " example)"
+    return line
+
+
+def announce_group(w: Worker) -> None:
+    """On rank 0, at the start of each (re)started group: :func:`batch_line`, and the world
+    size as ``train/workers`` at the step the group starts from."""
+    if w.rank != 0:
+        return
+    say(batch_line(w))
+    if w.logger is not None:
+        w.logger.log({"train/workers": w.world}, step=w.state.step)
 
 
 def run_epochs(w: Worker, settings: LoopSettings) -> None:
     import ray.train
 
     hint = epoch_steps(w, settings.train_captions)  # a ConfigError when batch < workers
-    if w.rank == 0:
-        announce_batch(w)
+    announce_group(w)
     validator = Validator(w, settings.data_root)
     shard = ray.train.get_dataset_shard("train")
     shard = faults.at_start(w.faults, shard, rank=w.rank, world=w.world, epoch=w.state.epoch)

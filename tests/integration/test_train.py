@@ -52,15 +52,20 @@ def check(r: subprocess.CompletedProcess) -> None:
 
 def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tmp_path):
     """An unnamed run is a fresh, uniquely named run (``shan-<config>-<time>-<hex>``), never a
-    continuation: two workers, one epoch, everything logged. Given that name (``--name``) and
-    more epochs, a second job continues it from its checkpoint, in the same MLflow run; a third
+    continuation: an elastic group of 1 to 2 workers (``--workers 1-2``), one epoch, everything
+    logged, the world size too. Given that name (``--name``) and more epochs, a second job
+    continues it from its checkpoint with a fixed group of two, in the same MLflow run; a third
     of that name is refused while the second runs, and a fourth with another config after it.
     The second job's rank 1 is killed in epoch 2: Ray Train restarts the fixed-size group, which
     resumes from the checkpoint of epoch 1 again (a lost node's elastic group: test_multinode)."""
     r = train("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
               "optim.epochs=1", "tracking.system_metrics_every=1", "--register",
-              "shan-tests-unnamed")  # fmt: skip
+              "shan-tests-unnamed", "--workers", "1-2", "scaling.resize_interval=5")  # fmt: skip
     check(r)
+    text = r.stdout + r.stderr
+    assert "Ray Train: 1 to 2 worker(s) (elastic)" in text
+    groups = re.findall(r"workers: (\d) \(elastic 1-2\); batch 32 = (\d+(?: \+ \d+)*)", text)
+    assert groups and all(split == {"1": "32", "2": "16 + 16"}[n] for n, split in groups), groups
     assert "Dev recall of the best epoch" in r.stdout and "| total |" in r.stdout
     out = (r.stdout + r.stderr).splitlines()
     said = [ln for ln in out if "epoch 1/1: loss" in ln]
@@ -73,7 +78,11 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     assert run.data.tags[RUN_TAG] == name and run.info.status == "FINISHED"
     assert not c.get_metric_history(run.info.run_id, "train/resumed_at_epoch")
     assert run.data.params["model.d"] == "16" and run.data.params["optim.epochs"] == "1"
-    assert len(c.get_metric_history(run.info.run_id, "train/loss")) >= 2
+    loss_steps = {m.step for m in c.get_metric_history(run.info.run_id, "train/loss")}
+    assert len(loss_steps) >= 2
+    sizes = c.get_metric_history(run.info.run_id, "train/workers")
+    assert loss_steps <= {m.step for m in sizes}  # the world size with each step's points
+    assert {m.value for m in sizes} <= {1.0, 2.0} and sizes[-1].value == float(groups[-1][0])
     assert "val/g2g/i2t_r1" in run.data.metrics
     # the best checkpoint is the run's logged MLflow model, and the version registered from it
     (output,) = run.outputs.model_outputs
@@ -115,6 +124,7 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     # resumed from epoch 1 when continued, and again by the group that replaced the killed one
     assert (tmp_path / "killed").exists() and out.count("[FailurePolicy] RETRY") == 1, out[-5000:]
     assert out.count("resumed from the checkpoint of epoch 1") == 2, out[-5000:]
+    assert "workers: 2; batch 32 = 16 + 16" in out  # the fixed group of the tiny config
     assert "epoch 2/2: loss" in out and "epoch 1/2: loss" not in out
     c, runs = mlflow_runs(name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -188,6 +188,9 @@ def test_train_help_lists_every_config_key(capsys):
         assert any(line.startswith(f"  {key} ") for line in epilog), key
     (affinity,) = [line for line in epilog if line.startswith("  model.affinity ")]
     assert affinity.split()[1:4] == ["{cosine,dot}", "=", "cosine"]
+    (workers,) = [line for line in epilog if line.startswith("  scaling.num_workers ")]
+    assert workers.split()[1:4] == ["int|[int,int]|null", "=", "null"]
+    assert "--workers MIN-MAX" in out and "[min, max]" in out
 
 
 @pytest.fixture
@@ -220,6 +223,25 @@ def test_print_config_prints_the_resolved_config(no_training, tmp_path, capsys):
     )
     assert list(printed) == ["name", "seed", "model", "loss", "optim", "data", "scaling",
                              "tracking"]  # fmt: skip
+
+
+def test_workers_min_max_is_an_elastic_range(no_training, capsys):
+    """``--workers 1-2`` sets ``scaling.num_workers: [1, 2]``; ``--workers 2`` stays a number;
+    a bad range is argparse's one line (exit 2), nothing printed on stdout."""
+    import yaml
+
+    from shan_cli.train import main
+
+    for flag, want in (("1-2", [1, 2]), ("2", 2), (" 3-3", [3, 3])):
+        assert main(["--print-config", "--workers", flag]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["scaling"]["num_workers"] == want
+    for flag, why in (("2-1", "expected 1 <= MIN <= MAX, got 2-1"), ("0-2", "1 <= MIN"),
+                      ("1-x", "expected N or MIN-MAX (whole numbers), got '1-x'"),
+                      ("0", "must be at least 1, got 0")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            main(["--print-config", "--workers", flag])
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and out == "" and why in err.splitlines()[-1], err
 
 
 def test_print_config_with_bad_values_is_the_usual_errors(no_training, capsys):

@@ -124,6 +124,13 @@ OUT_OF_RANGE = [
     ("data.shuffle_buffer", "-1", "data.shuffle_buffer must be an integer >= 0, got -1"),
     ("data.val_max_images", "0", "data.val_max_images must be an integer >= 1 or null, got 0"),
     ("scaling.num_workers", "0", "scaling.num_workers must be an integer >= 1 or null, got 0"),
+    ("scaling.num_workers", "[3, 2]", "scaling.num_workers must have min <= max, got [3, 2]"),
+    ("scaling.num_workers", "[0, 2]", "scaling.num_workers must have min an integer >= 1"),
+    ("scaling.num_workers", "[1, 2.5]", "must have max an integer >= 1, got [1, 2.5]"),
+    ("scaling.num_workers", "[2]", "scaling.num_workers must be an integer >= 1 or a range [min"),
+    ("scaling.num_workers", "[1, 2, 3]", "must be an integer >= 1 or a range [min, max]"),
+    ("scaling.num_workers", "two", "scaling.num_workers must be an integer or a list or null"),
+    ("scaling.resize_interval", "0", "scaling.resize_interval must be > 0 and finite, got 0.0"),
     ("scaling.cpus_per_worker", "0", "scaling.cpus_per_worker must be > 0 and finite"),
     ("scaling.cpus_per_worker", "nan", "scaling.cpus_per_worker must be > 0 and finite"),
     ("scaling.gpus_per_worker", "0", "scaling.gpus_per_worker must be > 0"),
@@ -138,6 +145,7 @@ OUT_OF_RANGE = [
     ("tracking.log_every", "0", "tracking.log_every must be an integer >= 1, got 0"),
     ("tracking.keep_checkpoints", "0", "tracking.keep_checkpoints must be an integer >= 1"),
     ("tracking.max_failures", "-1", "tracking.max_failures must be an integer >= 0, got -1"),
+    ("tracking.checkpoint_upload", "later", "checkpoint_upload must be one of async, sync, got"),
     ("tracking.system_metrics_every", "-1", "tracking.system_metrics_every must be 0 (off) or"),
     ("tracking.system_metrics_every", "inf", "tracking.system_metrics_every must be 0 (off) or"),
     ("tracking.system_metrics_every", "0.5", "tracking.system_metrics_every must be 0 (off) or"),
@@ -151,6 +159,43 @@ def test_every_range_is_checked(key, raw, message):
     assert info.value.problems == [info.value.problems[0]], "one problem, one line"
     assert message in info.value.problems[0]
     assert info.value.problems[0].startswith(key)
+
+
+def test_a_range_of_workers_is_an_elastic_group():
+    c = load_config(None, ["scaling.num_workers=[1, 4]", "scaling.resize_interval=5"])
+    sc = c.scaling
+    assert (sc.num_workers, sc.elastic, sc.worker_range(), sc.resize_interval) == (
+        [1, 4],
+        True,
+        (1, 4),
+        5.0,
+    )
+    assert sc.describe_workers(3) == "3 (elastic 1-4)"
+    fixed = load_config(None, ["scaling.num_workers=2"]).scaling
+    assert (fixed.elastic, fixed.worker_range(), fixed.describe_workers(2)) == (False, (2, 2), "2")
+    assert load_config(None, []).scaling.worker_range() is None
+    assert c.tracking.checkpoint_upload == "async"  # the default: the steps do not wait
+
+
+def test_every_problem_of_a_range_is_reported_with_the_rest():
+    """0, a non-integer, min > max: each its line, with the other sections' problems and the
+    global batch's (shared out among max workers)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["scaling.num_workers=[0, 1.5]", "tracking.checkpoint_upload=x",
+                           "scaling.resize_interval=-1"])  # fmt: skip
+    assert info.value.problems == [
+        "scaling.num_workers must have min an integer >= 1, got [0, 1.5]",
+        "scaling.num_workers must have max an integer >= 1, got [0, 1.5]",
+        "scaling.resize_interval must be > 0 and finite, got -1.0",
+        "tracking.checkpoint_upload must be one of async, sync, got 'x'",
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["scaling.num_workers=[4, 3]", "optim.batch_size=2", "optim.lr=0"])
+    assert [p.split()[0] for p in info.value.problems] == ["optim.lr", "scaling.num_workers"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["scaling.num_workers=[1, 3]", "optim.batch_size=2"])
+    (line,) = info.value.problems
+    assert "number of workers (3)" in line  # the largest group must have a share each
 
 
 def test_every_field_has_a_range_case():
@@ -189,10 +234,15 @@ def test_a_bad_negatives_from_is_reported_with_the_other_loss_problems():
 
 
 @pytest.mark.parametrize(
-    "batch, workers, each", [(128, 1, 128), (128, 4, 32), (128, 3, 42), (5, 2, 2), (4, 4, 1)]
-)
-def test_the_global_batch_is_shared_out_among_the_workers(batch, workers, each):
-    assert OptimConfig(batch_size=batch).worker_batch(workers) == each
+    "batch, workers, shares",
+    [(128, 1, [128]), (128, 4, [32] * 4), (128, 3, [43, 43, 42]), (5, 2, [3, 2]),
+     (4, 4, [1] * 4), (7, 4, [2, 2, 2, 1])],
+)  # fmt: skip
+def test_the_global_batch_is_shared_out_exactly_among_the_workers(batch, workers, shares):
+    """The first ``batch % workers`` ranks take one more: the shares sum to the batch."""
+    optim = OptimConfig(batch_size=batch)
+    assert optim.batch_shares(workers) == shares and sum(shares) == batch
+    assert [optim.worker_batch(workers, rank) for rank in range(workers)] == shares
 
 
 def test_a_global_batch_smaller_than_the_workers_is_a_config_error():

@@ -30,6 +30,7 @@ from shan.vocab import Vocabulary
 WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball", "man", "woman", "sits"]
 IMAGE_OF = [0, 0, 1, 2, 1, 3, 3, 2]  # example -> image: positives inside and across the shares
 WORLD, STEPS = 2, 2
+UNEVEN = 7  # a global batch that does not divide over the WORLD workers
 
 
 # -- the split of the loss, on score matrices -----------------------------------------------------
@@ -104,14 +105,14 @@ def test_without_a_process_group_gather_is_the_identity():
 
 
 # -- a training step on two workers ---------------------------------------------------------------
-def config(negatives_from: str) -> Config:
+def config(negatives_from: str, batch: int = len(IMAGE_OF)) -> Config:
     """No clipping that acts (it would hide a wrong gradient scale), several score blocks."""
     return Config(
         name="global",
         seed=5,
         model=ModelConfig(feature_dim=12, d=16, word_dim=6, d_a=8),
         loss=LossConfig(margin=0.5, negatives_from=negatives_from),
-        optim=OptimConfig(batch_size=len(IMAGE_OF), lr=1e-2, grad_clip=1e9),
+        optim=OptimConfig(batch_size=batch, lr=1e-2, grad_clip=1e9),
         scaling=ScalingConfig(score_block=3),
     ).validate()
 
@@ -146,9 +147,12 @@ def examples(rows: list[int]) -> Batch:
     )
 
 
-def share(rank: int) -> list[int]:
-    b = len(IMAGE_OF) // WORLD
-    return list(range(rank * b, (rank + 1) * b))
+def share(rank: int, batch: int = len(IMAGE_OF)) -> list[int]:
+    """Rank ``rank``'s examples of a global batch of the first ``batch`` examples, shared out as
+    the training does (``OptimConfig.batch_shares``: rank 0 takes one more when it is odd)."""
+    sizes = OptimConfig(batch_size=batch).batch_shares(WORLD)
+    start = sum(sizes[:rank])
+    return list(range(start, start + sizes[rank]))
 
 
 class NoLogger:
@@ -185,6 +189,9 @@ def two_workers_child(rank: int, port: int, out: str) -> None:
             w = make_worker(settings(config(mode)), torch.device("cpu"), rank, WORLD,
                             wrap=lambda m: DistributedDataParallel(m.double()))  # fmt: skip
             results[mode] = steps(w, examples(share(rank)))
+        w = make_worker(settings(config("global", UNEVEN)), torch.device("cpu"), rank, WORLD,
+                        wrap=lambda m: DistributedDataParallel(m.double()))  # fmt: skip
+        results["uneven"] = steps(w, examples(share(rank, UNEVEN)))  # 4 + 3 examples
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -225,6 +232,18 @@ def test_global_negatives_on_two_workers_are_one_worker_on_the_whole_batch(two_w
     assert alone[1][0] != alone[0][0]  # the first step changed the weights
     for rank in range(WORLD):
         for (loss, grads), (want_loss, want_grads) in zip(two_workers[rank]["global"], alone):
+            assert loss == pytest.approx(want_loss, rel=1e-9)
+            assert_same(grads, want_grads)
+
+
+def test_unequal_shares_are_one_worker_on_the_whole_batch_too(two_workers):
+    """A global batch of 7 on 2 workers (shares of 4 and 3, as an elastic group splits it):
+    the gather pads and cuts the shares, each rank mines the whole batch, and the loss and the
+    averaged gradient are one worker's on the 7 examples."""
+    assert [len(share(r, UNEVEN)) for r in range(WORLD)] == [4, 3]
+    alone = steps(one_worker(config("global", UNEVEN)), examples(list(range(UNEVEN))))
+    for rank in range(WORLD):
+        for (loss, grads), (want_loss, want_grads) in zip(two_workers[rank]["uneven"], alone):
             assert loss == pytest.approx(want_loss, rel=1e-9)
             assert_same(grads, want_grads)
 

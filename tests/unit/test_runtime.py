@@ -210,6 +210,34 @@ def test_locally_a_gpu_ask_without_the_gpus_is_a_config_error(monkeypatch, sc, g
         plan_group(training_request(sc), {"CPU": 8.0, "GPU": gpus})
 
 
+# -- an elastic group: scaling.num_workers [min, max] ----------------------------------------------
+def test_on_a_cluster_an_elastic_group_waits_only_for_its_min(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    sc = replace(F30K_LIKE, num_workers=[1, 3])
+    r = plan_group(training_request(sc), {"CPU": 4.0})
+    assert fields(r) == (3, True, 6.0, 1.0, 6) and (r.least, r.fewest) == (1, 1)
+    assert r.bundles() == "1 x {CPU: 6, GPU: 1}"  # what wait_for_room places
+    assert r.ray_workers() == (1, 3)
+    assert r.describe() == "1 to 3 worker(s) (elastic), each 1 GPU + 6 CPU, 6 torch thread(s)"
+
+
+def test_locally_an_elastic_group_is_sized_for_its_max_within_the_machine(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpu = plan_group(training_request(ScalingConfig(num_workers=[1, 2])), {"CPU": 2.0})
+    assert fields(cpu) == (2, False, 0.5, 0.0, 1)  # grown to 2, a CPU is still Ray Data's
+    assert cpu.ray_workers() == (1, 2)
+    gpus = {"CPU": 16.0, "GPU": 2.0}
+    r = plan_group(training_request(ScalingConfig(num_workers=[1, 4], use_gpu=True)), gpus)
+    assert (r.count, r.least, r.ray_workers()) == (2, 1, (1, 2))  # as many as the GPUs hold
+    with pytest.raises(ConfigError, match=r"3 x 1 GPU asked for, but this Ray instance has 2"):
+        plan_group(training_request(ScalingConfig(num_workers=[3, 4], use_gpu=True)), gpus)
+
+
+def test_a_fixed_group_stays_a_number_for_ray_train():
+    r = size_group(training_request(ScalingConfig(num_workers=2)), {"CPU": 2.0})
+    assert (r.least, r.elastic, r.ray_workers(), r.bundles()) == (None, False, 2, "2 x {CPU: 0.5}")
+
+
 # -- the loopback switch --------------------------------------------------------------------------
 KEY = next(iter(RAY_LOOPBACK))
 
@@ -350,3 +378,31 @@ def test_rays_thread_errors_go_to_its_log_file_not_the_console(monkeypatch, capf
         assert "ValueError: a real failure" in err and "Traceback" in err
     finally:
         logging.getLogger("ray.data").removeHandler(kept)
+
+
+def test_the_elastic_checks_that_change_nothing_are_not_printed(monkeypatch):
+    """Ray Train's elastic policy logs a line each resize interval; the ones that change
+    nothing are dropped, its decisions are kept (the hook runs in every worker process)."""
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    logger = logging.getLogger(runtime.ELASTIC_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        runtime.quiet_workers()
+        runtime.quiet_workers()  # one filter, not two
+        logger.warning(
+            "Did not detect any changes in the cluster resources. Training will continue with "
+            "the same worker group size (2)."
+        )
+        logger.warning("Deciding to resize the worker group from 2 -> 1 workers.")
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["Deciding to resize the worker group from 2 -> 1 workers."]
+    assert len(logger.filters) == 1

@@ -403,7 +403,10 @@ def test_an_epoch_takes_every_full_batch_and_logs_on_rank_0(capsys):
     assert np.isfinite(stats["train/epoch_loss"]) and 0 <= stats["train/data_wait"] <= 1
     assert any(not torch.equal(a, b) for a, b in zip(before, w.core.parameters()))
     ((step, logged),) = w.logger.logged  # every 2 steps: once in 3
-    assert step == 2 and set(logged) == {"train/loss", "train/lr", "train/examples_per_s"}
+    assert step == 2 and set(logged) == {
+        "train/loss", "train/lr", "train/examples_per_s", "train/workers"
+    }  # fmt: skip
+    assert logged["train/workers"] == 1  # the world size, with each step's points
     assert logged["train/lr"] == pytest.approx(1e-3)  # step 1 after a 2-step warm-up
     assert w.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert "epoch 1/2 step 2/~3 loss" in capsys.readouterr().out
@@ -478,10 +481,16 @@ def test_a_worker_without_a_single_batch_stops_the_run():
 
 
 # -- the global batch shared out among the workers ------------------------------------------------
-@pytest.mark.parametrize("batch_size, world, each", [(4, 1, 4), (4, 2, 2), (5, 2, 2), (6, 3, 2)])
-def test_each_worker_takes_its_share_of_the_global_batch(monkeypatch, batch_size, world, each):
+@pytest.mark.parametrize(
+    "batch_size, world, rank, each",
+    [(4, 1, 0, 4), (4, 2, 1, 2), (5, 2, 0, 3), (5, 2, 1, 2), (7, 3, 0, 3), (7, 3, 2, 2)],
+)
+def test_each_worker_takes_its_share_of_the_global_batch(
+    monkeypatch, batch_size, world, rank, each
+):
     """``optim.batch_size`` is the global batch: each worker's steps take ``batch_size //
-    world`` examples (the other ranks agree, as they would through the process group)."""
+    world`` examples, the first ``batch_size % world`` ranks one more (the other ranks agree,
+    as they would through the process group)."""
     monkeypatch.setattr(worker.dist, "all_reduce", lambda t, op: None)
     sizes = []
     original = worker.forward
@@ -491,28 +500,45 @@ def test_each_worker_takes_its_share_of_the_global_batch(monkeypatch, batch_size
         return original(w, b)
 
     monkeypatch.setattr(worker, "forward", spy)
-    w = build(changed(config(), "optim", batch_size=batch_size), rank=0, world=world)
+    w = build(changed(config(), "optim", batch_size=batch_size), rank=rank, world=world)
     epoch(w, FakeShard(images=6, per=2), steps_hint=3)  # 12 examples
     assert sizes == [each] * (12 // each)
 
 
 @pytest.mark.parametrize(
-    "batch_size, world, hint", [(4, 1, 25), (4, 2, 25), (5, 2, 25), (7, 3, 16)]
+    "batch_size, world, hint", [(4, 1, 25), (4, 2, 25), (5, 2, 20), (7, 3, 14)]
 )
-def test_the_steps_hint_counts_global_batches(batch_size, world, hint):
+def test_the_steps_hint_counts_global_batches_at_any_world_size(batch_size, world, hint):
     w = build(changed(config(), "optim", batch_size=batch_size), rank=0, world=world)
-    assert worker.epoch_steps(w, 100) == 100 // ((batch_size // world) * world) == hint
+    assert worker.epoch_steps(w, 100) == 100 // batch_size == hint
 
 
-def test_a_global_batch_that_does_not_divide_is_announced_once_with_what_is_used(capsys):
+def test_each_group_says_its_size_and_split_once_on_rank_0(capsys):
     even = build(changed(config(), "optim", batch_size=6), rank=0, world=3)
-    worker.announce_batch(even)
+    worker.announce_group(even)
+    assert capsys.readouterr().out == "workers: 3; batch 6 = 2 + 2 + 2\n"
+    assert even.logger.logged == [(0, {"train/workers": 3})]
+    odd = build(changed(config(), "optim", batch_size=7), rank=1, world=3)
+    worker.announce_group(odd)  # rank 1: nothing
     assert capsys.readouterr().out == ""
-    odd = build(changed(config(), "optim", batch_size=7), rank=0, world=3)
-    worker.announce_batch(odd)
-    (line,) = capsys.readouterr().out.splitlines()
-    assert "optim.batch_size 7" in line and "3 workers" in line
-    assert "each takes 2 examples" in line and "global batch of 6" in line
+
+
+@pytest.mark.parametrize(
+    "batch_size, world, workers, line",
+    [
+        (32, 2, [1, 2], "workers: 2 (elastic 1-2); batch 32 = 16 + 16"),
+        (33, 2, [1, 2], "workers: 2 (elastic 1-2); batch 33 = 17 + 16 (33 does not divide "
+                        "over 2 workers: rank 0 takes one more example)"),
+        (7, 4, 4, "workers: 4; batch 7 = 2 + 2 + 2 + 1 (7 does not divide over 4 workers: "
+                  "ranks 0-2 take one more example)"),
+        (100, 12, [4, 12], "workers: 12 (elastic 4-12); batch 100 = 4 x 9 + 8 x 8 (100 does "
+                           "not divide over 12 workers: ranks 0-3 take one more example)"),
+    ],
+)  # fmt: skip
+def test_the_batch_line_names_the_ranks_that_take_one_more(batch_size, world, workers, line):
+    cfg = changed(changed(config(), "optim", batch_size=batch_size), "scaling",
+                  num_workers=workers)  # fmt: skip
+    assert worker.batch_line(build(cfg, rank=0, world=world)) == line
 
 
 def test_a_global_batch_smaller_than_the_workers_stops_before_training():
