@@ -32,6 +32,10 @@ STORAGE = f"s3://{BUCKET}/multinode-runs"  # Ray Train's, shared by every node
 # elastic group of 1 to 2 workers that checks for room to grow every 5 s; a point a step
 WORKERS = ("--workers", "1-2", "--cpus-per-worker", "2", "scaling.placement_strategy=SPREAD",
            "scaling.resize_interval=5", "tracking.log_every=1")  # fmt: skip
+# Right after a node dies, Ray still counts it (until its heartbeats are missed) and Ray Train's
+# elastic policy asks for 2 workers again: that group start fails only after this timeout
+# (Ray's default 60 s), then the group restarts with the 1 worker that fits
+START = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
 EPOCHS = 6  # enough for the regrowth to come before the end
 NODE_CPUS = 3
 TRAIN_IMAGES = 60  # 300 captions: 9 steps of 32 an epoch
@@ -100,27 +104,34 @@ class Scenario:
 
 class Workers:
     """The run's ``train/workers`` points, read from the MLflow server: ``(time.time(), step,
-    workers)``, oldest first."""
+    workers, at_step)``, oldest first. A group logs one when it starts (``at_step`` False) and
+    one with each step's ``train/loss`` (``at_step`` True)."""
 
     def __init__(self, name: str) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client, self.name, self.run_id = MlflowClient(), name, ""
 
-    def points(self) -> list[tuple[float, int, int]]:
+    def points(self) -> list[tuple[float, int, int, bool]]:
         if not self.run_id:
             self.run_id = one_run_id(self.client, self.name) or ""
             if not self.run_id:
                 return []
-        got = self.client.get_metric_history(self.run_id, "train/workers")
-        return sorted((m.timestamp / 1000, m.step, int(m.value)) for m in got)
+        history = self.client.get_metric_history
+        steps = {(m.timestamp, m.step) for m in history(self.run_id, "train/loss")}
+        got = history(self.run_id, "train/workers")
+        return sorted((m.timestamp / 1000, m.step, int(m.value), (m.timestamp, m.step) in steps)
+                      for m in got)  # fmt: skip
 
-    def first(self, workers: int, after: float) -> Callable[[], tuple[float, int, int] | None]:
+    def first(
+        self, workers: int, after: float, *, at_step: bool = True
+    ) -> Callable[[], tuple[float, int, int, bool] | None]:
         """A test for :meth:`Scenario.wait_for`: the first point of ``workers`` logged after
-        ``after``."""
+        ``after`` (a step's; ``at_step`` False: a group's start)."""
 
-        def find() -> tuple[float, int, int] | None:
-            return next((p for p in self.points() if p[2] == workers and p[0] > after), None)
+        def find() -> tuple[float, int, int, bool] | None:
+            wanted = (p for p in self.points() if p[2:] == (workers, at_step) and p[0] > after)
+            return next(wanted, None)
 
         return find
 
@@ -145,7 +156,7 @@ def train(s: Scenario) -> str:
     job = s.submit("jobs/train.py", "--config", TINY, "--data", DATA, "--name", name,
                    "--register", name, *WORKERS, "--wait-timeout", "300",
                    f"optim.epochs={EPOCHS}", f"tracking.storage_path={STORAGE}",
-                   env=faults.env(rows_log=str(s.state / "rows")))  # fmt: skip
+                   env={**faults.env(rows_log=str(s.state / "rows")), **START})  # fmt: skip
     waiting = s.wait_for("wait line", s.line(job, "waiting for the cluster to offer"), job, 180)
     time.sleep(3)  # still waiting: nothing started on the head's nothing
     s.note("training waits", waiting=waiting, started_early="Ray Train:" in s.logs(job))
@@ -162,7 +173,9 @@ def train(s: Scenario) -> str:
     killed = s.cluster.kill_node("w2")
     t["w2 killed"] = time.time()
     s.note(f"w2 killed in epoch {epoch}", killed_processes=killed, killed_in_epoch=epoch)
-    one = s.wait_for("1 worker again", workers.first(1, t["w2 killed"]), job, 300)
+    one = s.wait_for("1 worker again", workers.first(1, t["w2 killed"], at_step=False), job, 300)
+    t["group of 1 worker restarted"] = one[0]
+    one = s.wait_for("1 worker's step", workers.first(1, t["w2 killed"]), job, 300)
     t["first step, 1 worker after the death"] = one[0]
     s.note("first step with 1 worker after the death")
     t["w3 joined"] = s.start_node("w3")  # as an autoscaler's new node would
