@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,16 @@ class Scenario:
             raise RuntimeError(f"node {node} did not start: {(r.stdout + r.stderr)[-2000:]}")
         return time.time()
 
+    def start_nodes(self, *names: str) -> dict[str, float]:
+        """Worker nodes started together; when each joined: ``{"w1 joined": time.time()}``."""
+        for node in names:  # one after the other: each takes the next address
+            self.cluster.make_node(node)
+        joined: dict[str, float] = {}
+        with ThreadPoolExecutor(len(names)) as pool:
+            for node, at in zip(names, pool.map(self.start_node, names), strict=True):
+                joined[f"{node} joined"] = at
+        return joined
+
 
 class Workers:
     """The run's ``train/workers`` points, read from the MLflow server: ``(time.time(), step,
@@ -122,6 +133,10 @@ class Workers:
         got = history(self.run_id, "train/workers")
         return sorted((m.timestamp / 1000, m.step, int(m.value), (m.timestamp, m.step) in steps)
                       for m in got)  # fmt: skip
+
+    def first_step(self) -> tuple[float, int, int, bool] | None:
+        """The training's first step's point, or None."""
+        return next((p for p in self.points() if p[3]), None)
 
     def first(
         self, workers: int, after: float, *, at_step: bool = True
@@ -147,9 +162,10 @@ def one_run_id(c: Any, name: str) -> str | None:
 
 
 def train(s: Scenario) -> str:
-    """Elastic, 1 to 2 workers, submitted before any worker node exists: it starts with one
-    node's worker, grows to two when a second node joins, goes on with one when that node dies
-    in epoch 2 (no replacement waited for), and grows back to two when another node joins."""
+    """Elastic, 1 to 2 workers, submitted before any worker node exists: it starts when two
+    nodes join together (with 2 workers, or with 1 and grows to 2 if one node came late), goes
+    on with one worker when a node dies in epoch 2 (no replacement waited for), and grows back
+    to two when another node joins."""
     name = f"mn-{s.cluster.tag}"
     t = s.seen["timeline"]
     t["start"] = time.time()
@@ -161,14 +177,12 @@ def train(s: Scenario) -> str:
     time.sleep(3)  # still waiting: nothing started on the head's nothing
     s.note("training waits", waiting=waiting, started_early="Ray Train:" in s.logs(job))
     workers = Workers(name)
-    t["w1 joined"] = s.start_node("w1")
-    s.note("w1 up")
-    t["first step"] = s.wait_for("first step", workers.first(1, 0), job, 300)[0]
-    s.note("first step, 1 worker")
-    t["w2 joined"] = s.start_node("w2")
-    s.note("w2 up")
-    t["first step, 2 workers"] = s.wait_for("growth", workers.first(2, 0), job, 300)[0]
-    s.note("first step, 2 workers")
+    t.update(s.start_nodes("w1", "w2"))  # as an autoscaler adds them, at once
+    s.note("w1 and w2 up")
+    t["first step"] = s.wait_for("first step", workers.first_step, job, 300)[0]
+    s.note("first step")
+    t["first step, 2 workers"] = s.wait_for("2 workers", workers.first(2, 0), job, 300)[0]
+    s.note("first step with 2 workers")
     epoch = s.wait_for("epoch 2 with 2 workers", lambda: in_epoch_2(s, job, workers), job, 300)
     killed = s.cluster.kill_node("w2")
     t["w2 killed"] = time.time()

@@ -4,14 +4,14 @@ authentication on, S3 and MLflow in the head's namespace. One scenario, as a use
 lives it (``multinode_scenario.py``, a driver in the head's namespace):
 
 - an elastic training (``--workers 1-2``, checkpoints in S3) submitted to a head that offers
-  no CPU or GPU waits and says what for, and starts with one worker when a worker node joins
-  (scale from zero, as an autoscaler would do it); it grows to 2 ranks on 2 nodes when a second
-  node joins, and each caption of an epoch reaches exactly one of them;
-- every process of that second node is killed in epoch 2: the training goes on with one
-  worker from the last checkpoint, no new node waited for; when a new node joins (as an
-  autoscaler's would) the group grows back to two, and the run finishes: one MLflow run,
-  FINISHED, whose ``train/workers`` goes 1 -> 2 -> 1 -> 2; the timeline is printed (a
-  fixed-size group resuming after a failure: test_train's continued run);
+  no CPU or GPU waits for one worker's room and says so, and starts when two worker nodes join
+  (scale from zero, as an autoscaler would do it): 2 ranks on 2 nodes, each caption of an
+  epoch reaching exactly one of them;
+- every process of one node is killed in epoch 2: the training goes on with one worker from
+  the last checkpoint, no new node waited for; when a new node joins (as an autoscaler's
+  would) the group grows back to two, and the run finishes: one MLflow run, FINISHED, whose
+  ``train/workers`` goes 2 -> 1 -> 2; the timeline is printed (a fixed-size group resuming
+  after a failure: test_train's continued run);
 - the evaluation scores with actors on two nodes, and its matrix equals one node's;
 - a node with a wrong token cannot join;
 - teardown leaves no namespace, interface or process.
@@ -84,9 +84,9 @@ def test_two_nodes_elastic_lose_one_go_on_grow_back_evaluate(tmp_path, capsys):
     assert "CPU 0/0" in seen["waiting"] and not seen["started_early"]
     assert seen["train_status"] == "SUCCEEDED", seen["train_log"][-4000:]
 
-    # elastic: 1 worker, 2 when w2 joined, 1 when w2 died in epoch 2 (no node waited for),
-    # 2 again when w3 joined
-    assert changes(seen["workers"]) == [1, 2, 1, 2], seen["workers"]
+    # elastic: 2 workers (a group that started with 1, when a node came late, grew to 2),
+    # 1 when w2 died in epoch 2 (no node waited for), 2 again when w3 joined
+    assert changes(seen["workers"]) in ([2, 1, 2], [1, 2, 1, 2]), seen["workers"]
     assert seen["killed_in_epoch"] == 2 and seen["killed_processes"] > 0
     pairs = NODE_LINE.findall(seen["train_log"])  # each group of 2: its ranks on 2 nodes
     first, last = dict(pairs[:2]), dict(pairs[-2:])
