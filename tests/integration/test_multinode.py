@@ -37,9 +37,9 @@ pytestmark = pytest.mark.multinode
 NODE_LINE = re.compile(r"rank (\d) of 2 on node ([\d.]+)")  # a group of 2 workers
 
 
-def rows_of(folder: Path, epoch: int) -> dict[int, dict]:
-    """The rows log of each rank of a group of 2 for ``epoch``."""
-    return {r: json.loads((folder / f"epoch{epoch}-rank{r}.json").read_text()) for r in (0, 1)}
+def rows_of(folder: Path, epoch: int, ranks: tuple[int, ...] = (0, 1)) -> dict[int, dict]:
+    """The rows log of each of ``ranks`` for ``epoch``."""
+    return {r: json.loads((folder / f"epoch{epoch}-rank{r}.json").read_text()) for r in ranks}
 
 
 def changes(points: list[list]) -> list[int]:
@@ -50,7 +50,8 @@ def changes(points: list[list]) -> list[int]:
 
 
 def check_rows(logs: dict[int, dict]) -> None:
-    """Every train image (and so each of its 5 captions) reached exactly one rank."""
+    """Every train image (and so each of its 5 captions) reached exactly one rank of
+    ``logs`` (rank -> its rows log)."""
     ids = [iid for log in logs.values() for iid, _ in log["rows"]]
     assert sorted(ids) == list(range(TRAIN_IMAGES)), "an image was read twice or not at all"
     assert sum(n for log in logs.values() for _, n in log["rows"]) == 5 * TRAIN_IMAGES
@@ -96,6 +97,9 @@ def test_two_nodes_elastic_lose_one_go_on_grow_back_evaluate(tmp_path, capsys):
     final = rows_of(tmp_path / "rows", EPOCHS)  # the last epoch: the regrown group's
     assert {log["node"] for log in final.values()} == {at["w1"], at["w3"]}
     check_rows(final)
+    for epoch in range(1, EPOCHS + 1):  # an epoch that the group of 1 read alone: all of it
+        if not (tmp_path / "rows" / f"epoch{epoch}-rank1.json").exists():
+            check_rows(rows_of(tmp_path / "rows", epoch, ranks=(0,)))
 
     # one run, FINISHED, every epoch validated; resumed from epoch 1 after the death
     (run,) = seen["runs"]
