@@ -69,22 +69,37 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
 # Ray Train's elastic policy logs this at INFO each scaling.resize_interval seconds when the
 # group keeps its size: a line a minute that says nothing happened
 ELASTIC_UNCHANGED = "Did not detect any changes in the cluster resources"
-ELASTIC_LOGGER = "ray.train.v2._internal.execution.scaling_policy.elastic"
+# its loggers; on a loaded machine they also log each timed-out query of Ray's autoscaling
+# coordinator (retried at the next poll) as a warning with the timeout's traceback
+ELASTIC_LOGGERS = tuple(
+    f"ray.train.v2._internal.execution.scaling_policy.{name}"
+    for name in ("elastic", "autoscaling_coordinator_client")
+)
 
 
-class _Unchanged(logging.Filter):
+class _ElasticPolls(logging.Filter):
+    """Drops the elastic policy's no-change line; keeps a timed-out query's warning as its
+    one line, without the traceback."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(ELASTIC_UNCHANGED)
+        if record.getMessage().startswith(ELASTIC_UNCHANGED):
+            return False
+        from ray.exceptions import GetTimeoutError
+
+        if record.exc_info and isinstance(record.exc_info[1], GetTimeoutError):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def quiet_workers() -> None:
     """The job's ``worker_process_setup_hook`` (run in the driver too): :func:`quiet_threads`,
-    and Ray Train's elastic check that found no change (:data:`ELASTIC_UNCHANGED`) off the
-    console; its decisions to start, shrink or grow a group are still printed."""
+    and Ray Train's elastic polls (:class:`_ElasticPolls`) quieter on the console; its
+    decisions to start, shrink or grow a group are still printed."""
     quiet_threads()
-    logger = logging.getLogger(ELASTIC_LOGGER)
-    if not any(isinstance(f, _Unchanged) for f in logger.filters):
-        logger.addFilter(_Unchanged())
+    for name in ELASTIC_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ElasticPolls) for f in logger.filters):
+            logger.addFilter(_ElasticPolls())
 
 
 def quiet_threads() -> None:

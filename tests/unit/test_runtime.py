@@ -380,29 +380,43 @@ def test_rays_thread_errors_go_to_its_log_file_not_the_console(monkeypatch, capf
         logging.getLogger("ray.data").removeHandler(kept)
 
 
-def test_the_elastic_checks_that_change_nothing_are_not_printed(monkeypatch):
-    """Ray Train's elastic policy logs a line each resize interval; the ones that change
-    nothing are dropped, its decisions are kept (the hook runs in every worker process)."""
+def test_the_elastic_polls_print_their_decisions_only(monkeypatch):
+    """Ray Train's elastic policy logs a line each resize interval, and a timed-out query of
+    the autoscaling coordinator with its traceback: the no-change lines are dropped, a timeout
+    is its one line, the decisions are kept (the hook runs in every worker process)."""
+    from ray.exceptions import GetTimeoutError
+
     monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
-    logger = logging.getLogger(runtime.ELASTIC_LOGGER)
-    monkeypatch.setattr(logger, "filters", [])
-    seen: list[str] = []
+    policy, client = (logging.getLogger(name) for name in runtime.ELASTIC_LOGGERS)
+    seen: list[tuple[str, bool]] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
+            seen.append((record.getMessage(), record.exc_info is not None))
 
     keep = Keep()
-    logger.addHandler(keep)
+    for logger in (policy, client):
+        monkeypatch.setattr(logger, "filters", [])
+        logger.addHandler(keep)
     try:
         runtime.quiet_workers()
-        runtime.quiet_workers()  # one filter, not two
-        logger.warning(
+        runtime.quiet_workers()  # one filter each, not two
+        policy.warning(
             "Did not detect any changes in the cluster resources. Training will continue with "
             "the same worker group size (2)."
         )
-        logger.warning("Deciding to resize the worker group from 2 -> 1 workers.")
+        policy.warning("Deciding to resize the worker group from 2 -> 1 workers.")
+        for error in (GetTimeoutError("Get timed out"), RuntimeError("other")):
+            try:
+                raise error
+            except Exception:
+                client.warning("Failed to send resource request.", exc_info=True)
     finally:
-        logger.removeHandler(keep)
-    assert seen == ["Deciding to resize the worker group from 2 -> 1 workers."]
-    assert len(logger.filters) == 1
+        for logger in (policy, client):
+            logger.removeHandler(keep)
+    assert seen == [
+        ("Deciding to resize the worker group from 2 -> 1 workers.", False),
+        ("Failed to send resource request.", False),  # the timeout: its line only
+        ("Failed to send resource request.", True),  # any other error keeps its traceback
+    ]
+    assert len(policy.filters) == len(client.filters) == 1

@@ -10,8 +10,10 @@ import dataclasses
 import json
 import pickle
 import re
+import shutil
 import signal
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -653,3 +655,31 @@ def test_two_ranks_shares_give_the_one_ranks_metrics(dev_set, monkeypatch):
 )
 def test_out_of_memory_is_recognised(error, oom):
     assert worker.out_of_memory(error) is oom
+
+
+# -- report: the checkpoint's upload --------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_the_checkpoint_folder_outlives_an_async_report_and_not_a_sync_one(monkeypatch, mode):
+    """async: Ray uploads the folder after ``report`` returns and deletes it then (we must not);
+    sync: the upload is done when ``report`` returns, and the folder is ours to delete."""
+    import ray.train
+
+    from shan.checkpoint import load_checkpoint
+
+    calls = []
+
+    def fake_report(metrics, *, checkpoint=None, **kw):
+        calls.append((checkpoint.path, kw, load_checkpoint(checkpoint.path).epoch))
+
+    monkeypatch.setattr(ray.train, "report", fake_report)
+    w = build(changed(config(), "tracking", checkpoint_upload=mode))
+    w.state.epoch = 3
+    worker.report(w, {"epoch": 3, "val/rsum": 1.0})
+    ((path, kw, epoch),) = calls
+    assert epoch == 3 and kw["checkpoint_upload_mode"].value == mode.upper()
+    if mode == "async":
+        assert kw["delete_local_checkpoint_after_upload"] is True
+        assert Path(path).is_dir()  # left for Ray's upload thread
+        shutil.rmtree(path)
+    else:
+        assert not Path(path).exists()
