@@ -56,7 +56,8 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     logged, the world size too. Given that name (``--name``) and more epochs, a second job
     continues it from its checkpoint with a fixed group of two, in the same MLflow run; a third
     of that name is refused while the second runs, and a fourth with another config after it.
-    (A run whose node dies resumes the same way: test_multinode.)"""
+    The second job's rank 1 is killed in epoch 2: Ray Train restarts the fixed-size group, which
+    resumes from the checkpoint of epoch 1 again (a lost node's elastic group: test_multinode)."""
     r = train("--config", TINY, "--data", synthetic_small, f"tracking.storage_path={tmp_path}",
               "optim.epochs=1", "tracking.system_metrics_every=1", "--register",
               "shan-tests-unnamed", "--workers", "1-2", "scaling.resize_interval=5")  # fmt: skip
@@ -95,11 +96,14 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"recall.md", "config.yaml", "vocab.json"} <= top
     check_ui(c, run.info.run_id, synthetic_small, epoch=1)
-    # continued by name, to epoch 2; while it runs, the same name is refused
+    # continued by name, to epoch 2; while it runs, the same name is refused; rank 1 killed at
+    # the 4th step of epoch 2 (18 steps an epoch), once
+    kill = faults.env(kill_worker_at_step=21, kill_marker=str(tmp_path / "killed"))
     cont = subprocess.Popen(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", TINY, "--data",
          synthetic_small, "--name", name, f"tracking.storage_path={tmp_path}", "optim.epochs=2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, **kill},
     )  # fmt: skip
     try:
         deadline = time.time() + 120
@@ -117,13 +121,16 @@ def test_an_unnamed_run_then_continued_by_its_name(services, synthetic_small, tm
     last = last_line(busy.stderr)
     assert last.startswith(f"error: run '{name}' is running") and "--name" in last
     assert "Ray:" not in busy.stdout + busy.stderr  # refused before Ray started
-    assert "resumed from the checkpoint of epoch 1" in out and "epoch 2/2: loss" in out
+    # resumed from epoch 1 when continued, and again by the group that replaced the killed one
+    assert (tmp_path / "killed").exists() and out.count("[FailurePolicy] RETRY") == 1, out[-5000:]
+    assert out.count("resumed from the checkpoint of epoch 1") == 2, out[-5000:]
     assert "workers: 2; batch 32 = 16 + 16" in out  # the fixed group of the tiny config
-    assert "epoch 1/2: loss" not in out
+    assert "epoch 2/2: loss" in out and "epoch 1/2: loss" not in out
     c, runs = mlflow_runs(name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     rid = runs[0].info.run_id
-    assert [m.value for m in c.get_metric_history(rid, "train/resumed_at_epoch")] == [1.0]
+    resumed = c.get_metric_history(rid, "train/resumed_at_epoch")
+    assert [m.value for m in resumed] == [1.0, 1.0]
     assert sorted(m.step for m in c.get_metric_history(rid, "val/rsum")) == [1, 2]
     # continuing the finished run with another config names what differs
     other = run_tiny(name, synthetic_small, tmp_path, "optim.lr=1e-3", "model.d_a=4")
