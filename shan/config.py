@@ -369,6 +369,11 @@ class ScalingConfig(_Section):
     resize_interval: float = _key(
         60.0, "with num_workers [min, max]: seconds between checks for room to grow the group"
     )
+    start_timeout: float = _key(
+        60.0,
+        "seconds a worker group may take to start before Ray Train retries it (an elastic "
+        "group that lost a node first tries its old size this long, then goes on with what fits)",
+    )
 
     def problems(self, prefix: str = "scaling.") -> list[str]:
         p = Problems(prefix)
@@ -384,6 +389,7 @@ class ScalingConfig(_Section):
         p.one_of("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         p.at_least("score_block", self.score_block, 1, optional=True)
         p.positive("resize_interval", self.resize_interval)
+        p.positive("start_timeout", self.start_timeout)
         return list(p)
 
     @property

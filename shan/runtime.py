@@ -71,22 +71,29 @@ def init_ray(log: Callable[[str], None] = print) -> Any:
 ELASTIC_UNCHANGED = "Did not detect any changes in the cluster resources"
 # its loggers; on a loaded machine they also log each timed-out query of Ray's autoscaling
 # coordinator (retried at the next poll) as a warning with the timeout's traceback
-ELASTIC_LOGGERS = tuple(
-    f"ray.train.v2._internal.execution.scaling_policy.{name}"
-    for name in ("elastic", "autoscaling_coordinator_client")
+ELASTIC_LOGGERS = (
+    *(
+        f"ray.train.v2._internal.execution.scaling_policy.{name}"
+        for name in ("elastic", "autoscaling_coordinator_client")
+    ),
+    # the controller logs a group start that timed out (after a node loss, while Ray still
+    # counts the dead node) with its traceback, then retries with what fits: one line is enough
+    "ray.train.v2._internal.execution.controller.controller",
 )
 
 
 class _ElasticPolls(logging.Filter):
-    """Drops the elastic policy's no-change line; keeps a timed-out query's warning as its
-    one line, without the traceback."""
+    """Drops the elastic policy's no-change line; keeps a timed-out query's warning, and the
+    controller's line for a group start that timed out, as one line without the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith(ELASTIC_UNCHANGED):
             return False
         from ray.exceptions import GetTimeoutError
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-        if record.exc_info and isinstance(record.exc_info[1], GetTimeoutError):
+        timeouts = (GetTimeoutError, WorkerGroupStartupTimeoutError)
+        if record.exc_info and isinstance(record.exc_info[1], timeouts):
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -43,6 +43,8 @@ from shan.tracking import context, datasets, notes, runs
 from shan.tracking.names import unflat_metrics
 from shan.vocab import Vocabulary
 
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # scaling.start_timeout
+
 
 @dataclass
 class TrainingResult:
@@ -273,6 +275,8 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
 
     ray = init_ray(log)
     sc = cfg.scaling
+    # read by Ray Train's controller, which the driver's environment reaches (Ray propagates it)
+    os.environ[START_TIMEOUT_VAR] = f"{sc.start_timeout:g}"
     res = plan_group(training_request(sc), ray.cluster_resources())
     cfg.optim.batch_shares(res.count)  # a ConfigError before any wait or Ray Train
     if on_cluster():
@@ -298,14 +302,16 @@ def _fit(cfg: Config, fit: Fit, log: Callable[[str], None]) -> Any:
             name=cfg.tracking.run_name,
             storage_path=fit.storage,
             # a worker group that cannot start (its node died, no replacement came) is
-            # retried by Ray Train's controller every 60 s: at most for about --wait-timeout
-            # (Ray Train v2's FailureConfig, which ray.train gives at run time; the type
-            # stubs resolve ray.train.FailureConfig to v1's, without the argument). An elastic
-            # group does not wait: after a lost worker (one of max_failures) it restarts at
-            # once from the last checkpoint with the workers that fit, at least its min
+            # retried by Ray Train's controller every scaling.start_timeout s: at most for
+            # about --wait-timeout (Ray Train v2's FailureConfig, which ray.train gives at run
+            # time; the type stubs resolve ray.train.FailureConfig to v1's, without the
+            # argument). An elastic group that lost a worker (one of max_failures) does not
+            # wait for a new node: until Ray marks the dead node gone it may try its old size
+            # once more (start_timeout), then goes on from the last checkpoint with the
+            # workers that fit, at least its min
             failure_config=FailureConfig(  # type: ignore[call-arg]
                 max_failures=cfg.tracking.max_failures,
-                controller_failure_limit=max(1, math.ceil(sc.wait_timeout / 60)),
+                controller_failure_limit=max(1, math.ceil(sc.wait_timeout / sc.start_timeout)),
             ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.tracking.keep_checkpoints,

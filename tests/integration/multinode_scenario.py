@@ -31,12 +31,12 @@ DATA = f"s3://{BUCKET}/multinode"
 STORAGE = f"s3://{BUCKET}/multinode-runs"  # Ray Train's, shared by every node
 # 2 of a node's 3 CPUs: one worker per node, and a CPU left there to Ray Data's read tasks; an
 # elastic group of 1 to 2 workers that checks for room to grow every 5 s; a point a step
-WORKERS = ("--workers", "1-2", "--cpus-per-worker", "2", "scaling.placement_strategy=SPREAD",
-           "scaling.resize_interval=5", "tracking.log_every=1")  # fmt: skip
 # Right after a node dies, Ray still counts it (until its heartbeats are missed) and Ray Train's
-# elastic policy asks for 2 workers again: that group start fails only after this timeout
-# (Ray's default 60 s), then the group restarts with the 1 worker that fits
-START = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+# elastic policy asks for 2 workers again: that group start fails only after
+# scaling.start_timeout (default 60 s, Ray's), then the group restarts with the 1 worker that fits
+WORKERS = ("--workers", "1-2", "--cpus-per-worker", "2", "scaling.placement_strategy=SPREAD",
+           "scaling.resize_interval=5", "scaling.start_timeout=30",
+           "tracking.log_every=1")  # fmt: skip
 EPOCHS = 6  # enough for the regrowth to come before the end
 NODE_CPUS = 3
 TRAIN_IMAGES = 60  # 300 captions: 9 steps of 32 an epoch
@@ -172,7 +172,7 @@ def train(s: Scenario) -> str:
     job = s.submit("jobs/train.py", "--config", TINY, "--data", DATA, "--name", name,
                    "--register", name, *WORKERS, "--wait-timeout", "300",
                    f"optim.epochs={EPOCHS}", f"tracking.storage_path={STORAGE}",
-                   env={**faults.env(rows_log=str(s.state / "rows")), **START})  # fmt: skip
+                   env=faults.env(rows_log=str(s.state / "rows")))  # fmt: skip
     waiting = s.wait_for("wait line", s.line(job, "waiting for the cluster to offer"), job, 180)
     time.sleep(3)  # still waiting: nothing started on the head's nothing
     s.note("training waits", waiting=waiting, started_early="Ray Train:" in s.logs(job))

@@ -132,6 +132,7 @@ OUT_OF_RANGE = [
     ("scaling.num_workers", "[1, 2, 3]", "must be an integer >= 1 or a range [min, max]"),
     ("scaling.num_workers", "two", "scaling.num_workers must be an integer or a list or null"),
     ("scaling.resize_interval", "0", "scaling.resize_interval must be > 0 and finite, got 0.0"),
+    ("scaling.start_timeout", "0", "scaling.start_timeout must be > 0 and finite, got 0.0"),
     ("scaling.cpus_per_worker", "0", "scaling.cpus_per_worker must be > 0 and finite"),
     ("scaling.cpus_per_worker", "nan", "scaling.cpus_per_worker must be > 0 and finite"),
     ("scaling.gpus_per_worker", "0", "scaling.gpus_per_worker must be > 0"),

@@ -382,12 +382,14 @@ def test_rays_thread_errors_go_to_its_log_file_not_the_console(monkeypatch, capf
 
 def test_the_elastic_polls_print_their_decisions_only(monkeypatch):
     """Ray Train's elastic policy logs a line each resize interval, and a timed-out query of
-    the autoscaling coordinator with its traceback: the no-change lines are dropped, a timeout
-    is its one line, the decisions are kept (the hook runs in every worker process)."""
+    the autoscaling coordinator with its traceback; its controller logs a group start that
+    timed out with its traceback: the no-change lines are dropped, a timeout is its one line,
+    the decisions and other errors are kept (the hook runs in every worker process)."""
     from ray.exceptions import GetTimeoutError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
-    policy, client = (logging.getLogger(name) for name in runtime.ELASTIC_LOGGERS)
+    policy, client, controller = (logging.getLogger(name) for name in runtime.ELASTIC_LOGGERS)
     seen: list[tuple[str, bool]] = []
 
     class Keep(logging.Handler):
@@ -395,7 +397,7 @@ def test_the_elastic_polls_print_their_decisions_only(monkeypatch):
             seen.append((record.getMessage(), record.exc_info is not None))
 
     keep = Keep()
-    for logger in (policy, client):
+    for logger in (policy, client, controller):
         monkeypatch.setattr(logger, "filters", [])
         logger.addHandler(keep)
     try:
@@ -411,12 +413,19 @@ def test_the_elastic_polls_print_their_decisions_only(monkeypatch):
                 raise error
             except Exception:
                 client.warning("Failed to send resource request.", exc_info=True)
+        for error in (WorkerGroupStartupTimeoutError(2), RuntimeError("other")):
+            try:
+                raise error
+            except Exception:
+                controller.exception("Error in control loop iteration: %s", type(error).__name__)
     finally:
-        for logger in (policy, client):
+        for logger in (policy, client, controller):
             logger.removeHandler(keep)
     assert seen == [
         ("Deciding to resize the worker group from 2 -> 1 workers.", False),
         ("Failed to send resource request.", False),  # the timeout: its line only
         ("Failed to send resource request.", True),  # any other error keeps its traceback
+        ("Error in control loop iteration: WorkerGroupStartupTimeoutError", False),
+        ("Error in control loop iteration: RuntimeError", True),
     ]
-    assert len(policy.filters) == len(client.filters) == 1
+    assert len(policy.filters) == len(client.filters) == len(controller.filters) == 1
