@@ -121,7 +121,8 @@ def trained(first_stage_dim: int, grad_clip: float = 0.05) -> tuple[dict, dict, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        w = make_worker(settings, torch.device("cpu"), rank=1)  # rank 1: no MLflow logger
+        w = make_worker(settings, torch.device("cpu"), rank=0, world=1)
+        w.logger = None  # no MLflow
         before = {k: v.clone() for k, v in w.core.state_dict().items()}
         meter = train_epoch(w, epoch_batches(w, Shard()), steps_hint=8)
         assert w.state.step == 8
