@@ -16,21 +16,21 @@ lives it (``multinode_scenario.py``, a driver in the head's namespace):
 - a node with a wrong token cannot join;
 - teardown leaves no namespace, interface or process.
 
+The scenario runs in the background from the session's first integration test on
+(``conftest.py``, ``multinode_run.py``): most of its minutes are waits, and the suite goes on.
+
 Skipped, with the reason in the test summary, where namespaces cannot be made.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
-from netns_cluster import NetnsCluster, namespaces_left, why_not_here
+from netns_cluster import namespaces_left, why_not_here
 
-from tests.helpers import ROOT
 from tests.integration.multinode_scenario import EPOCHS, TRAIN_IMAGES
 
 pytestmark = pytest.mark.multinode
@@ -58,27 +58,19 @@ def check_rows(logs: dict[int, dict]) -> None:
     assert all(log["rows"] for log in logs.values()), "a rank read nothing"
 
 
-def test_two_nodes_elastic_lose_one_go_on_grow_back_evaluate(tmp_path, capsys):
+def test_two_nodes_elastic_lose_one_go_on_grow_back_evaluate(multinode, capsys):
     reason = why_not_here()  # here, not at import: collecting the tests makes no namespace
     if reason:
         pytest.skip(f"multi-node test: {reason}")
-    c = NetnsCluster(tmp_path)
-    try:
-        c.make_head()
-        c.start_services()
-        c.start_head()
-        c.save()
-        env = c.env({"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cluster'}"})
-        r = c.run("head", sys.executable, "-m", "tests.integration.multinode_scenario",
-                  str(tmp_path), env=env, timeout=840)  # fmt: skip
-        seen = json.loads((tmp_path / "scenario.json").read_text())
-    finally:
-        left = c.down()
-    at = NetnsCluster.load(tmp_path).addresses  # with the nodes the scenario made
+    assert multinode is not None, "the scenario was not started (conftest.py's fixture)"
+    o = multinode.wait()  # started with the first integration test, beside the others
+    seen, at, c, r = o.seen, o.addresses, o.cluster, o.result
     shown = "\n".join(seen.get("timeline_lines", []))
     with capsys.disabled():  # the timeline, in CI's output too
         print(f"\nmulti-node elastic training, seconds since it was submitted:\n{shown}")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    if o.error is not None:
+        raise o.error
+    assert r is not None and r.returncode == 0, r and r.stdout[-3000:] + r.stderr[-5000:]
 
     # scale from zero: it waited for one worker's room, and started when a node came
     assert "{CPU: 2} for 1 worker(s)" in seen["waiting"], seen["waiting"]
@@ -94,12 +86,12 @@ def test_two_nodes_elastic_lose_one_go_on_grow_back_evaluate(tmp_path, capsys):
     assert set(first) == set(last) == {"0", "1"}, pairs
     assert set(first.values()) == {at["w1"], at["w2"]}, pairs
     assert set(last.values()) == {at["w1"], at["w3"]}, pairs
-    final = rows_of(tmp_path / "rows", EPOCHS)  # the last epoch: the regrown group's
+    final = rows_of(o.state / "rows", EPOCHS)  # the last epoch: the regrown group's
     assert {log["node"] for log in final.values()} == {at["w1"], at["w3"]}
     check_rows(final)
     for epoch in range(1, EPOCHS + 1):  # an epoch that the group of 1 read alone: all of it
-        if not (tmp_path / "rows" / f"epoch{epoch}-rank1.json").exists():
-            check_rows(rows_of(tmp_path / "rows", epoch, ranks=(0,)))
+        if not (o.state / "rows" / f"epoch{epoch}-rank1.json").exists():
+            check_rows(rows_of(o.state / "rows", epoch, ranks=(0,)))
 
     # one run, FINISHED, every epoch validated; resumed from epoch 1 after the death
     (run,) = seen["runs"]
@@ -121,4 +113,4 @@ def test_two_nodes_elastic_lose_one_go_on_grow_back_evaluate(tmp_path, capsys):
     assert bad["address"] not in alive and alive == {at[n] for n in ("head", "w1", "w3")}
 
     # teardown: no namespace, interface or process left
-    assert left == [] and namespaces_left(c.tag) == [] and c.processes_left() == []
+    assert o.left == [] and namespaces_left(c.tag) == [] and c.processes_left() == []
