@@ -15,6 +15,7 @@ the plain lines stop (nothing comes after the error) and a bar is left where it 
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -198,15 +199,26 @@ def quiet_ray_data(ctx: Any = None, *, own_progress: bool = False) -> None:
         ctx.enable_operator_progress_bars = False
 
 
+class _CheckpointCreated(logging.Filter):
+    """Drops Ray Train's line for each checkpoint it persisted (the epoch line says it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Checkpoint successfully created at")
+
+
 def quiet_ray_train_reports() -> None:
     """Ray Train's per-report line ("Reporting training result N: <the report's ~60 metrics>
     from rank R", logged at INFO by each worker through a logger named after its source file)
     off the console: that logger keeps Ray's log files (the root logger's file handlers) and
-    no longer reaches the job's output. Call it in a Ray Train worker (idempotent)."""
+    no longer reaches the job's output; its line for each persisted checkpoint is dropped. Call
+    it in a Ray Train worker (idempotent)."""
     import logging
 
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, storage
 
+    saved = logging.getLogger(storage.__name__)  # "Checkpoint successfully created at: ..."
+    if not any(isinstance(f, _CheckpointCreated) for f in saved.filters):
+        saved.addFilter(_CheckpointCreated())
     logger = logging.getLogger(context.__file__)
     logger.propagate = False
     for handler in logging.getLogger().handlers:

@@ -17,10 +17,8 @@ name the limit. Every model reference the other commands take is served
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,21 +125,14 @@ def scoring_app(checkpoint: str, workdir: str, index: str | None = None) -> App:
         os.environ[SERVE_INDEX] = index
     cfg, _ = load_description(checkpoint)
     path = os.path.join(workdir, "model")
-    with warnings.catch_warnings():  # "no input example", "CloudPickle": a served copy's
-        warnings.simplefilter("ignore")
-        pyfunc_log = logging.getLogger("mlflow.pyfunc")
-        level = pyfunc_log.level
-        pyfunc_log.setLevel(logging.ERROR)
-        try:
-            mlflow.pyfunc.save_model(
-                path,
-                python_model=pyfunc.ShanModel(),
-                artifacts={pyfunc.ARTIFACT: checkpoint},
-                signature=pyfunc.signature(cfg.model.feature_dim),
-                pip_requirements=pyfunc.pip_requirements(),
-            )
-        finally:
-            pyfunc_log.setLevel(level)
+    with pyfunc.quiet_saving():
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=pyfunc.ShanModel(),
+            artifacts={pyfunc.ARTIFACT: checkpoint},
+            signature=pyfunc.signature(cfg.model.feature_dim),
+            pip_requirements=pyfunc.pip_requirements(),
+        )
     app: App = scoring_server.init(mlflow.pyfunc.load_model(path))
     return app
 

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +139,22 @@ def input_example(cfg: Config, vocab: Vocabulary, images: int = 2, regions: int 
     return {"features": features, "counts": counts, "captions": np.array(captions)}
 
 
+@contextmanager
+def quiet_saving() -> Iterator[None]:
+    """MLflow's notes while it saves a :class:`ShanModel` off the console: the CloudPickle
+    warning (the model is this project's own class), "Validating input example" and the
+    missing-example warning; its errors still show."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def pip_requirements() -> list[str]:
     """:data:`SCORING_NEEDS` at the versions installed here (see the module's docstring)."""
     return [f"{name}=={importlib.metadata.version(name)}" for name in SCORING_NEEDS]
@@ -159,7 +179,8 @@ def log_model(
     c = MlflowClient(tracking_uri=uri)
     run = c.get_run(run_id)
     model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
-    with using_tracking_uri(uri):  # pyfunc.log_model writes through the global tracking URI
+    # pyfunc.log_model writes through the global tracking URI
+    with using_tracking_uri(uri), quiet_saving():
         mlflow.pyfunc.log_model(
             name=name,
             python_model=ShanModel(),

@@ -152,25 +152,33 @@ def test_ray_data_reports_plainly_in_a_log_and_not_at_all_beside_our_own():
 
 
 def test_ray_trains_per_report_line_keeps_its_log_file_and_leaves_the_console():
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, storage
 
     from shan.progress import quiet_ray_train_reports
 
     root, logger = logging.getLogger(), logging.getLogger(context.__file__)
     console, logfile = logging.StreamHandler(io.StringIO()), Kept()
-    saved = root.handlers[:], logger.propagate, logger.handlers[:]
+    before = root.handlers[:], logger.propagate, logger.handlers[:]
     root.handlers[:] = [console, logfile]  # as Ray Train sets a worker's root logger
     try:
         quiet_ray_train_reports()
         quiet_ray_train_reports()  # idempotent
         logger.warning("Reporting training result 1: {'train/loss': 0.5, ...} from rank 0")
+        saved, kept = logging.getLogger(storage.__name__), Kept()
+        saved.addHandler(kept)
+        try:
+            saved.warning("Checkpoint successfully created at: Checkpoint(filesystem=local, ...)")
+            saved.warning("Failed to upload the checkpoint")  # anything else still shows
+        finally:
+            saved.removeHandler(kept)
+        assert [r.getMessage() for r in kept.records] == ["Failed to upload the checkpoint"]
         logging.getLogger("shan.other").warning("the job's own line")
         assert console.stream.getvalue() == "the job's own line\n"
         messages = [r.getMessage() for r in logfile.records]
         assert messages[0].startswith("Reporting training result 1")
         assert messages[1:] == ["the job's own line"]
     finally:
-        root.handlers[:], logger.propagate, logger.handlers[:] = saved
+        root.handlers[:], logger.propagate, logger.handlers[:] = before
 
 
 class Kept(logging.Handler):
