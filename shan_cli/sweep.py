@@ -17,14 +17,10 @@ import argparse
 
 from shan.config import load_config
 from shan_cli.argtypes import positive, workers
+from shan_cli.train import FLAG_KEYS as TRAIN_FLAG_KEYS
 
-FLAG_KEYS = (  # flags that set a config key (typed already: taken as they are)
-    ("data", "data.path"),
-    ("workers", "scaling.num_workers"),
-    ("cpus_per_worker", "scaling.cpus_per_worker"),
-    ("gpus_per_worker", "scaling.gpus_per_worker"),
-    ("name", "tracking.run_name"),
-)
+# the training's flags that set a config key, less --wait-timeout (not a sweep's flag)
+FLAG_KEYS = tuple(pair for pair in TRAIN_FLAG_KEYS if pair[0] != "wait_timeout")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,13 @@ from shan.sweep import report
 from shan.sweep.report import Trial
 from shan.sweep.spec import Sweep, with_values
 from shan.tracking import context, notes, runs
-from shan.train.driver import check_data, check_local_gpus, ensure_demo_data, storage_root
+from shan.train.driver import (
+    check_data,
+    check_local_gpus,
+    ensure_demo_data,
+    new_run_name,
+    storage_root,
+)
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nested runs
 SWEEP_TAG = "shan.sweep"  # on the parent: "parent"; on a child: the parent's run name
@@ -204,12 +208,7 @@ def parent_name(cfg: Config, sweep: Sweep, taken: Callable[[str], bool]) -> str:
                 "choose another --name"
             )
         return cfg.tracking.run_name
-    for _ in range(20):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"sweep-{(sweep.name or cfg.name)[:40]}-{stamp}-{secrets.token_hex(4)}"
-        if not taken(name):
-            return name
-    raise JobError("found no unused run name in 20 tries")
+    return new_run_name(cfg, taken, prefix="sweep", label=(sweep.name or cfg.name)[:40])
 
 
 def parent_params(base: Config, sweep: Sweep) -> dict[str, Any]:

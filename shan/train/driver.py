@@ -94,11 +94,19 @@ def dev_scope(cfg: Config) -> str:
     return f" on the first {n} {cfg.data.val_split} images (data.val_max_images)" if n else ""
 
 
-def new_run_name(cfg: Config, taken: Callable[[str], bool] = lambda name: False) -> str:
-    """``shan-<config>-<time>-<8 hex digits>``, one that ``taken`` does not know."""
+def new_run_name(
+    cfg: Config,
+    taken: Callable[[str], bool] = lambda name: False,
+    *,
+    prefix: str = "shan",
+    label: str | None = None,
+) -> str:
+    """``<prefix>-<label>-<time>-<8 hex digits>`` (label: the config's name, 50 characters at
+    most), one that ``taken`` does not know."""
+    label = cfg.name[:50] if label is None else label
     for _ in range(20):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"shan-{cfg.name[:50]}-{stamp}-{secrets.token_hex(4)}"
+        name = f"{prefix}-{label}-{stamp}-{secrets.token_hex(4)}"
         if not taken(name):
             return name
     raise JobError("found no unused run name in 20 tries")
